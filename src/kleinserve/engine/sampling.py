@@ -1,0 +1,67 @@
+"""Samplers, k-diffusion style: small functions of (model, x, sigmas).
+
+`model(x, i)` returns the (guided) velocity `v` at step i for the packed latent `x` (B, seq, C);
+`sigmas` has N + 1 entries ending in 0. The flow-matching convention of FLUX:
+`x_sigma = (1 - sigma) * x0 + sigma * eps`, so `x0_hat = x - sigma * v`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from .types import GenerationCancelled
+
+# callback(i, x, x0_hat) after step i (0-based) has produced the new x.
+SamplerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class StepNoise(Protocol):
+    """Supplies the stochastic part of a step; `None` means the deterministic Euler sampler."""
+
+    def churn(self, i: int, sigma: float, sigma_next: float) -> float:
+        """The noise std `s` to inject at step i (0 for a plain Euler step; draws nothing)."""
+
+    def draw(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Unit-variance noise shaped like x, one draw per image from that image's generator."""
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    # Same arithmetic as FlowMatchEulerDiscreteScheduler.step (float32 update, cast back).
+    return (x.float() + (sigma_next - sigma) * v.float()).to(v.dtype)
+
+
+def sample(
+    model: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: list[float],
+    *,
+    noise: Optional[StepNoise] = None,
+    callback: Optional[SamplerCallback] = None,
+    should_cancel: Optional[Callable[[], bool]] = None,
+) -> torch.Tensor:
+    """Euler, or the marginal-preserving stochastic step when `noise` asks for churn."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        if should_cancel is not None and should_cancel():
+            raise GenerationCancelled(f"cancelled before step {i + 1}/{n}")
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        v = model(x, i)
+        s = 0.0
+        if noise is not None and i < n - 1 and sigma_next > 0:
+            s = noise.churn(i, sigma, sigma_next)
+        if s > 0:
+            xf, vf = x.float(), v.float()
+            x0_hat = xf - sigma * vf
+            eps_hat = xf + (1.0 - sigma) * vf
+            det = max(sigma_next**2 - s**2, 0.0) ** 0.5
+            x_new = (1.0 - sigma_next) * x0_hat + det * eps_hat + s * noise.draw(i, xf)
+            x_new = x_new.to(v.dtype)
+        else:
+            x0_hat = x.float() - sigma * v.float()
+            x_new = euler_step(x, v, sigma, sigma_next)
+        x = x_new
+        if callback is not None:
+            callback(i, x, x0_hat)
+    return x

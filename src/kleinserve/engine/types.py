@@ -1,0 +1,63 @@
+"""The engine's public interface: what the service and the CLI may rely on.
+
+The engine works on tensors and returns encoded image bytes; it knows nothing about HTTP, jobs or
+storage. `Engine.generate` is synchronous and runs on the caller's thread (the service runs it in a
+worker thread); progress goes out through `on_step`, cancellation comes in through `should_cancel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from PIL import Image
+
+
+class GenerationCancelled(Exception):
+    """Raised by `Engine.generate` when `should_cancel()` returned True between two steps."""
+
+
+class ModelUnavailable(RuntimeError):
+    """The model spec cannot be loaded (missing folder, unreachable hub, bad layout). Says what to do."""
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int  # 1-based: the step that has just finished
+    total: int
+    sigma: float  # sigma reached after this step
+    preview: Optional[Image.Image] = None  # small RGB image of the current x0 estimate, when asked for
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    content_type: str  # "image/png" | "image/jpeg" | "image/webp"
+    extension: str  # "png" | "jpeg" | "webp"
+    width: int
+    height: int
+    seed: int  # the seed this image was generated from (request seed + index)
+    nsfw: bool  # True when the safety checker flagged it (data is then a black image)
+
+
+@dataclass
+class GenerationResult:
+    images: list[EncodedImage]
+    seed: int  # the request's base seed (the one reported in the output)
+    timings: dict[str, float]  # encode, denoise, decode, safety, total (seconds)
+    techniques: list[str] = field(default_factory=list)  # acceleration techniques that actually ran
+    logs: list[str] = field(default_factory=list)  # human-readable notes (e.g. which CNS matrix served)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: str  # what was asked for ("auto", "tiny", a folder, a repo id)
+    source: str  # what was loaded (folder path, repo id, or "tiny")
+    is_tiny: bool  # True: random tiny weights, NOT the real model
+    device: str
+    dtype: str
+    load_seconds: float
+
+
+StepCallback = Callable[[StepEvent], None]
+CancelCheck = Callable[[], bool]

@@ -1,0 +1,122 @@
+"""The endpoint's input and output schema: the one source of truth.
+
+Validation (API and CLI), the OpenAPI document, the CLI flags and the playground form are all
+generated from these models, so a field added here shows up everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base"
+
+# (width, height) of each preset, as the hosted endpoint defines them.
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+ImageSizePreset = Literal[
+    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+
+SIZE_MULTIPLE = 16  # VAE /8 then 2x2 patchify
+
+
+class ImageSize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(512, ge=64, le=2048, description="Width in pixels; rounded to a multiple of 16.")
+    height: int = Field(512, ge=64, le=2048, description="Height in pixels; rounded to a multiple of 16.")
+
+
+def round_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """Nearest multiple (ties round up), never below one multiple."""
+    return max(multiple, int((value + multiple // 2) // multiple) * multiple)
+
+
+class FluxKleinInput(BaseModel):
+    """Input of `fal-ai/flux-2/klein/9b/base`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, description="The prompt to generate an image from.",
+                        json_schema_extra={"ui": "textarea"})
+    negative_prompt: str = Field("", description="What the image should not contain (true CFG).",
+                                 json_schema_extra={"ui": "textarea"})
+    guidance_scale: float = Field(5.0, ge=0.0, le=20.0,
+                                  description="Classifier-free guidance scale; CFG runs when > 1.")
+    num_inference_steps: int = Field(28, ge=4, le=50, description="Number of denoising steps.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="Seed; random when absent. Image k uses seed + k.")
+    image_size: Union[ImageSizePreset, ImageSize] = Field(
+        "landscape_4_3", description="A preset name or {width, height} (64..2048, rounded to 16).")
+    num_images: int = Field(1, ge=1, le=4, description="Number of images to generate.")
+    acceleration: Literal["none", "regular", "high"] = Field(
+        "regular", description="none: eager reference; regular: lossless speedups; high: FP8 + block cache.")
+    sync_mode: bool = Field(False, description="Return images as data URIs and store nothing.")
+    enable_safety_checker: bool = Field(True, description="Replace NSFW images by black ones.")
+    output_format: Literal["jpeg", "png", "webp"] = Field("png", description="Image file format.")
+
+    enable_cns: bool = Field(False, description="Colored Noise Sampling: a stochastic sampler whose "
+                             "injected noise is shaped toward still-unresolved frequency bands.")
+    cns_s_churn: float = Field(0.5, ge=0.0, le=10.0, description="Stochasticity: 0 is plain Euler, 1 "
+                               "matches the paper's SDE noise level, larger is clamped at ancestral.")
+    cns_gamma_source: Literal["matrix", "approximation"] = Field(
+        "matrix", description="Per-band progress: a calibrated/bundled matrix, or 1 - sigma for all bands.")
+    cns_power_gamma: float = Field(0.75, ge=0.0, le=4.0, description="Exponent on the per-band amplitudes.")
+    cns_gamma_divider: float = Field(1.73, gt=0.0, le=100.0,
+                                     description="Residual = 1 - gamma / divider per band.")
+    cns_alpha_tilt_start: float = Field(0.15, ge=-5.0, le=5.0, description="Spectral tilt at the first step.")
+    cns_alpha_tilt_end: float = Field(-0.5, ge=-5.0, le=5.0, description="Spectral tilt at the last step.")
+    cns_alpha_use_fnorm: bool = Field(True, description="Tilt by exp(alpha * normalised frequency) "
+                                      "(false: a flat (1 + alpha) multiplier, shape-neutral).")
+    cns_alpha_exp_interp: bool = Field(True, description="Interpolate the tilt exponentially over steps.")
+    cns_alpha_exp_sharpness: float = Field(0.75, ge=0.0, le=10.0,
+                                           description="Sharpness k of the exponential tilt schedule.")
+    cns_num_freq_bins: int = Field(32, ge=8, le=128, description="Number of radial frequency bins.")
+    cns_energy_scale: float = Field(0.98, ge=0.0, le=2.0,
+                                    description="Scale of the injected noise after normalisation.")
+
+    def resolved_size(self) -> tuple[int, int]:
+        """(width, height) actually generated: preset, or the custom size rounded to a multiple of 16."""
+        if isinstance(self.image_size, str):
+            return IMAGE_SIZE_PRESETS[self.image_size]
+        return round_to_multiple(self.image_size.width), round_to_multiple(self.image_size.height)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+class OutputImage(BaseModel):
+    url: str
+    content_type: str
+    file_name: str
+    file_size: int
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    encode: float = 0.0
+    denoise: float = 0.0
+    decode: float = 0.0
+    safety: float = 0.0
+    total: float = 0.0
+
+
+class FluxKleinOutput(BaseModel):
+    images: list[OutputImage]
+    seed: int
+    has_nsfw_concepts: list[bool]
+    prompt: str
+    timings: Timings
