@@ -1,0 +1,535 @@
+"""Storage endpoints (the upload protocols of both official fal clients), file downloads and the
+webhook JWKS.
+
+    POST /storage/upload/initiate?storage_type=fal-cdn-v3|gcs     API key -> {upload_url, file_url}
+    PUT  /storage/upload/{file_id}?token=...                       the signed upload_url (no auth)
+    POST /storage/upload/initiate-multipart?storage_type=...       API key -> {upload_url, file_url}
+    PUT  /storage/upload/multipart/{upload_id}/{part}?token=...    -> {partNumber, etag}
+    POST /storage/upload/multipart/{upload_id}/complete?token=...  {parts} -> {file_url}
+    POST /storage/auth/token?storage_type=fal-cdn-v3               API key -> {token, token_type,
+                                                                   base_url, expires_at}
+    POST /files/upload                                             CDN token or API key -> {access_url}
+    POST /files/upload/multipart                                   -> {access_url, uploadId}
+    PUT  /files/{id}/{name}/multipart/{upload_id}/{part}           -> ETag header
+    POST /files/{id}/{name}/multipart/{upload_id}/complete         {parts} -> {access_url}
+    GET  /files/{id}/{name}                                        the file (no auth: the random id is
+                                                                   the capability, like fal's CDN)
+    GET  /.well-known/jwks.json                                    the webhook signing key
+
+The JS client (`fal.storage.upload`) uses `initiate` + PUT (multipart above 90 MiB); the Python
+client (`fal_client.upload*`) uses `auth/token` + `POST /files/upload` (multipart above 100 MiB) and
+falls back to `initiate?storage_type=gcs` + PUT. See docs/STORAGE_WEBHOOKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from kleinserve.service.storage import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    FileStorage,
+    InvalidToken,
+    LocalFileStorage,
+    StorageError,
+    UploadTokens,
+    ExpiredToken,
+    is_valid_file_id,
+    new_file_id,
+    normalize_content_type,
+    sanitize_file_name,
+)
+from kleinserve.service.webhooks import WebhookSigner
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["storage"])
+
+STORAGE_TYPES = {"fal-cdn-v3", "fal-cdn", "gcs"}
+UPLOAD_TOKEN_TTL = 15 * 60.0  # signed single upload URL
+MULTIPART_TOKEN_TTL = 6 * 3600.0  # signed multipart upload URL (large files take a while)
+CDN_TOKEN_TTL = 3600.0  # the Python client's bearer token; it refreshes it when expired
+WRITE_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# the objects this router needs, kept on app.state
+
+
+@dataclass
+class StorageServices:
+    storage: FileStorage
+    tokens: UploadTokens
+    signer: WebhookSigner
+    public_url: Optional[str] = None  # None: derived from each request's base URL
+
+
+def _settings(app: Any) -> Any:
+    return getattr(app.state, "settings", None)
+
+
+def storage_services(app: Any) -> StorageServices:
+    """The app's storage, upload-token signer and webhook signer. Uses `app.state.storage`,
+    `app.state.upload_tokens` and `app.state.webhook_signer` when the app set them, else creates them
+    from `app.state.settings` (data_dir, public_url, max_upload_bytes) and caches the result."""
+    svc = getattr(app.state, "storage_services", None)
+    if svc is not None:
+        return svc
+    settings = _settings(app)
+    data_dir = getattr(settings, "data_dir", None)
+    storage = getattr(app.state, "storage", None)
+    tokens = getattr(app.state, "upload_tokens", None)
+    signer = getattr(app.state, "webhook_signer", None)
+    if data_dir is None and (storage is None or tokens is None or signer is None):
+        raise RuntimeError("app.state.settings.data_dir is needed to create the file storage")
+    if storage is None:
+        max_bytes = getattr(settings, "max_upload_bytes", None) or DEFAULT_MAX_UPLOAD_BYTES
+        storage = LocalFileStorage.in_data_dir(Path(data_dir), max_upload_bytes=max_bytes)
+        app.state.storage = storage
+    if tokens is None:
+        tokens = UploadTokens.from_data_dir(Path(data_dir))
+        app.state.upload_tokens = tokens
+    if signer is None:
+        signer = WebhookSigner.from_data_dir(Path(data_dir))
+        app.state.webhook_signer = signer
+    public_url = getattr(settings, "public_url", None)
+    svc = StorageServices(
+        storage=storage,
+        tokens=tokens,
+        signer=signer,
+        public_url=str(public_url).rstrip("/") if public_url else None,
+    )
+    app.state.storage_services = svc
+    return svc
+
+
+def _svc(request: Request) -> StorageServices:
+    return storage_services(request.app)
+
+
+def _public_url(request: Request, svc: StorageServices) -> str:
+    if svc.public_url:
+        return svc.public_url
+    return str(request.base_url).rstrip("/")
+
+
+def _raise(exc: StorageError) -> None:
+    raise HTTPException(status_code=exc.status_code, detail=exc.detail)
+
+
+# --------------------------------------------------------------------------------------------------
+# auth
+
+
+async def _api_key_owner(request: Request) -> Optional[str]:
+    """Checks the API key the way every other authenticated route does (service/auth.py) and
+    returns an owner id for the file metadata (None when auth is off)."""
+    from kleinserve.service import auth as _auth  # the core's module; imported late on purpose
+
+    principal = await _auth.authenticate_request(request)
+    return _owner_id(principal)
+
+
+def _owner_id(principal: Any) -> Optional[str]:
+    if principal is None:
+        return None
+    for attr in ("key_id", "id", "name", "owner"):
+        v = getattr(principal, attr, None)
+        if v:
+            return str(v)
+    return str(principal) if isinstance(principal, str) else None
+
+
+async def _cdn_or_api_key_owner(request: Request) -> Optional[str]:
+    """`POST /files/upload` and friends: the CDN token from /storage/auth/token (what the Python
+    client sends, `Authorization: Bearer <token>`) or else a normal API key."""
+    authz = request.headers.get("authorization", "")
+    scheme, _, value = authz.partition(" ")
+    if scheme.lower() == "bearer" and value.count(".") == 1:
+        try:
+            claims = _svc(request).tokens.verify(value.strip(), "cdn")
+        except ExpiredToken as exc:
+            _raise(exc)  # the client refreshes its token on its own schedule: say why
+        except InvalidToken:
+            pass  # not one of our tokens: maybe an API key sent as a bearer token
+        else:
+            return claims.get("o")
+    return await _api_key_owner(request)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+class InitiateUploadBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    content_type: Optional[str] = None
+    file_name: Optional[str] = None
+
+
+def _check_storage_type(storage_type: Optional[str]) -> None:
+    if storage_type is not None and storage_type not in STORAGE_TYPES:
+        raise HTTPException(
+            status_code=400,
+            detail=f"unsupported storage_type {storage_type!r}; use one of {sorted(STORAGE_TYPES)}",
+        )
+
+
+def _lifecycle_expires_in(request: Request) -> Optional[float]:
+    """`expiration_duration_seconds` from the clients' object lifecycle headers, if any."""
+    for name in ("x-fal-object-lifecycle", "x-fal-object-lifecycle-preference"):
+        raw = request.headers.get(name)
+        if not raw:
+            continue
+        try:
+            seconds = json.loads(raw).get("expiration_duration_seconds")
+            if seconds is not None and float(seconds) > 0:
+                return float(seconds)
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return None
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise HTTPException(status_code=400, detail="invalid Content-Length") from None
+        if n > limit:
+            raise HTTPException(
+                status_code=413, detail=f"file exceeds the upload limit of {limit} bytes"
+            )
+
+
+async def _pump(request: Request, writer: Any) -> None:
+    """Streams the request body into `writer` (an UploadWriter or PartWriter) in ~1 MiB writes
+    done off the event loop; aborts the writer on any failure."""
+    buf = bytearray()
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) >= WRITE_CHUNK:
+                data, buf = bytes(buf), bytearray()
+                await run_in_threadpool(writer.write, data)
+        if buf:
+            await run_in_threadpool(writer.write, bytes(buf))
+    except BaseException:
+        writer.abort()
+        raise
+
+
+async def _store_body(
+    request: Request,
+    svc: StorageServices,
+    *,
+    content_type: Optional[str],
+    file_name: Optional[str],
+    owner: Optional[str],
+    file_id: Optional[str] = None,
+    expires_in: Optional[float] = None,
+):
+    _check_declared_length(request, svc.storage.max_upload_bytes)
+    try:
+        writer = svc.storage.writer(
+            content_type, file_name, owner, file_id=file_id, expires_in=expires_in
+        )
+        await _pump(request, writer)
+        return await run_in_threadpool(writer.commit)
+    except StorageError as exc:
+        _raise(exc)
+
+
+def _parts_from_body(body: Any) -> Optional[list[int]]:
+    parts = body.get("parts") if isinstance(body, dict) else None
+    if parts is None:
+        return None
+    try:
+        return [int(p["partNumber"]) for p in parts]
+    except (TypeError, KeyError, ValueError):
+        raise HTTPException(
+            status_code=400, detail='"parts" must be a list of {"partNumber", "etag"}'
+        ) from None
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise HTTPException(status_code=400, detail="body is not valid JSON") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# JS client (and the Python client's fallback): initiate + signed PUT
+
+
+@router.post("/storage/upload/initiate")
+async def initiate_upload(
+    request: Request,
+    body: InitiateUploadBody,
+    storage_type: Optional[str] = Query(None),
+    owner: Optional[str] = Depends(_api_key_owner),
+):
+    _check_storage_type(storage_type)
+    svc = _svc(request)
+    try:
+        ctype = normalize_content_type(body.content_type)
+    except StorageError as exc:
+        _raise(exc)
+    name = sanitize_file_name(body.file_name, ctype)
+    file_id = new_file_id()
+    claims: dict[str, Any] = {"f": file_id, "n": name, "t": ctype, "o": owner}
+    expires_in = _lifecycle_expires_in(request)
+    if expires_in:
+        claims["x"] = expires_in
+    token, _ = svc.tokens.issue("put", UPLOAD_TOKEN_TTL, **claims)
+    base = _public_url(request, svc)
+    return {
+        "upload_url": f"{base}/storage/upload/{file_id}?token={token}",
+        "file_url": f"{base}/files/{file_id}/{name}",
+    }
+
+
+@router.put("/storage/upload/{file_id}")
+async def put_signed_upload(request: Request, file_id: str, token: Optional[str] = Query(None)):
+    svc = _svc(request)
+    try:
+        claims = svc.tokens.verify(token, "put")
+    except StorageError as exc:
+        _raise(exc)
+    if claims.get("f") != file_id or not is_valid_file_id(file_id):
+        raise HTTPException(status_code=403, detail="upload token not valid for this file")
+    stored = await _store_body(
+        request,
+        svc,
+        content_type=claims.get("t"),
+        file_name=claims.get("n"),
+        owner=claims.get("o"),
+        file_id=file_id,
+        expires_in=claims.get("x"),
+    )
+    return {
+        "file_url": stored.url(_public_url(request, svc)),
+        "content_type": stored.content_type,
+        "file_name": stored.file_name,
+        "file_size": stored.size,
+    }
+
+
+@router.post("/storage/upload/initiate-multipart")
+async def initiate_multipart_upload(
+    request: Request,
+    body: InitiateUploadBody,
+    storage_type: Optional[str] = Query(None),
+    owner: Optional[str] = Depends(_api_key_owner),
+):
+    _check_storage_type(storage_type)
+    svc = _svc(request)
+    try:
+        mp = await run_in_threadpool(
+            svc.storage.create_multipart,
+            body.content_type,
+            body.file_name,
+            owner,
+            expires_in=_lifecycle_expires_in(request),
+        )
+    except StorageError as exc:
+        _raise(exc)
+    token, _ = svc.tokens.issue("mp", MULTIPART_TOKEN_TTL, u=mp.upload_id)
+    base = _public_url(request, svc)
+    return {
+        "upload_url": f"{base}/storage/upload/multipart/{mp.upload_id}?token={token}",
+        "file_url": mp.file.url(base),
+    }
+
+
+def _check_mp_token(svc: StorageServices, token: Optional[str], upload_id: str) -> None:
+    try:
+        claims = svc.tokens.verify(token, "mp")
+    except StorageError as exc:
+        _raise(exc)
+    if claims.get("u") != upload_id:
+        raise HTTPException(status_code=403, detail="upload token not valid for this upload")
+
+
+async def _put_part(request: Request, svc: StorageServices, upload_id: str, part_number: int) -> str:
+    _check_declared_length(request, svc.storage.max_upload_bytes)
+    try:
+        writer = await run_in_threadpool(svc.storage.multipart_part_writer, upload_id, part_number)
+        await _pump(request, writer)
+        return await run_in_threadpool(writer.commit)
+    except StorageError as exc:
+        _raise(exc)
+
+
+async def _complete(request: Request, svc: StorageServices, upload_id: str):
+    parts = _parts_from_body(await _json_body(request))
+    try:
+        return await run_in_threadpool(svc.storage.complete_multipart, upload_id, parts)
+    except StorageError as exc:
+        _raise(exc)
+
+
+@router.put("/storage/upload/multipart/{upload_id}/{part_number}")
+async def put_signed_part(
+    request: Request, upload_id: str, part_number: int, token: Optional[str] = Query(None)
+):
+    svc = _svc(request)
+    _check_mp_token(svc, token, upload_id)
+    etag = await _put_part(request, svc, upload_id, part_number)
+    return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
+
+
+@router.post("/storage/upload/multipart/{upload_id}/complete")
+async def complete_signed_multipart(
+    request: Request, upload_id: str, token: Optional[str] = Query(None)
+):
+    svc = _svc(request)
+    _check_mp_token(svc, token, upload_id)
+    stored = await _complete(request, svc, upload_id)
+    return {"file_url": stored.url(_public_url(request, svc))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Python client: CDN token + POST /files/upload
+
+
+@router.post("/storage/auth/token")
+async def storage_auth_token(
+    request: Request,
+    storage_type: Optional[str] = Query(None),
+    owner: Optional[str] = Depends(_api_key_owner),
+):
+    _check_storage_type(storage_type)
+    svc = _svc(request)
+    token, exp = svc.tokens.issue("cdn", CDN_TOKEN_TTL, o=owner)
+    expires_at = _dt.datetime.fromtimestamp(exp, tz=_dt.timezone.utc)
+    return {
+        "token": token,
+        "token_type": "Bearer",
+        "base_url": _public_url(request, svc),
+        "expires_at": expires_at.isoformat(timespec="seconds"),
+    }
+
+
+@router.post("/files/upload")
+async def cdn_upload(request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)):
+    svc = _svc(request)
+    stored = await _store_body(
+        request,
+        svc,
+        content_type=request.headers.get("content-type"),
+        file_name=request.headers.get("x-fal-file-name"),
+        owner=owner,
+        expires_in=_lifecycle_expires_in(request),
+    )
+    return {
+        "access_url": stored.url(_public_url(request, svc)),
+        "content_type": stored.content_type,
+        "file_name": stored.file_name,
+        "file_size": stored.size,
+    }
+
+
+@router.post("/files/upload/multipart")
+async def cdn_multipart_create(
+    request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)
+):
+    svc = _svc(request)
+    try:
+        mp = await run_in_threadpool(
+            svc.storage.create_multipart,
+            request.headers.get("content-type"),
+            request.headers.get("x-fal-file-name"),
+            owner,
+            expires_in=_lifecycle_expires_in(request),
+        )
+    except StorageError as exc:
+        _raise(exc)
+    return {"access_url": mp.file.url(_public_url(request, svc)), "uploadId": mp.upload_id}
+
+
+def _check_mp_file(svc: StorageServices, file_id: str, file_name: str, upload_id: str) -> None:
+    try:
+        mp = svc.storage.get_multipart(upload_id)
+    except StorageError as exc:
+        _raise(exc)
+    if mp.file.id != file_id or mp.file.file_name != file_name:
+        raise HTTPException(status_code=404, detail="no such multipart upload")
+
+
+@router.put("/files/{file_id}/{file_name}/multipart/{upload_id}/{part_number}")
+async def cdn_multipart_part(
+    request: Request,
+    file_id: str,
+    file_name: str,
+    upload_id: str,
+    part_number: int,
+    _owner: Optional[str] = Depends(_cdn_or_api_key_owner),
+):
+    svc = _svc(request)
+    _check_mp_file(svc, file_id, file_name, upload_id)
+    etag = await _put_part(request, svc, upload_id, part_number)
+    return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
+
+
+@router.post("/files/{file_id}/{file_name}/multipart/{upload_id}/complete")
+async def cdn_multipart_complete(
+    request: Request,
+    file_id: str,
+    file_name: str,
+    upload_id: str,
+    _owner: Optional[str] = Depends(_cdn_or_api_key_owner),
+):
+    svc = _svc(request)
+    _check_mp_file(svc, file_id, file_name, upload_id)
+    stored = await _complete(request, svc, upload_id)
+    return {"access_url": stored.url(_public_url(request, svc))}
+
+
+# --------------------------------------------------------------------------------------------------
+# downloads and JWKS
+
+
+@router.api_route("/files/{file_id}/{file_name}", methods=["GET", "HEAD"])
+async def download_file(request: Request, file_id: str, file_name: str):
+    svc = _svc(request)
+    if not is_valid_file_id(file_id):
+        raise HTTPException(status_code=404, detail="no such file")
+    try:
+        path, content_type, stored_name = await run_in_threadpool(svc.storage.open, file_id)
+    except StorageError:
+        raise HTTPException(status_code=404, detail="no such file") from None
+    if file_name != stored_name:
+        raise HTTPException(status_code=404, detail="no such file")
+    return FileResponse(
+        path,
+        media_type=content_type,
+        filename=stored_name,
+        content_disposition_type="inline",
+        headers={
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "public, max-age=3600",
+        },
+    )
+
+
+@router.get("/.well-known/jwks.json")
+async def jwks(request: Request):
+    return JSONResponse(
+        _svc(request).signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
+    )

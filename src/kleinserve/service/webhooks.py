@@ -1,0 +1,496 @@
+"""Webhooks: Ed25519 signing, the JWKS we publish, verification, and delivery with retries.
+
+When a request submitted with `?fal_webhook=<url>` completes, the service POSTs to that URL
+
+    success: {"request_id", "gateway_request_id", "status": "OK",    "payload": <the output>}
+    failure: {"request_id", "gateway_request_id", "status": "ERROR", "error": "Invalid status code: 422",
+              "payload": <the error body, as the result endpoint returns it>}
+
+with the headers
+
+    X-Fal-Webhook-Request-Id, X-Fal-Webhook-User-Id, X-Fal-Webhook-Timestamp (unix seconds),
+    X-Fal-Webhook-Signature = hex(Ed25519 signature of
+        "<request id>\\n<user id>\\n<timestamp>\\n<hex sha256 of the raw body>")
+
+The public key is published as a JWKS at `/.well-known/jwks.json`; `verify_webhook` checks a
+delivery against it (receivers also reject timestamps more than 300 s away from their clock).
+
+Delivery is at-least-once: the job store keeps the webhook state, `WebhookDispatcher` polls
+`store.due_webhooks(now, limit)` and records every attempt with `store.record_webhook_attempt`; a
+failed attempt is retried with exponential backoff (by default 10 attempts spread over about 2 h,
+like fal), and a crash between sending and recording only causes a duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
+
+HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
+HEADER_USER_ID = "X-Fal-Webhook-User-Id"
+HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"
+HEADER_SIGNATURE = "X-Fal-Webhook-Signature"
+MAX_TIMESTAMP_SKEW = 300
+KEY_FILE_NAME = "webhook-ed25519.pem"
+
+# Default retry schedule: attempt n (1-based) failed -> wait base * 2**(n-1), capped. With base 14 s
+# and 10 attempts the nine waits add up to 14 * 511 s = 1 h 59 min: "10 tries within 2 h".
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_BACKOFF_BASE = 14.0
+DEFAULT_BACKOFF_MAX = 3600.0
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# keys, signing, JWKS
+
+
+def load_or_create_private_key(path: Path | str) -> Ed25519PrivateKey:
+    """The Ed25519 key in `path` (PKCS#8 PEM, mode 0600), generated on first use. Two processes
+    racing to create it both end up with the same key (O_EXCL; the loser reads the winner's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(path.parent, 0o700)
+    except OSError:
+        pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pem = b""
+        for _ in range(100):
+            pem = path.read_bytes()
+            if b"END PRIVATE KEY" in pem:
+                break
+            time.sleep(0.01)
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} does not hold an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    log.info("generated webhook signing key", extra={"path": str(path)})
+    return key
+
+
+def signing_message(request_id: str, user_id: str, timestamp: str | int, body: bytes) -> bytes:
+    return "\n".join(
+        [str(request_id), str(user_id), str(timestamp), hashlib.sha256(body).hexdigest()]
+    ).encode("utf-8")
+
+
+class WebhookSigner:
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._key = private_key
+        self.public_key: Ed25519PublicKey = private_key.public_key()
+        self.public_key_bytes = self.public_key.public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        # kid: a stable fingerprint of the public key (RFC 7638 thumbprint, base64url).
+        thumb_input = json.dumps(
+            {"crv": "Ed25519", "kty": "OKP", "x": _b64url(self.public_key_bytes)},
+            separators=(",", ":"),
+            sort_keys=True,
+        ).encode("ascii")
+        self.kid = _b64url(hashlib.sha256(thumb_input).digest())
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path | str) -> "WebhookSigner":
+        return cls(load_or_create_private_key(Path(data_dir) / "keys" / KEY_FILE_NAME))
+
+    def sign(self, request_id: str, user_id: str, timestamp: str | int, body: bytes) -> str:
+        return self._key.sign(signing_message(request_id, user_id, timestamp, body)).hex()
+
+    def headers(
+        self, request_id: str, user_id: str, body: bytes, timestamp: Optional[int] = None
+    ) -> dict[str, str]:
+        ts = str(int(time.time()) if timestamp is None else int(timestamp))
+        return {
+            HEADER_REQUEST_ID: str(request_id),
+            HEADER_USER_ID: str(user_id),
+            HEADER_TIMESTAMP: ts,
+            HEADER_SIGNATURE: self.sign(request_id, user_id, ts, body),
+        }
+
+    def jwk(self) -> dict[str, str]:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": _b64url(self.public_key_bytes),
+            "kid": self.kid,
+            "alg": "EdDSA",
+            "use": "sig",
+        }
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        return {"keys": [self.jwk()]}
+
+
+def public_keys_from_jwks(jwks: Mapping[str, Any]) -> list[Ed25519PublicKey]:
+    keys = []
+    for k in (jwks or {}).get("keys", []) or []:
+        if not isinstance(k, Mapping) or k.get("kty") != "OKP" or k.get("crv") != "Ed25519":
+            continue
+        try:
+            raw = _b64url_decode(str(k["x"]))
+            keys.append(Ed25519PublicKey.from_public_bytes(raw))
+        except (KeyError, ValueError, TypeError):
+            continue
+    return keys
+
+
+def verify_webhook(
+    headers: Mapping[str, str],
+    body: bytes,
+    jwks: Mapping[str, Any],
+    *,
+    max_skew: float = MAX_TIMESTAMP_SKEW,
+    now: Optional[float] = None,
+) -> bool:
+    """True when `headers` carry a valid signature of `body` by one of the JWKS keys and a timestamp
+    within `max_skew` seconds of `now`. Header names are matched case-insensitively."""
+    h = {str(k).lower(): str(v) for k, v in headers.items()}
+    try:
+        request_id = h[HEADER_REQUEST_ID.lower()]
+        user_id = h[HEADER_USER_ID.lower()]
+        timestamp = h[HEADER_TIMESTAMP.lower()]
+        signature = bytes.fromhex(h[HEADER_SIGNATURE.lower()])
+        ts = int(timestamp)
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - ts) > max_skew:
+        return False
+    message = signing_message(request_id, user_id, timestamp, body)
+    for key in public_keys_from_jwks(jwks):
+        try:
+            key.verify(signature, message)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# target validation
+
+
+class InvalidWebhookUrl(ValueError):
+    pass
+
+
+def _is_public_ip(ip: ipaddress._BaseAddress) -> bool:
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def validate_webhook_url(url: str, *, allow_private: bool = True, resolve: bool = False) -> str:
+    """Checks a webhook target: absolute http(s) URL with a host, no credentials, at most 2048
+    characters. With `allow_private=False` a literal private/loopback/link-local address is refused
+    (and, with `resolve=True`, a host name resolving to one). Returns the URL; raises
+    InvalidWebhookUrl with a message fit for a 422 otherwise."""
+    if not isinstance(url, str) or not url or len(url) > 2048:
+        raise InvalidWebhookUrl("webhook url must be a non-empty string of at most 2048 characters")
+    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
+        raise InvalidWebhookUrl("webhook url contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidWebhookUrl(f"webhook url is malformed: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidWebhookUrl("webhook url must use http or https")
+    if not parts.hostname:
+        raise InvalidWebhookUrl("webhook url has no host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidWebhookUrl("webhook url must not carry credentials")
+    if not allow_private:
+        host = parts.hostname
+        try:
+            addrs = [ipaddress.ip_address(host)]
+        except ValueError:
+            addrs = []
+            if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+                raise InvalidWebhookUrl("webhook url must not point at a private address")
+            if resolve:
+                try:
+                    infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+                except OSError:
+                    raise InvalidWebhookUrl(f"webhook host {host!r} does not resolve") from None
+                addrs = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
+        if any(not _is_public_ip(a) for a in addrs):
+            raise InvalidWebhookUrl("webhook url must not point at a private address")
+    return url
+
+
+# --------------------------------------------------------------------------------------------------
+# payloads
+
+
+def _attr(job: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = job.get(n) if isinstance(job, Mapping) else getattr(job, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def error_body(job: Any) -> dict[str, Any]:
+    """The body the result endpoint answers a failed request with (the ERROR payload):
+    {"detail": <message>, "error_type": <type>} from the job's stored error
+    ({error, error_type, status_code, ...}, see jobs.job_error)."""
+    err = _attr(job, "error")
+    if isinstance(err, Mapping):
+        body: dict[str, Any] = {"detail": err.get("error") or err.get("detail") or "request failed"}
+        if err.get("error_type") is not None:
+            body["error_type"] = err["error_type"]
+        return body
+    body = {"detail": str(err) if err is not None else "request failed"}
+    if _attr(job, "error_type") is not None:
+        body["error_type"] = _attr(job, "error_type")
+    return body
+
+
+def _error_status(job: Any) -> int:
+    err = _attr(job, "error")
+    status = err.get("status_code") if isinstance(err, Mapping) else None
+    try:
+        return int(status if status is not None else _attr(job, "status_code", default=500))
+    except (TypeError, ValueError):
+        return 500
+
+
+def webhook_payload(job: Any) -> dict[str, Any]:
+    """The JSON body POSTed to the webhook of a completed job (fal's shape)."""
+    request_id = str(_attr(job, "request_id", "id"))
+    base = {
+        "request_id": request_id,
+        "gateway_request_id": str(_attr(job, "gateway_request_id", default=request_id)),
+    }
+    if _attr(job, "error") is None:
+        return {**base, "status": "OK", "payload": _attr(job, "result")}
+    return {
+        **base,
+        "status": "ERROR",
+        "error": f"Invalid status code: {_error_status(job)}",
+        "payload": error_body(job),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# delivery
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    delivered: bool
+    status_code: Optional[int]
+    error: Optional[str]
+
+
+def backoff_delay(attempt: int, base: float, cap: float, jitter: float = 0.1) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based)."""
+    delay = min(base * (2 ** max(attempt - 1, 0)), cap)
+    if jitter:
+        delay *= random.uniform(1 - jitter, 1 + jitter)
+    return max(delay, 0.0)
+
+
+class WebhookDispatcher:
+    """Background delivery of due webhooks.
+
+    The store interface it relies on (implemented by the job store):
+        store.due_webhooks(now: float, limit: int, *, lease_seconds: float) -> list[Job]
+            completed jobs whose webhook is pending and due, each leased for `lease_seconds`
+        store.record_webhook_attempt(request_id, delivered: bool, next_attempt_at: float | None,
+                                     error: str | None) -> None
+            counts the attempt; next_attempt_at None with delivered False means "gave up"
+    Job fields read (service/jobs.py): request_id, webhook_url, webhook_attempts (attempts so far),
+    result, error ({error, error_type, status_code}), owner (the user id put in the signature).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        signer: WebhookSigner,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        poll_interval: float = 1.0,
+        timeout: float = 15.0,
+        concurrency: int = 4,
+        batch_size: int = 8,
+        allow_private_targets: bool = True,
+        payload_builder: Callable[[Any], dict[str, Any]] = webhook_payload,
+        user_id_default: str = "kleinserve",
+        client: Optional[httpx.Client] = None,
+    ):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.store = store
+        self.signer = signer
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        # A leased job is not handed to another dispatcher (process) until the lease runs out: it
+        # must outlast the wait in our pool plus one POST.
+        self.lease_seconds = max(60.0, 4 * timeout * max(1, batch_size // max(concurrency, 1)))
+        self.allow_private_targets = allow_private_targets
+        self.payload_builder = payload_builder
+        self.user_id_default = user_id_default
+        self._client = client or httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            follow_redirects=False,
+            headers={"User-Agent": "kleinserve-webhooks/1"},
+        )
+        self._owns_client = client is None
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._inflight: set[str] = set()
+        self._inflight_lock = threading.Lock()
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "WebhookDispatcher":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._owns_client:
+            self._client.close()
+
+    def notify(self) -> None:
+        """Wake the poller now (the worker calls this right after completing a job)."""
+        self._wake.set()
+
+    # loop ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # never let the thread die: the store may be briefly unavailable
+                log.exception("webhook poll failed")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def poll_once(self) -> int:
+        """Schedules every due delivery not already in flight; returns how many were scheduled."""
+        jobs = self.store.due_webhooks(time.time(), self.batch_size, lease_seconds=self.lease_seconds)
+        n = 0
+        for job in jobs:
+            rid = str(_attr(job, "request_id", "id"))
+            with self._inflight_lock:
+                if rid in self._inflight:
+                    continue
+                self._inflight.add(rid)
+            try:
+                self._pool.submit(self._deliver_and_record, job)
+            except RuntimeError:  # pool shut down
+                with self._inflight_lock:
+                    self._inflight.discard(rid)
+                break
+            n += 1
+        return n
+
+    def _deliver_and_record(self, job: Any) -> None:
+        rid = str(_attr(job, "request_id", "id"))
+        try:
+            result = self.deliver(job)
+            attempts = int(_attr(job, "webhook_attempts", default=0)) + 1
+            next_at = None
+            if not result.delivered and attempts < self.max_attempts:
+                next_at = time.time() + backoff_delay(attempts, self.backoff_base, self.backoff_max)
+            if not result.delivered:
+                log.warning(
+                    "webhook delivery failed",
+                    extra={
+                        "request_id": rid,
+                        "attempt": attempts,
+                        "error": result.error,
+                        "retry_at": next_at,
+                    },
+                )
+                try:
+                    from kleinserve.service import metrics
+
+                    metrics.record_error("webhook")
+                except Exception:
+                    pass
+            self.store.record_webhook_attempt(rid, result.delivered, next_at, result.error)
+        except Exception:
+            log.exception("webhook delivery crashed", extra={"request_id": rid})
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(rid)
+
+    def deliver(self, job: Any) -> DeliveryResult:
+        """One POST of the job's webhook; never raises."""
+        url = _attr(job, "webhook_url")
+        rid = str(_attr(job, "request_id", "id"))
+        try:
+            validate_webhook_url(url, allow_private=self.allow_private_targets)
+            body = json.dumps(self.payload_builder(job), separators=(",", ":")).encode("utf-8")
+        except (InvalidWebhookUrl, TypeError, ValueError) as exc:
+            return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}")
+        user_id = str(_attr(job, "owner", default=self.user_id_default) or self.user_id_default)
+        headers = {"Content-Type": "application/json", **self.signer.headers(rid, user_id, body)}
+        try:
+            resp = self._client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}"[:500])
+        if 200 <= resp.status_code < 300:
+            return DeliveryResult(True, resp.status_code, None)
+        return DeliveryResult(False, resp.status_code, f"receiver answered HTTP {resp.status_code}")

@@ -1,0 +1,107 @@
+"""The unmodified JavaScript client (`@fal-ai/client`, pinned in tests/js/package.json) against a live
+`kleinserve serve --model tiny`, pointed at it with a `requestMiddleware` only.
+
+Each check is one run of tests/js/client_checks.mjs (see that file for what it asserts). Skipped only
+when `node` or tests/js/node_modules is missing (.ci/run installs both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service_helpers import start_subprocess_server
+
+pytestmark = pytest.mark.node
+
+JS_DIR = Path(__file__).parent / "js"
+KEY = "js-client-test-key"
+NODE = shutil.which("node")
+
+
+def _skip_reason() -> str | None:
+    if NODE is None:
+        return "node is not installed (bash .ci/run installs nodejs)"
+    if not (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
+        return "tests/js/node_modules is missing: run `npm ci` in tests/js (bash .ci/run does)"
+    return None
+
+
+if _skip_reason():
+    pytest.skip(_skip_reason(), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("js") / "data"
+    srv = start_subprocess_server(["--model", "tiny", "--api-key", KEY], data_dir=data_dir)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def run_check(server, name: str, timeout: float = 180.0) -> dict:
+    env = dict(os.environ, KLEINSERVE_URL=server.base_url, FAL_KEY=KEY)
+    env.pop("FAL_KEY_ID", None)
+    env.pop("FAL_KEY_SECRET", None)
+    proc = subprocess.run([NODE, "client_checks.mjs", name], cwd=JS_DIR, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"JS check {name!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}\n"
+                    f"--- server log ---\n{server.log_text()[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ok"] is True and out["check"] == name
+    return out
+
+
+def test_subscribe_with_logs(server):
+    out = run_check(server, "subscribe")
+    assert out["statuses"][-1] == "COMPLETED" and out["logs"] > 0
+
+
+def test_queue_submit_status_result(server):
+    out = run_check(server, "queue")
+    assert "COMPLETED" in out["statuses"]
+
+
+def test_queue_stream_status(server):
+    out = run_check(server, "streamStatus")
+    assert out["statuses"][-1] == "COMPLETED"
+    assert out["streamingSubscribe"][-1] == "COMPLETED"
+
+
+def test_stream_done_resolves_to_output(server):
+    out = run_check(server, "stream")
+    assert out["events"] >= 1
+
+
+def test_run(server):
+    run_check(server, "run")
+
+
+def test_cancel(server):
+    run_check(server, "cancel")
+
+
+def test_validation_error(server):
+    run_check(server, "validation")
+
+
+def test_storage_upload_roundtrip(server):
+    out = run_check(server, "storage")
+    assert out["url"].startswith(server.base_url + "/files/")
+
+
+def test_storage_transform_input(server):
+    run_check(server, "transformInput")
+
+
+def test_storage_multipart_upload(server):
+    out = run_check(server, "storageMultipart")
+    assert out["size"] > 90 * 1024 * 1024
