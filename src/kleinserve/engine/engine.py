@@ -1,0 +1,460 @@
+"""The engine: FLUX.2 [klein] text-to-image on diffusers components, with our own denoising loop.
+
+    engine = load_engine("auto" | "tiny" | "/path/to/folder" | "org/repo", device=None, dtype=None,
+                         cpu_offload=False)
+    result = engine.generate(request, on_step=..., should_cancel=..., preview_every=0)
+
+What `generate` does (docs/ENGINE.md has the long form):
+1. encode the prompt and, when guidance_scale > 1, the negative prompt (truncated Qwen3, LRU cache);
+2. draw image k's initial latent from its own CPU `torch.Generator` seeded `seed + k`, exactly as
+   diffusers' `prepare_latents` would for one image (so any image is reproducible alone and batching
+   never changes it); the shifted sigma schedule comes from the scheduler with `compute_empirical_mu`;
+3. per step ONE transformer forward; with CFG, cond and uncond are concatenated on the batch axis
+   and combined as `v = v_uncond + g * (v_cond - v_uncond)`; the sampler (`sampling.sample`) takes
+   Euler steps, or CNS steps when asked;
+4. unpack, BatchNorm-denormalise, unpatchify, VAE-decode one image at a time, safety-check, encode.
+
+With negative_prompt="" and CNS off this reproduces diffusers' `Flux2KleinPipeline` (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import sampling
+from .models import Components, load_components
+from .text import OUT_LAYERS, PromptEncoder
+from .types import (
+    CancelCheck,
+    EncodedImage,
+    GenerationResult,
+    ModelInfo,
+    StepCallback,
+    StepEvent,
+)
+
+try:
+    from .imageio import encode_image, make_preview
+except ImportError:  # pragma: no cover - the peripherals helper's module is not there yet
+    encode_image = make_preview = None  # type: ignore[assignment]
+try:
+    from .safety import SafetyChecker
+except ImportError:  # pragma: no cover
+    SafetyChecker = None  # type: ignore[assignment,misc]
+try:
+    from .acceleration import Accelerator
+except ImportError:  # pragma: no cover
+    Accelerator = None  # type: ignore[assignment,misc]
+try:
+    from . import cns
+except ImportError:  # pragma: no cover
+    cns = None  # type: ignore[assignment]
+
+log = logging.getLogger("kleinserve.engine")
+
+PREVIEW_MAX_SIDE = 256
+RANDOM_SEED_BOUND = 2**31  # seeds drawn for requests without one: 0 .. 2^31-1 (safe in every client)
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+
+def _pipeline_cls():
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline
+
+
+def _empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(RANDOM_SEED_BOUND)
+
+
+class _Plan:
+    """Everything fixed by a request before the first step: sizes, seeds, schedule."""
+
+    def __init__(self, engine: "Engine", request, seed: int):
+        self.request = request
+        self.seed = seed
+        self.width, self.height = request.resolved_size()
+        self.h8, self.w8 = engine.latent_hw(self.width, self.height)
+        self.h16, self.w16 = self.h8 // 2, self.w8 // 2
+        self.num_images = int(request.num_images)
+        self.steps = int(request.num_inference_steps)
+        self.guided = bool(request.guidance_scale > 1.0)
+        self.timesteps, self.sigmas = engine._schedule(self.h16 * self.w16, self.steps)
+
+
+class Engine:
+    """A loaded model and the generation loop. `generate` is serialised by a lock."""
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        cpu_offload: bool = False,
+        safety_threshold: Optional[float] = None,
+        embedding_cache_size: int = 16,
+    ):
+        self.components = components
+        self.info: ModelInfo = components.info
+        self.device = torch.device(self.info.device)
+        self.transformer = components.transformer
+        self.vae = components.vae
+        self.scheduler = components.scheduler
+        self.dtype = next(self.transformer.parameters()).dtype
+        self.text = PromptEncoder(
+            components.text_encoder,
+            components.tokenizer,
+            model_id=components.model_id,
+            device=self.device,
+            dtype=self.dtype,
+            cache_size=embedding_cache_size,
+            offload=cpu_offload,
+        )
+        components.text_encoder = self.text.model  # the truncated encoder; the rest is freed
+        self.latent_channels = int(self.transformer.config.in_channels) // 4
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.accelerator = Accelerator(self.transformer, self.device, self.dtype) if Accelerator else None
+        self.safety_threshold = safety_threshold
+        self._safety = None
+        self._cns_matrix = None
+        if cns is not None and components.extras.get("folder"):
+            self._cns_matrix = cns.find_calibrated_matrix(components.extras["folder"])
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ geometry and schedule
+
+    def latent_hw(self, width: int, height: int) -> tuple[int, int]:
+        """(h8, w8): the VAE latent grid of an image, exactly as diffusers' prepare_latents rounds it."""
+        f = self.vae_scale_factor
+        return 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
+
+    def latent_grid(self, request) -> tuple[int, int, int]:
+        """(h8, w8, channels) of the VAE-resolution latent of a request (channels = 32 for FLUX.2)."""
+        width, height = request.resolved_size()
+        return (*self.latent_hw(width, height), self.latent_channels)
+
+    def _schedule(self, image_seq_len: int, steps: int) -> tuple[torch.Tensor, list[float]]:
+        """(timesteps, sigmas) as diffusers computes them: linspace(1, 1/N, N) shifted with the
+        empirical mu; sigmas has N + 1 entries ending at 0."""
+        with self._lock:
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            mu = _empirical_mu(image_seq_len, steps)
+            self.scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+            timesteps = self.scheduler.timesteps.clone()
+            sig = [float(s) for s in self.scheduler.sigmas.cpu()]
+        return timesteps, sig
+
+    def sigmas(self, request) -> list[float]:
+        """The N + 1 sigmas a request is sampled on (1 ... 0)."""
+        width, height = request.resolved_size()
+        h8, w8 = self.latent_hw(width, height)
+        return self._schedule((h8 // 2) * (w8 // 2), int(request.num_inference_steps))[1]
+
+    def unpack_latents(self, packed: torch.Tensor, h8: int, w8: int) -> torch.Tensor:
+        """Packed (B, h16*w16, 4C) -> (B, C, h8, w8) VAE-grid latents (still BatchNorm-normalised)."""
+        pipe = _pipeline_cls()
+        ids = pipe._prepare_latent_ids(packed.new_zeros(1, 1, h8 // 2, w8 // 2)).to(packed.device)
+        grid = pipe._unpack_latents_with_ids(packed, ids.expand(packed.shape[0], -1, -1), h8 // 2, w8 // 2)
+        return pipe._unpatchify_latents(grid)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        request,
+        *,
+        on_step: Optional[StepCallback] = None,
+        should_cancel: Optional[CancelCheck] = None,
+        preview_every: int = 0,
+    ) -> GenerationResult:
+        """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so."""
+        with self._lock, torch.inference_mode():
+            t_start = time.perf_counter()
+            seed = int(request.seed) if request.seed is not None else random_seed()
+            plan = _Plan(self, request, seed)
+            logs: list[str] = []
+            techniques: list[str] = []
+            if self.info.is_tiny:
+                logs.append("model: tiny (random weights, NOT FLUX.2 [klein]; for tests only)")
+
+            t0 = time.perf_counter()
+            cond, uncond = self._encode(plan, logs, techniques)
+            t_encode = self._sync_time(t0)
+
+            t0 = time.perf_counter()
+            done_steps = [0]
+
+            def step_callback(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
+                done_steps[0] = i + 1
+                if on_step is None:
+                    return
+                preview = None
+                if preview_every and preview_every > 0 and (i + 1) % preview_every == 0:
+                    preview = self._preview(x0_hat[:1], plan)
+                on_step(StepEvent(step=i + 1, total=plan.steps, sigma=plan.sigmas[i + 1], preview=preview))
+
+            latents = self._denoise(plan, cond, uncond, step_callback, should_cancel, logs, techniques)
+            t_denoise = self._sync_time(t0)
+
+            t0 = time.perf_counter()
+            images = [self._decode(latents[k : k + 1], plan)[0] for k in range(plan.num_images)]
+            t_decode = self._sync_time(t0)
+
+            t0 = time.perf_counter()
+            flags = [False] * len(images)
+            if request.enable_safety_checker:
+                flags = self._safety_flags(images, logs)
+                images = [Image.new("RGB", im.size, (0, 0, 0)) if f else im for im, f in zip(images, flags)]
+            t_safety = time.perf_counter() - t0
+
+            encoded = [self._encode_image(im, plan, k, flag) for k, (im, flag) in enumerate(zip(images, flags))]
+            timings = {
+                "encode": t_encode,
+                "denoise": t_denoise,
+                "decode": t_decode,
+                "safety": t_safety,
+                "total": time.perf_counter() - t_start,
+            }
+            logs.append(
+                f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {seed}; "
+                + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items())
+            )
+            return GenerationResult(images=encoded, seed=seed, timings=timings,
+                                    techniques=_unique(techniques), logs=logs)
+
+    def sample_latents(self, request, callback: Optional[sampling.SamplerCallback] = None) -> torch.Tensor:
+        """The final packed latents (B, seq, 4C) of a request (no decode); `callback(i, x, x0_hat)`
+        after each step. For CNS calibration. Uses request.seed (random when None)."""
+        with self._lock, torch.inference_mode():
+            seed = int(request.seed) if request.seed is not None else random_seed()
+            plan = _Plan(self, request, seed)
+            cond, uncond = self._encode(plan, [], [])
+            return self._denoise(plan, cond, uncond, callback, None, [], [])
+
+    # ------------------------------------------------------------------ stages
+
+    def _sync_time(self, t0: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _encode(self, plan: _Plan, logs: list[str], techniques: list[str]):
+        texts = [("prompt", plan.request.prompt)]
+        if plan.guided:
+            texts.append(("negative prompt", plan.request.negative_prompt))
+        out, ran = [], False
+        for label, text in texts:
+            emb, hit = self.text.encode(text)
+            if hit:
+                techniques.append("embedding_cache")
+                logs.append(f"text encoder: {label} from the embedding cache")
+            ran = ran or not hit
+            out.append(emb)
+        if ran:
+            logs.append(f"text encoder: {self.text.num_layers_run} decoder layers run (hidden states "
+                        f"{','.join(map(str, OUT_LAYERS))}; later layers and the LM head skipped)")
+        return out[0], (out[1] if plan.guided else None)
+
+    def _initial_latents(self, plan: _Plan) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Image k: N(0, I) of shape (1, 4C, h16, w16) from a CPU generator seeded seed + k, drawn
+        first (diffusers' randn_tensor with that generator), then packed to (1, h16*w16, 4C)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = _pipeline_cls()
+        gens, parts = [], []
+        for k in range(plan.num_images):
+            g = torch.Generator(device="cpu").manual_seed(plan.seed + k)
+            z = randn_tensor((1, 4 * self.latent_channels, plan.h16, plan.w16), generator=g,
+                             device=self.device, dtype=self.dtype)
+            gens.append(g)
+            parts.append(pipe._pack_latents(z))
+        return torch.cat(parts, dim=0), gens
+
+    def _denoise(self, plan: _Plan, cond, uncond, callback, should_cancel, logs, techniques) -> torch.Tensor:
+        pipe = _pipeline_cls()
+        x, generators = self._initial_latents(plan)
+        b = plan.num_images
+        grid = x.new_zeros(1, 1, plan.h16, plan.w16)
+        img_ids = pipe._prepare_latent_ids(grid).to(self.device)
+        txt_ids = pipe._prepare_text_ids(cond).to(self.device)  # (1, 512, 4), same for cond and uncond
+        if plan.guided:
+            branches = 2
+            context = torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)], dim=0)
+        else:
+            branches = 1
+            context = cond.expand(b, -1, -1)
+        n = branches * b
+        img_ids = img_ids.expand(n, -1, -1)
+        txt_ids = txt_ids.expand(n, -1, -1)
+
+        forward, acc_techniques = self._forward_fn(plan.request)
+        techniques.extend(acc_techniques)
+        if plan.guided:
+            techniques.append("cfg_batched")
+            logs.append(f"CFG {plan.request.guidance_scale:g}: cond + uncond in one batched forward "
+                        f"(batch {n}) per step")
+        else:
+            logs.append(f"guidance {plan.request.guidance_scale:g} <= 1: single branch (batch {n})")
+        g = float(plan.request.guidance_scale)
+        timesteps = plan.timesteps
+
+        def model(x: torch.Tensor, i: int) -> torch.Tensor:
+            # diffusers: t.expand(B).to(latents.dtype), passed as timestep / 1000.
+            timestep = timesteps[i].expand(n).to(x.dtype)
+            hidden = x.to(self.dtype)
+            if branches == 2:
+                hidden = torch.cat([hidden, hidden], dim=0)
+            v = forward(
+                hidden_states=hidden,
+                timestep=timestep / 1000,
+                guidance=None,
+                encoder_hidden_states=context,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                joint_attention_kwargs=None,
+                return_dict=False,
+            )[0]
+            v = v[:, : x.shape[1]]
+            if branches == 2:
+                v_cond, v_uncond = v.chunk(2, dim=0)
+                v = v_uncond + g * (v_cond - v_uncond)
+            return v
+
+        noise = None
+        if plan.request.enable_cns:
+            if cns is None:  # pragma: no cover
+                raise RuntimeError("enable_cns requested but the CNS module is unavailable")
+            noise = cns.make_step_noise(
+                plan.request, plan.sigmas, latent_hw=(plan.h8, plan.w8), channels=self.latent_channels,
+                generators=generators, device=self.device, guided=plan.guided,
+                matrix_override=self._cns_matrix,
+            )
+            logs.append(cns.describe(noise))
+            techniques.append("cns")
+        x = sampling.sample(model, x, plan.sigmas, noise=noise, callback=callback, should_cancel=should_cancel)
+        notes = getattr(forward, "notes", None)
+        if callable(notes):
+            logs.extend(notes())
+        return x
+
+    def _forward_fn(self, request) -> tuple[Callable[..., Any], list[str]]:
+        if self.accelerator is None:
+            return self.transformer, []
+        fn, techniques = self.accelerator.forward(request.acceleration)
+        return fn, techniques
+
+    def _decode_to_tensor(self, packed: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Packed latents -> images in [-1, 1], (B, 3, H, W) float32 (what the VAE decoder outputs)."""
+        pipe = _pipeline_cls()
+        ids = pipe._prepare_latent_ids(packed.new_zeros(1, 1, plan.h16, plan.w16)).to(packed.device)
+        latents = pipe._unpack_latents_with_ids(packed, ids.expand(packed.shape[0], -1, -1), plan.h16, plan.w16)
+        bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype
+        )
+        latents = latents * bn_std + bn_mean
+        latents = pipe._unpatchify_latents(latents)
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return image.float()
+
+    def decode_float(self, packed: torch.Tensor, plan_or_request) -> np.ndarray:
+        """Decoded images as float32 numpy (B, H, W, 3) in [0, 1], before 8-bit quantisation
+        (diffusers' output_type="np" equivalent)."""
+        plan = plan_or_request if isinstance(plan_or_request, _Plan) else _Plan(self, plan_or_request, 0)
+        with self._lock, torch.inference_mode():
+            image = self._decode_to_tensor(packed, plan)
+        return (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+
+    def _decode(self, packed: torch.Tensor, plan: _Plan) -> list[Image.Image]:
+        image = self._decode_to_tensor(packed, plan)
+        arr = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        arr = (arr * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
+
+    def _preview(self, x0_hat: torch.Tensor, plan: _Plan) -> Image.Image:
+        """The current x0 estimate of the first image, VAE-decoded and downscaled to <= 256 px."""
+        image = self._decode(x0_hat.to(self.dtype), plan)[0]
+        if make_preview is not None:
+            return make_preview(image, PREVIEW_MAX_SIDE)
+        image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))  # pragma: no cover
+        return image
+
+    def _safety_flags(self, images: list[Image.Image], logs: list[str]) -> list[bool]:
+        if SafetyChecker is None:  # pragma: no cover
+            logs.append("safety checker unavailable: images not checked")
+            return [False] * len(images)
+        if self._safety is None:
+            self._safety = SafetyChecker(threshold=self.safety_threshold)
+        flags = self._safety.flags(images)
+        if any(flags):
+            logs.append(f"safety checker: {sum(flags)} image(s) flagged and replaced by black images")
+        return flags
+
+    def recipe(self, plan: _Plan, k: int) -> dict:
+        """The generation parameters stored in image k's metadata: re-running them (num_images=1,
+        seed = seed + k) reproduces exactly this image."""
+        recipe = plan.request.model_dump(mode="json")
+        recipe.update(
+            seed=plan.seed + k,
+            num_images=1,
+            image_size={"width": plan.width, "height": plan.height},
+            base_seed=plan.seed,
+            image_index=k,
+            model=self.info.source,
+        )
+        if self.info.is_tiny:
+            recipe["model_is_tiny"] = True
+        return recipe
+
+    def _encode_image(self, image: Image.Image, plan: _Plan, k: int, nsfw: bool) -> EncodedImage:
+        fmt = plan.request.output_format
+        recipe = self.recipe(plan, k)
+        if encode_image is not None:
+            data, content_type = encode_image(image, fmt, recipe)
+        else:  # pragma: no cover - fallback until imageio exists
+            buf = io.BytesIO()
+            image.save(buf, {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
+            data, content_type = buf.getvalue(), f"image/{fmt}"
+        return EncodedImage(
+            data=data,
+            content_type=content_type,
+            extension=_EXTENSIONS.get(content_type, fmt),
+            width=image.width,
+            height=image.height,
+            seed=plan.seed + k,
+            nsfw=nsfw,
+        )
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def load_engine(
+    spec: Optional[str] = "auto",
+    *,
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    cpu_offload: bool = False,
+    safety_threshold: Optional[float] = None,
+) -> Engine:
+    """Load a model spec ("auto", "tiny", a diffusers folder, a HF repo id) into an Engine.
+
+    Raises ModelUnavailable (with what to do) when the spec cannot be loaded."""
+    components = load_components(spec, device=device, dtype=dtype, cpu_offload=cpu_offload)
+    return Engine(components, cpu_offload=cpu_offload, safety_threshold=safety_threshold)

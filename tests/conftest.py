@@ -1,0 +1,21 @@
+"""Shared fixtures: the tiny model, in-process and as a diffusers-layout folder (both session-scoped)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """An Engine on the tiny random model, CPU, float32 (shared: don't mutate it)."""
+    from kleinserve.engine import load_engine
+
+    return load_engine("tiny", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model saved in diffusers layout (Flux2KleinPipeline(...).save_pretrained)."""
+    from kleinserve.engine.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "flux2-klein-tiny")
