@@ -1,0 +1,182 @@
+"""Shared pieces of the HTTP layer: auth dependency, request headers, URLs, status/error bodies.
+
+Routers outside the core (files, openai, web) may use `require_owner` / `require_principal` and the
+`app_services(request)` accessor.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Optional
+
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from kleinserve.service import jobs as J
+from kleinserve.service.auth import Principal, authenticate_request_sync
+from kleinserve.service.jobs import Job
+
+REQUEST_ID_HEADER = "x-fal-request-id"
+TIMEOUT_HEADER = "x-fal-request-timeout"
+TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
+PRIORITY_HEADER = "x-fal-queue-priority"
+
+# --------------------------------------------------------------------------------------- auth
+
+
+def require_principal(request: Request) -> Principal:
+    """FastAPI dependency: the caller's principal, or 401 with a JSON detail."""
+    return authenticate_request_sync(request)
+
+
+def require_owner(request: Request) -> str:
+    """FastAPI dependency: the caller's owner id (the API key's short sha256, or "anonymous")."""
+    return authenticate_request_sync(request).owner
+
+
+def set_request_id(request: Request, request_id: str) -> None:
+    """The `x-fal-request-id` every response carries (the middleware adds it); log records of the rest
+    of this request carry it too (service/logging.py)."""
+    request.state.fal_request_id = request_id
+    try:
+        from kleinserve.service.logging import set_request_id as _set_log_request_id
+
+        _set_log_request_id(request_id)
+    except Exception:  # pragma: no cover - logging is optional instrumentation
+        pass
+
+
+# --------------------------------------------------------------------------------------- headers
+
+
+def header_error(header: str, msg: str, typ: str = "value_error") -> HTTPException:
+    return HTTPException(status_code=422, detail=[{"loc": ["header", header], "msg": msg, "type": typ}])
+
+
+def parse_timeout_header(request: Request) -> Optional[float]:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise header_error("X-Fal-Request-Timeout", f"must be a number of seconds, got {raw!r}", "float_parsing")
+    if not math.isfinite(value) or value <= 0:
+        raise header_error("X-Fal-Request-Timeout", f"must be a positive number of seconds, got {raw!r}",
+                           "greater_than")
+    return value
+
+
+def parse_priority_header(request: Request) -> str:
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None or raw.strip() == "":
+        return J.PRIORITY_NORMAL
+    value = raw.strip().lower()
+    if value not in J.PRIORITIES:
+        raise header_error("X-Fal-Queue-Priority", f"must be 'normal' or 'low', got {raw!r}", "literal_error")
+    return value
+
+
+def parse_bool_param(value: Optional[str]) -> bool:
+    if value is None:
+        return False
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------- URLs
+
+
+def public_base(request: Request) -> str:
+    """Base URL of the server as the client reached it (or --public-url)."""
+    settings = getattr(request.app.state, "settings", None)
+    public = getattr(settings, "public_url", None)
+    return (public or str(request.base_url)).rstrip("/")
+
+
+def queue_base(request: Request) -> str:
+    """Base of the queue API as the client reached it: `https://host/queue` (path prefix) or
+    `https://queue.host` (host-based); --public-url (+ /queue) when configured."""
+    settings = getattr(request.app.state, "settings", None)
+    public = getattr(settings, "public_url", None)
+    if public:
+        return public.rstrip("/") + "/queue"
+    state_base = request.scope.get("state", {}).get("queue_base")
+    if state_base:
+        return state_base
+    return str(request.base_url).rstrip("/") + "/queue"
+
+
+def request_urls(request: Request, app_prefix: str, request_id: str) -> dict[str, str]:
+    base = f"{queue_base(request)}/{app_prefix}/requests/{request_id}"
+    return {"response_url": base, "status_url": base + "/status", "cancel_url": base + "/cancel"}
+
+
+# --------------------------------------------------------------------------------------- seeds
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+# --------------------------------------------------------------------------------------- bodies
+
+
+def status_body(job: Job, urls: dict[str, str], *, position: Optional[int], with_logs: bool) -> dict[str, Any]:
+    """The queue status object (fal's shape; the Python client needs these exact keys)."""
+    body: dict[str, Any] = {"status": job.status, "request_id": job.request_id, **urls,
+                            "logs": list(job.logs) if with_logs else None}
+    if job.status == J.IN_QUEUE:
+        body["queue_position"] = int(position or 0)
+    elif job.status == J.COMPLETED:
+        body["metrics"] = job.metrics()
+        if job.error:
+            body["error"] = job.error.get("error")
+            body["error_type"] = job.error.get("error_type")
+    if job.cancel_requested and job.status == J.IN_PROGRESS:
+        body["cancel_requested"] = True
+    return body
+
+
+def error_status(job: Job) -> int:
+    try:
+        return int((job.error or {}).get("status_code", 500))
+    except (TypeError, ValueError):
+        return 500
+
+
+def error_body(job: Job) -> dict[str, Any]:
+    """The body a failed request's result answers with: {"detail", "error_type", "request_id"}; a
+    validation failure keeps the 422 list shape in `detail`."""
+    err = job.error or {}
+    detail: Any = err.get("error") or "Request failed."
+    if err.get("error_type") == J.ERR_VALIDATION and isinstance(err.get("detail"), list):
+        detail = err["detail"]
+    return {"detail": detail, "error_type": err.get("error_type", J.ERR_INTERNAL), "request_id": job.request_id}
+
+
+def error_headers(job: Job) -> dict[str, str]:
+    headers = {REQUEST_ID_HEADER: job.request_id}
+    err = job.error or {}
+    if err.get("timeout_type"):
+        headers[TIMEOUT_TYPE_HEADER] = str(err["timeout_type"])
+    return headers
+
+
+def result_response(job: Job) -> JSONResponse:
+    """COMPLETED job -> the output (200) or its error body with its HTTP status."""
+    if job.error is None:
+        return JSONResponse(job.result or {}, status_code=200, headers={REQUEST_ID_HEADER: job.request_id})
+    return JSONResponse(error_body(job), status_code=error_status(job), headers=error_headers(job))
+
+
+def error_event(job: Job) -> dict[str, Any]:
+    """An error inside an SSE stream (after the stream started)."""
+    err = job.error or {}
+    body = error_body(job)
+    return {"error": err.get("error", "Request failed."), "error_type": body["error_type"],
+            "detail": body["detail"], "status_code": error_status(job), "request_id": job.request_id}
+
+
+def not_found(request_id: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"Request {request_id} not found.")

@@ -1,0 +1,155 @@
+"""The endpoint registry: an endpoint is DECLARED once, and its routes are generated from it.
+
+    REGISTRY.declare(EndpointSpec(
+        endpoint_id="fal-ai/flux-2/klein/9b/base",
+        input_model=FluxKleinInput,
+        output_model=FluxKleinOutput,
+        title="FLUX.2 [klein] 9B base",
+    ))
+
+For each declared endpoint the app serves (see api/app.py):
+    POST /<id>                  sync run        POST /<id>/stream     SSE progress + the output
+    POST /queue/<id>            queue submit    (also on hosts named queue.*)
+and, once per owner/alias (fal drops the path part for these):
+    GET  /queue/<owner>/<alias>/requests/<id>/status[/stream]
+    GET  /queue/<owner>/<alias>/requests/<id>
+    PUT  /queue/<owner>/<alias>/requests/<id>/cancel
+
+Another klein variant is one more `declare` with its own id (and `engine` name when it needs a
+different model); an edit endpoint declares its own input model and `build_output`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from pydantic import BaseModel
+
+from kleinserve.schema import ENDPOINT_ID, FluxKleinInput, FluxKleinOutput
+
+NAMESPACES = ("workflows", "comfy")
+
+# build_output(job, request, result, files) -> output JSON dict
+#   job: service.jobs.Job; request: the validated input model; result: engine GenerationResult;
+#   files: one {"url", "file_name", "file_size"} per result image (a stored file's URL, or a data
+#   URI in sync mode)
+OutputBuilder = Callable[[Any, BaseModel, Any, list[dict[str, Any]]], dict[str, Any]]
+
+
+def split_endpoint_id(endpoint_id: str) -> tuple[Optional[str], str, str, Optional[str]]:
+    """(namespace, owner, alias, path) the way the fal clients split an id."""
+    parts = endpoint_id.strip("/").split("/")
+    namespace = None
+    if parts[0] in NAMESPACES:
+        namespace, parts = parts[0], parts[1:]
+    if len(parts) < 2:
+        raise ValueError(f"endpoint id {endpoint_id!r} must look like owner/alias[/path]")
+    path = "/".join(parts[2:]) or None
+    return namespace, parts[0], parts[1], path
+
+
+def flux_klein_output(job: Any, request: BaseModel, result: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
+    images = []
+    for im, f in zip(result.images, files):
+        images.append({"url": f["url"], "content_type": im.content_type, "file_name": f["file_name"],
+                       "file_size": int(f["file_size"]), "width": int(im.width), "height": int(im.height)})
+    out = FluxKleinOutput(
+        images=images,
+        seed=int(result.seed),
+        has_nsfw_concepts=[bool(im.nsfw) for im in result.images],
+        prompt=getattr(request, "prompt", ""),
+        timings=dict(result.timings or {}),
+    )
+    return out.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    endpoint_id: str
+    input_model: type[BaseModel]
+    output_model: type[BaseModel]
+    title: str = ""
+    description: str = ""
+    engine: str = "default"  # which loaded engine runs it
+    build_output: OutputBuilder = flux_klein_output
+    seed_field: Optional[str] = "seed"  # drawn at submit time when absent (so a re-run reproduces)
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def namespace(self) -> Optional[str]:
+        return split_endpoint_id(self.endpoint_id)[0]
+
+    @property
+    def owner(self) -> str:
+        return split_endpoint_id(self.endpoint_id)[1]
+
+    @property
+    def alias(self) -> str:
+        return split_endpoint_id(self.endpoint_id)[2]
+
+    @property
+    def app_prefix(self) -> str:
+        """`[namespace/]owner/alias`: what the queue's per-request URLs are built on."""
+        ns = f"{self.namespace}/" if self.namespace else ""
+        return f"{ns}{self.owner}/{self.alias}"
+
+    def validate_input(self, data: Any) -> BaseModel:
+        return self.input_model.model_validate(data)
+
+
+class EndpointRegistry:
+    def __init__(self, specs: Iterable[EndpointSpec] = ()):
+        self._specs: dict[str, EndpointSpec] = {}
+        for s in specs:
+            self.declare(s)
+
+    def declare(self, spec: EndpointSpec) -> EndpointSpec:
+        split_endpoint_id(spec.endpoint_id)  # validates the shape
+        if spec.endpoint_id in self._specs:
+            raise ValueError(f"endpoint {spec.endpoint_id} is already declared")
+        self._specs[spec.endpoint_id] = spec
+        return spec
+
+    def get(self, endpoint_id: str) -> EndpointSpec:
+        try:
+            return self._specs[endpoint_id]
+        except KeyError:
+            raise KeyError(f"unknown endpoint {endpoint_id!r}") from None
+
+    def __contains__(self, endpoint_id: str) -> bool:
+        return endpoint_id in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def ids(self) -> list[str]:
+        return list(self._specs)
+
+    def app_prefixes(self) -> list[str]:
+        """Distinct `[namespace/]owner/alias` prefixes (the queue request routes are per prefix)."""
+        seen: dict[str, None] = {}
+        for s in self._specs.values():
+            seen.setdefault(s.app_prefix, None)
+        return list(seen)
+
+    def first_segments(self) -> set[str]:
+        """First path segments that belong to endpoints (owners and namespaces)."""
+        return {s.endpoint_id.split("/")[0] for s in self._specs.values()}
+
+
+FLUX_KLEIN_9B_BASE = EndpointSpec(
+    endpoint_id=ENDPOINT_ID,
+    input_model=FluxKleinInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — text to image",
+    description="Self-hosted, fal-compatible FLUX.2 [klein] 9B base text-to-image.",
+)
+
+
+def default_registry() -> EndpointRegistry:
+    """A fresh registry with the endpoints this server ships (each app gets its own copy)."""
+    return EndpointRegistry([FLUX_KLEIN_9B_BASE])

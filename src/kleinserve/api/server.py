@@ -1,0 +1,105 @@
+"""`kleinserve serve`: the flags and the uvicorn startup.
+
+    kleinserve serve --model auto --api-key "$KEY" --ssl-certfile cert.pem --ssl-keyfile key.pem
+    python -m kleinserve.api.server ...        (the same, without the CLI wrapper)
+
+The HTTP server comes up at once (/health answers); the model loads in the background and /ready
+turns 200 when it is in memory. Every flag has a KLEINSERVE_* env var fallback (see settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from kleinserve.service.auth import AuthConfigError
+from kleinserve.service.settings import Settings, add_arguments
+
+log = logging.getLogger("kleinserve.server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `serve` flags (each with a KLEINSERVE_* env fallback)."""
+    add_arguments(parser)
+
+
+def _configure_logging(settings: Settings) -> Optional[dict]:
+    """Configures our log format; returns a uvicorn log_config (or None for uvicorn's default)."""
+    try:
+        from kleinserve.service.logging import configure_logging, uvicorn_log_config
+    except ImportError:
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return None
+    configure_logging(fmt=settings.log_format, level=settings.log_level.upper())
+    try:
+        return uvicorn_log_config(settings.log_format, settings.log_level.upper())
+    except Exception:
+        return None
+
+
+def _banner(settings: Settings) -> str:
+    scheme = "https" if settings.tls else "http"
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = settings.public_url or f"{scheme}://{host}:{settings.port}"
+    lines = [
+        f"kleinserve: serving on {scheme}://{settings.host}:{settings.port}  (data: {settings.data_dir})",
+        f"  queue API : {base}/queue/<endpoint id>     run API: {base}/<endpoint id>",
+        f"  docs      : {base}/docs                    ready: {base}/ready",
+        f"  model     : {settings.model}" + (" (loading in the background)" if settings.model else ""),
+        "  auth      : " + ("OFF (--no-auth): anyone who can reach this port can use it"
+                            if settings.no_auth else f"{len(settings.api_keys)} API key(s)"),
+    ]
+    if not settings.tls:
+        lines.append("  note      : no TLS. The fal clients only speak https: pass --ssl-certfile/--ssl-keyfile "
+                     "or put a TLS proxy in front.")
+    return "\n".join(lines)
+
+
+TINY_BANNER = "\n".join([
+    "#" * 78,
+    "#  WARNING: --model tiny serves a TINY RANDOM MODEL. Its images are NOISE.",
+    "#  It exists for tests and demos of the API; it is NOT FLUX.2 [klein].",
+    "#" * 78,
+])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:
+        print(f"kleinserve serve: {exc}", file=sys.stderr)
+        return 2
+    log_config = _configure_logging(settings)
+    try:
+        from .app import create_app
+
+        app = create_app(settings, load_engine=True)
+    except AuthConfigError as exc:
+        print(f"kleinserve serve: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    if settings.model.strip().lower() == "tiny":
+        print(TINY_BANNER, file=sys.stderr, flush=True)
+    print(_banner(settings), file=sys.stderr, flush=True)
+    kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
+                  ssl_keyfile=settings.ssl_keyfile, proxy_headers=True, timeout_graceful_shutdown=30,
+                  lifespan="on", log_level=settings.log_level.lower())
+    if log_config is not None:
+        kwargs["log_config"] = log_config
+    server = uvicorn.Server(uvicorn.Config(app, **kwargs))
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="kleinserve serve", description="Run the HTTP service.")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
