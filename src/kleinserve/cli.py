@@ -1,0 +1,736 @@
+"""`kleinserve generate | serve | calibrate`.
+
+The `generate` flags are generated from `kleinserve.schema.FluxKleinInput` (one flag per field,
+--kebab-case), so a field added to the schema gets a flag without touching this file. Defaults live
+only in the schema: a flag the user did not give is not passed on.
+
+Exit codes: 0 ok, 1 model unavailable / generation failed, 2 invalid input, 130 cancelled (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pydantic import BaseModel, ValidationError
+
+from . import __version__
+from .schema import FluxKleinInput, FluxKleinOutput, OutputImage, Timings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+ENV_MODEL = "KLEINSERVE_MODEL"
+ENV_DEBUG = "KLEINSERVE_DEBUG"
+
+DEFAULT_CALIBRATION_PROMPTS = [
+    "a photograph of a red fox in a snowy forest at dawn",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "an aerial view of a coastal city at sunset",
+    "a watercolor painting of a lighthouse on a cliff",
+    "a close-up portrait of an elderly fisherman, detailed skin texture",
+    "a futuristic train station with glass ceilings, people walking",
+    "a macro photo of dew drops on a spider web",
+    "a cozy library with tall bookshelves and warm lamps",
+]
+
+# The name `kleinserve.engine.cns` looks for beside a model's weights (kept here to avoid importing torch).
+CALIBRATED_MATRIX_FILENAME = "kleinserve_cns_gamma.csv"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7]\s*(\d+)\s*$")
+_NONE_WORDS = {"none", "null"}
+
+
+class UsageError(Exception):
+    """Invalid input: reported on stderr, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema -> flags
+
+
+def flag_for(field_name: str) -> str:
+    """The CLI flag of a schema field: `num_inference_steps` -> `--num-inference-steps`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _union_members(annotation: Any) -> tuple:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _literal_values(annotation: Any) -> list:
+    values: list = []
+    for member in _union_members(annotation):
+        if typing.get_origin(member) is typing.Literal:
+            values.extend(typing.get_args(member))
+    return values
+
+
+def _model_members(annotation: Any) -> list[type[BaseModel]]:
+    return [m for m in _union_members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in _union_members(annotation)
+
+
+def _is_bool(annotation: Any) -> bool:
+    members = [m for m in _union_members(annotation) if m is not type(None)]
+    return members == [bool]
+
+
+def _is_union_field(annotation: Any) -> bool:
+    return len([m for m in _union_members(annotation) if m is not type(None)]) > 1
+
+
+def _metavar(name: str, annotation: Any) -> str:
+    members = [m for m in _union_members(annotation) if m is not type(None)]
+    if _model_members(annotation):
+        model = _model_members(annotation)[0]
+        if {"width", "height"} <= set(model.model_fields):
+            return "PRESET|WxH|JSON"
+        return "JSON"
+    if members == [int]:
+        return "INT"
+    if members == [float]:
+        return "FLOAT"
+    return "TEXT"
+
+
+def _help_for(name: str, field) -> str:
+    text = (field.description or name).rstrip()
+    notes = []
+    annotation = field.annotation
+    literals = _literal_values(annotation)
+    if literals and _model_members(annotation):
+        notes.append("presets: " + ", ".join(map(str, literals)) + "; or WIDTHxHEIGHT like 640x480, or JSON")
+    if _is_optional(annotation):
+        notes.append("'none' for null")
+    if field.is_required():
+        notes.append("required, unless given by --input or as PROMPT" if name == "prompt" else "required")
+    else:
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        notes.append(f"default: {json.dumps(default)}")
+    if notes:
+        text += " (" + "; ".join(notes) + ")"
+    return text.replace("%", "%%")
+
+
+def add_schema_arguments(parser: argparse.ArgumentParser, model: type[BaseModel] = FluxKleinInput) -> None:
+    """One flag per field of `model`. Unset flags are absent from the namespace (default SUPPRESS)."""
+    group = parser.add_argument_group(
+        f"request ({model.__name__}; every field of the endpoint's input, defaults from the schema)")
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help_for(name, field)}
+        if _is_bool(annotation):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            literals = _literal_values(annotation)
+            if literals and not _is_union_field(annotation) and all(isinstance(v, str) for v in literals):
+                # No argparse `choices`: pydantic reports a bad value like every other field error.
+                kwargs["metavar"] = "{" + ",".join(literals) + "}"
+            else:
+                kwargs["metavar"] = _metavar(name, annotation)
+        group.add_argument(flag_for(name), **kwargs)
+
+
+def _coerce_value(name: str, raw: Any, model: type[BaseModel] = FluxKleinInput) -> Any:
+    """A flag's text (or an --input value) turned into what pydantic should validate.
+
+    Numbers stay text (pydantic's lax mode parses them and reports errors per field); 'none' -> None
+    for optional fields; WxH / JSON for fields that accept an object.
+    """
+    field = model.model_fields.get(name)
+    if field is None or not isinstance(raw, str):
+        return raw
+    annotation = field.annotation
+    text = raw.strip()
+    if _is_optional(annotation) and text.lower() in _NONE_WORDS:
+        return None
+    models = _model_members(annotation)
+    if models:
+        m = _SIZE_RE.match(text)
+        if m and any({"width", "height"} <= set(mm.model_fields) for mm in models):
+            return {"width": int(m.group(1)), "height": int(m.group(2))}
+        if text.startswith("{"):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{flag_for(name)}: not valid JSON: {exc}") from exc
+    return raw
+
+
+def load_input_json(value: str) -> dict:
+    """--input: inline JSON ('{...}'), '-' for stdin, or a path to a JSON file."""
+    text = value.strip()
+    source = "--input"
+    if text == "-":
+        text = sys.stdin.read()
+        source = "--input (stdin)"
+    elif not text.startswith("{"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--input: {value!r} is neither a JSON object nor an existing file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--input: cannot read {path}: {exc}") from exc
+        source = f"--input {path}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    # Accept the fal client's envelope {"input": {...}} too.
+    if set(data) == {"input"} and isinstance(data["input"], dict):
+        data = data["input"]
+    return data
+
+
+def _format_loc(model: type[BaseModel], data: dict, loc: tuple) -> str:
+    if not loc:
+        return "request"
+    name = str(loc[0])
+    rest = [str(p) for p in loc[1:]]
+    field = model.model_fields.get(name)
+    if field is not None and _is_union_field(field.annotation) and rest:
+        rest = rest[1:]  # drop the union member tag ("ImageSize", "literal[...]")
+    label = flag_for(name) if field is not None else name
+    return label + ("." + ".".join(rest) if rest else "")
+
+
+def format_validation_error(exc: ValidationError, data: dict, model: type[BaseModel] = FluxKleinInput) -> str:
+    """One line per error: `--flag[.sub]: message (got: value)`, union noise removed."""
+    lines = []
+    seen = set()
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        name = str(loc[0]) if loc else ""
+        field = model.model_fields.get(name)
+        if field is not None and _is_union_field(field.annotation) and len(loc) > 1:
+            tag = str(loc[1])
+            value = data.get(name)
+            if isinstance(value, dict) and tag.startswith("literal["):
+                continue  # an object was given: the preset branch's complaint is noise
+            if isinstance(value, str) and not tag.startswith("literal["):
+                continue  # a preset name was given: the object branch's complaint is noise
+        where = _format_loc(model, data, loc)
+        msg = err.get("msg", "invalid")
+        line = f"  {where}: {msg}"
+        if "input" in err and err.get("type") != "missing" and not isinstance(err["input"], dict):
+            line += f" (got: {json.dumps(err['input'], default=str)})"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def build_request(args: argparse.Namespace, model: type[BaseModel] = FluxKleinInput) -> FluxKleinInput:
+    """--input, then the flags the user gave (flags override), validated by the schema."""
+    data: dict[str, Any] = {}
+    if getattr(args, "input", None):
+        data.update(load_input_json(args.input))
+    args.unknown_input_keys = sorted(k for k in data if k not in model.model_fields)
+    if getattr(args, "prompt_arg", None) is not None:
+        data["prompt"] = args.prompt_arg
+    for name in model.model_fields:
+        if hasattr(args, name):
+            data[name] = getattr(args, name)
+    data = {k: _coerce_value(k, v, model) for k, v in data.items()}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError("invalid request:\n" + format_validation_error(exc, data, model)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by generate and calibrate
+
+
+def _eprint(*parts: Any) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _warn_if_tiny(engine) -> None:
+    info = getattr(engine, "info", None)
+    if info is not None and getattr(info, "is_tiny", False):
+        bar = "!" * 78
+        _eprint(bar)
+        _eprint("!! WARNING: running the TINY RANDOM-WEIGHT model, NOT FLUX.2 [klein] 9B.")
+        _eprint("!! Images are noise-like; this is for development and tests only.")
+        _eprint(f"!! (model spec {info.spec!r} -> {info.source!r} on {info.device}; pass --model with")
+        _eprint("!!  a local diffusers folder or a Hugging Face repo id, on a CUDA machine, for real images)")
+        _eprint(bar)
+
+
+def _load_engine(args: argparse.Namespace):
+    from .engine import load_engine  # lazy: torch/diffusers only when a model is needed
+
+    kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
+                              "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    return load_engine(args.model, **kwargs)
+
+
+def _read_cns_matrix(path: str):
+    """--cns-matrix: a gamma matrix CSV (`kleinserve calibrate`), read before the model loads."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--cns-matrix: no such file: {path}")
+    from .engine import cns
+
+    try:
+        return cns.GammaMatrix.load_csv(p)
+    except Exception as exc:  # noqa: BLE001 - a bad file is a usage error
+        raise UsageError(f"--cns-matrix: cannot read {p}: {exc}") from exc
+
+
+def _install_cns_matrix(engine, matrix) -> str:
+    """Make `matrix` the calibrated matrix that serves requests with cns_gamma_source=matrix."""
+    for setter in ("set_cns_matrix", "set_gamma_matrix"):
+        fn = getattr(engine, setter, None)
+        if callable(fn):
+            fn(matrix)
+            break
+    else:
+        for attr in ("cns_matrix", "_cns_matrix"):  # where the engine keeps the matrix of its model
+            if hasattr(engine, attr):
+                setattr(engine, attr, matrix)
+                break
+        else:
+            raise UsageError("--cns-matrix: this engine cannot take a calibrated matrix")
+    return f"CNS gamma matrix {matrix.name!r} ({matrix.num_rows} rows x {matrix.num_bins} bins)"
+
+
+class _Progress:
+    """tqdm on stderr, fed by StepEvents (which may arrive on another thread)."""
+
+    def __init__(self, enabled: bool, desc: str = "denoise"):
+        self.enabled = enabled
+        self.desc = desc
+        self.bar = None
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event.total, desc=self.desc, unit="step", file=sys.stderr,
+                                dynamic_ncols=True, leave=True)
+            if self.bar.total != event.total:
+                self.bar.total = event.total
+            self.bar.n = min(event.step, event.total)
+            self.bar.set_postfix_str(f"sigma={event.sigma:.3f}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+
+def _run_cancellable(fn, cancel: threading.Event, what: str = "generation"):
+    """Run fn() in a worker thread; Ctrl-C sets `cancel` (the engine stops between steps, cleanly);
+    a second Ctrl-C raises KeyboardInterrupt at once."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            box["error"] = exc
+
+    interrupts = [0]
+
+    def on_sigint(signum, frame):
+        interrupts[0] += 1
+        cancel.set()
+        if interrupts[0] > 1:
+            raise KeyboardInterrupt
+        _eprint(f"\ncancelling {what} (Ctrl-C again to abort at once)...")
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        thread = threading.Thread(target=target, name=f"kleinserve-{what}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+
+
+def _unique_path(directory: Path, stem: str, ext: str) -> Path:
+    path = directory / f"{stem}.{ext}"
+    n = 2
+    while path.exists():
+        path = directory / f"{stem}-{n}.{ext}"
+        n += 1
+    return path
+
+
+def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> FluxKleinOutput:
+    """Write the images (unless sync_mode) and build the endpoint's output."""
+    from .engine.imageio import data_uri
+
+    images = []
+    for k, img in enumerate(result.images):
+        name = f"{result.seed}-{k}.{img.extension}"
+        if request.sync_mode or out_dir is None:
+            url = data_uri(img.data, img.content_type)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = _unique_path(out_dir, f"{result.seed}-{k}", img.extension)
+            path.write_bytes(img.data)
+            name = path.name
+            url = str(path.resolve())
+        images.append(OutputImage(url=url, content_type=img.content_type, file_name=name,
+                                  file_size=len(img.data), width=img.width, height=img.height))
+    timings = {k: float(v) for k, v in (result.timings or {}).items()}
+    return FluxKleinOutput(images=images, seed=result.seed, has_nsfw_concepts=[i.nsfw for i in result.images],
+                           prompt=request.prompt, timings=Timings(**timings))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    quiet = args.quiet
+    matrix = _read_cns_matrix(args.cns_matrix) if args.cns_matrix else None
+    for key in getattr(args, "unknown_input_keys", []):
+        if not quiet:
+            _eprint(f"note: --input key {key!r} is not a field of the endpoint's input; ignored")
+
+    from .engine import GenerationCancelled, ModelUnavailable
+
+    cancel = threading.Event()
+    try:
+        engine = _load_engine(args)  # Ctrl-C here: KeyboardInterrupt, "aborted", exit 130
+    except ModelUnavailable as exc:
+        _eprint(f"kleinserve generate: model unavailable: {exc}")
+        return EXIT_FAILED
+    _warn_if_tiny(engine)
+    if matrix is not None:
+        note = _install_cns_matrix(engine, matrix)
+        if not quiet:
+            _eprint(f"note: {note}")
+            if not request.enable_cns or request.cns_gamma_source != "matrix":
+                _eprint("note: --cns-matrix only matters with --enable-cns and --cns-gamma-source matrix")
+
+    progress = _Progress(enabled=not quiet and not args.no_progress)
+    try:
+        result = _run_cancellable(
+            lambda: engine.generate(request, on_step=progress, should_cancel=cancel.is_set),
+            cancel, "generation")
+    except GenerationCancelled:
+        progress.close()
+        _eprint("cancelled: nothing written")
+        return EXIT_CANCELLED
+    except ModelUnavailable as exc:
+        progress.close()
+        _eprint(f"kleinserve generate: model unavailable: {exc}")
+        return EXIT_FAILED
+    progress.close()
+    if cancel.is_set():  # finished in the same instant as the Ctrl-C: honour the cancel
+        _eprint("cancelled: nothing written")
+        return EXIT_CANCELLED
+
+    if not quiet:
+        for line in getattr(result, "logs", None) or []:
+            _eprint(f"note: {line}")
+        techniques = getattr(result, "techniques", None)
+        if techniques:
+            _eprint("note: acceleration: " + ", ".join(techniques))
+    output = build_output(request, result, None if request.sync_mode else Path(args.out))
+    if not quiet and any(output.has_nsfw_concepts):
+        _eprint("note: the safety checker flagged an image; it was replaced by a black image")
+    sys.stdout.write(json.dumps(output.model_dump(mode="json"), indent=2) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=os.environ.get(ENV_MODEL) or "auto", metavar="SPEC",
+                   help="auto (the real model on CUDA, else tiny), tiny, a local diffusers folder, or a "
+                        f"Hugging Face repo id (default: ${ENV_MODEL} or auto)")
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: best available)")
+    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="keep weights in CPU memory and move each model to the GPU only while it runs")
+
+
+def add_generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "generate", help="generate images from the command line",
+        description="Generate images with the same input as the HTTP endpoint. Every field of the "
+                    "endpoint's input has a flag; --input gives a whole request as JSON (flags override it). "
+                    "Prints the endpoint's output JSON on stdout; progress and notes go to stderr.")
+    p.add_argument("prompt_arg", nargs="?", default=None, metavar="PROMPT",
+                   help="the prompt (same as --prompt; --prompt wins when both are given)")
+    p.add_argument("--input", metavar="JSON|FILE|-",
+                   help="a request as inline JSON ('{...}'), a JSON file, or - for stdin")
+    _add_engine_arguments(p)
+    p.add_argument("--cns-matrix", metavar="FILE", default=None,
+                   help="a calibrated CNS gamma matrix CSV (from `kleinserve calibrate`) for cns_gamma_source=matrix")
+    p.add_argument("--out", default="outputs", metavar="DIR",
+                   help="where images are written as <seed>-<k>.<ext> (nothing is written with --sync-mode)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes on stderr")
+    add_schema_arguments(p)
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _read_prompts(path: Optional[str]) -> list[str]:
+    if not path:
+        return list(DEFAULT_CALIBRATION_PROMPTS)
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"--prompts: cannot read {path}: {exc}") from exc
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts: {path} has no prompts (one per line)")
+    return prompts
+
+
+_CALIBRATION_FLAGS = {"guidance_scale": "--guidance-scale", "num_inference_steps": "--steps",
+                      "image_size": "", "cns_num_freq_bins": "--bins"}
+
+
+def _validate_calibration(args: argparse.Namespace) -> None:
+    """The calibration settings obey the endpoint's limits (they become requests): checked by the schema."""
+    errors = []
+    if args.num_samples < 1:
+        errors.append("--num-samples: must be >= 1")
+    if args.seed < 0:
+        errors.append("--seed: must be >= 0")
+    data = {"prompt": "calibration", "guidance_scale": args.guidance_scale, "num_inference_steps": args.steps,
+            "image_size": {"width": args.width, "height": args.height}, "cns_num_freq_bins": args.bins}
+    try:
+        FluxKleinInput.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            if not loc:
+                continue
+            if loc[0] == "image_size":
+                if len(loc) < 3:
+                    continue  # the preset branch of the union
+                flag = "--" + loc[-1]
+            else:
+                flag = _CALIBRATION_FLAGS.get(loc[0], flag_for(loc[0]))
+            errors.append(f"{flag}: {err.get('msg', 'invalid')} (got: {err.get('input')})")
+    if errors:
+        raise UsageError("invalid calibration settings:\n" + "\n".join("  " + e for e in errors))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _validate_calibration(args)
+    prompts = _read_prompts(args.prompts)
+    seeds = list(range(args.seed, args.seed + args.num_samples))
+    from .engine import GenerationCancelled, ModelUnavailable
+    from .engine import cns
+
+    cancel = threading.Event()
+    try:
+        engine = _load_engine(args)  # Ctrl-C here: KeyboardInterrupt, "aborted", exit 130
+    except ModelUnavailable as exc:
+        _eprint(f"kleinserve calibrate: model unavailable: {exc}")
+        return EXIT_FAILED
+    _warn_if_tiny(engine)
+    info = getattr(engine, "info", None)
+    total = len(prompts) * len(seeds)
+    if not args.quiet:
+        _eprint(f"calibrating: {len(prompts)} prompt(s) x {len(seeds)} seed(s) = {total} trajectories, "
+                f"{args.steps} steps, {args.width}x{args.height}, guidance {args.guidance_scale}, "
+                f"{args.bins} bins")
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="calibrate", unit="sample", file=sys.stderr, dynamic_ncols=True)
+
+    def on_sample(done: int, _total: int) -> None:
+        if bar is not None:
+            bar.n = done
+            bar.refresh()
+        if cancel.is_set():
+            raise GenerationCancelled(f"calibration cancelled after {done}/{_total} samples")
+
+    started = time.perf_counter()
+    try:
+        matrix = _run_cancellable(
+            lambda: cns.calibrate(engine, prompts, guidance_scale=args.guidance_scale, width=args.width,
+                                  height=args.height, num_inference_steps=args.steps, seeds=seeds,
+                                  num_freq_bins=args.bins, name=Path(args.out).stem, on_sample=on_sample),
+            cancel, "calibration")
+    except GenerationCancelled:
+        _eprint("cancelled: nothing written")
+        return EXIT_CANCELLED
+    except ModelUnavailable as exc:
+        _eprint(f"kleinserve calibrate: model unavailable: {exc}")
+        return EXIT_FAILED
+    finally:
+        if bar is not None:
+            bar.close()
+    if cancel.is_set():
+        _eprint("cancelled: nothing written")
+        return EXIT_CANCELLED
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = getattr(info, "source", args.model)
+    comment = (f"calibrated by kleinserve {__version__} for model {source}"
+               f"{' (TINY RANDOM MODEL)' if getattr(info, 'is_tiny', False) else ''}: "
+               f"{len(prompts)} prompts x {len(seeds)} seeds, guidance {args.guidance_scale}, "
+               f"{args.width}x{args.height}, {args.steps} steps")
+    matrix.save_csv(out, comment=comment)
+    elapsed = time.perf_counter() - started
+    if not args.quiet:
+        _eprint(f"wrote {out.resolve()} ({matrix.num_rows} rows x {matrix.num_bins} bins, {elapsed:.1f}s)")
+    summary = {"path": str(out.resolve()), "rows": matrix.num_rows, "bins": matrix.num_bins,
+               "prompts": len(prompts), "seeds": seeds, "num_inference_steps": args.steps,
+               "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
+               "model": source, "is_tiny": bool(getattr(info, "is_tiny", False)),
+               "seconds": round(elapsed, 3)}
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def add_calibrate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "calibrate", help="calibrate a CNS gamma matrix for a model",
+        description="Run deterministic Euler trajectories (CNS off) and measure, per radial frequency band, "
+                    "how far each step's x0 estimate has resolved the final image (the CNS paper's "
+                    "procedure). Writes a CSV for `generate --cns-matrix`, or to install beside a model's "
+                    f"weights as {CALIBRATED_MATRIX_FILENAME}. Prints a JSON summary on stdout.")
+    _add_engine_arguments(p)
+    g = p.add_argument_group("calibration")
+    g.add_argument("--prompts", metavar="FILE", default=None,
+                   help="prompt file, one per line, '#' comments (default: a built-in list of "
+                        f"{len(DEFAULT_CALIBRATION_PROMPTS)} prompts)")
+    g.add_argument("--num-samples", type=int, default=2, metavar="N",
+                   help="seeds per prompt; trajectories = prompts x N (default: 2)")
+    g.add_argument("--seed", type=int, default=0, metavar="INT",
+                   help="first seed; the seeds are seed .. seed+N-1 (default: 0)")
+    g.add_argument("--guidance-scale", type=float, default=5.0, metavar="FLOAT",
+                   help="guidance scale to calibrate for (default: 5.0, the endpoint's default)")
+    g.add_argument("--steps", type=int, default=28, metavar="INT",
+                   help="denoising steps per trajectory, 4..50 (default: 28)")
+    g.add_argument("--width", type=int, default=512, metavar="PX", help="64..2048 (default: 512)")
+    g.add_argument("--height", type=int, default=512, metavar="PX", help="64..2048 (default: 512)")
+    g.add_argument("--bins", type=int, default=32, metavar="K", help="radial frequency bins, 8..128 (default: 32)")
+    g.add_argument("--out", default=CALIBRATED_MATRIX_FILENAME, metavar="FILE",
+                   help=f"CSV to write (default: ./{CALIBRATED_MATRIX_FILENAME}); as "
+                        f"<model folder>/{CALIBRATED_MATRIX_FILENAME} it serves that model automatically")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes on stderr")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# serve (delegated to kleinserve.api.server, imported lazily)
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="run the HTTP service (fal queue API, playground, ...)",
+                       add_help=False, description="Run the HTTP service; see `kleinserve serve --help`.")
+    p.set_defaults(func=None, command="serve")
+    return p
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    try:
+        from .api.server import add_serve_arguments, run_serve
+    except ImportError as exc:
+        _eprint(f"kleinserve serve: the service is not available in this installation: {exc}")
+        return EXIT_FAILED
+    parser = argparse.ArgumentParser(prog="kleinserve serve", description="Run the HTTP service.")
+    add_serve_arguments(parser)
+    args = parser.parse_args(list(argv))
+    rc = run_serve(args)
+    return int(rc) if isinstance(rc, int) else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kleinserve",
+        description="Self-hosted, fal-compatible inference for FLUX.2 [klein] 9B base.")
+    parser.add_argument("--version", action="version", version=f"kleinserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,calibrate}")
+    add_generate_parser(sub)
+    add_serve_parser(sub)
+    add_calibrate_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return cmd_serve(extra)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))  # exits 2
+    prog = f"kleinserve {args.command}"
+    try:
+        rc = args.func(args)
+    except UsageError as exc:
+        _eprint(f"{prog}: error: {exc}")
+        rc = EXIT_USAGE
+    except KeyboardInterrupt:
+        _eprint("\naborted: nothing written")
+        rc = EXIT_CANCELLED
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless debugging
+        if os.environ.get(ENV_DEBUG):
+            raise
+        _eprint(f"{prog}: failed: {type(exc).__name__}: {exc}")
+        _eprint(f"(set {ENV_DEBUG}=1 for the traceback)")
+        rc = EXIT_FAILED
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
