@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The tiny model's matrices are far too small to gain from intra-op threads, and OpenMP worker threads
+# spin-wait: on a busy (shared) CPU, 2 threads made tiny generations ~15x slower than 1. Set before
+# torch is imported (test modules import it after conftest), and inherited by CLI subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

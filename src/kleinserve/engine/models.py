@@ -4,7 +4,7 @@ A spec is one of
 - `auto`: the real model (`black-forest-labs/FLUX.2-klein-base-9B`) when CUDA is available, else `tiny`;
 - `tiny`: the in-process random model of `tiny.py` (announced loudly: it is NOT FLUX.2);
 - a local folder in diffusers layout (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`,
-  `tokenizer/`, `scheduler/`), e.g. what `huggingface-cli download` or `save_pretrained` writes;
+  `tokenizer/`, `scheduler/`), e.g. what `hf download` or `save_pretrained` writes;
 - a Hugging Face repo id (`org/name`), downloaded with huggingface_hub (progress bars on stderr,
   `HF_HUB_OFFLINE=1` respected). Only the text-encoder shards holding layers 0..26 are fetched where
   the checkpoint's index allows it: the rest of Qwen3 and its LM head are never used.
@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,6 +27,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .text import OUT_LAYERS
+from .tiny import TINY_MARKER
 from .types import ModelInfo, ModelUnavailable
 
 log = logging.getLogger("kleinserve.engine")
@@ -120,13 +122,13 @@ def load_components(
         if folder is None:
             folder = download_repo(resolved)
         parts = load_folder(folder, dt)
-        source, is_tiny, model_id = resolved, False, f"{resolved}@{folder}"
+        is_tiny = (folder / TINY_MARKER).is_file()
+        source = resolved if _REPO_ID.match(resolved) and not Path(resolved).is_dir() else str(folder.resolve())
+        model_id = f"{source}@{folder.resolve()}"
 
-    parts["transformer"].to(device=dev, dtype=dt)
-    parts["vae"].to(device=dev, dtype=dt)
-    parts["text_encoder"].to(device=torch.device("cpu") if cpu_offload else dev, dtype=dt)
-    for name in ("transformer", "vae", "text_encoder"):
-        parts[name].eval().requires_grad_(False)
+    _place(parts["transformer"], dev, dt)
+    _place(parts["vae"], dev, dt)
+    _place(parts["text_encoder"], torch.device("cpu") if cpu_offload else dev, dt)
 
     info = ModelInfo(
         spec=asked,
@@ -141,6 +143,14 @@ def load_components(
     else:
         log.info("loaded %s on %s (%s) in %.1fs", source, info.device, info.dtype, info.load_seconds)
     return Components(info=info, model_id=model_id, extras={"folder": folder}, **parts)
+
+
+def _place(module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to device, cast only when needed (casting a model to its own dtype makes diffusers warn)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device=device)
+    module.eval().requires_grad_(False)
 
 
 def _local_folder(spec: str) -> Optional[Path]:
@@ -165,7 +175,7 @@ def check_folder(folder: Path) -> None:
             raise ModelUnavailable(
                 f"folder {folder} has no {sub}/ subfolder: point --model at a diffusers-layout checkpoint "
                 f"(the folder holding model_index.json and {', '.join(s + '/' for s in SUBFOLDERS)}), e.g. "
-                f"`huggingface-cli download {DEFAULT_REPO_ID} --local-dir DIR` then --model DIR"
+                f"`hf download {DEFAULT_REPO_ID} --local-dir DIR` then --model DIR"
             )
 
 
@@ -177,9 +187,9 @@ def load_folder(folder: Path, dtype: torch.dtype) -> dict:
     check_folder(folder)
     step = "transformer"
     try:
-        transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+        transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
         step = "vae"
-        vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae", dtype=dtype)
         step = "text_encoder"
         te_dir = folder / "text_encoder"
         config = Qwen3Config.from_pretrained(te_dir)
@@ -188,7 +198,8 @@ def load_folder(folder: Path, dtype: torch.dtype) -> dict:
             config.num_hidden_layers = deepest
             if getattr(config, "layer_types", None):
                 config.layer_types = list(config.layer_types)[:deepest]
-        text_encoder = Qwen3Model.from_pretrained(te_dir, config=config, dtype=dtype)
+        with _quiet_transformers():  # its load report lists the skipped layers and LM head: expected
+            text_encoder = Qwen3Model.from_pretrained(te_dir, config=config, dtype=dtype)
         step = "tokenizer"
         tokenizer = Qwen2TokenizerFast.from_pretrained(folder / "tokenizer")
         step = "scheduler"
@@ -199,10 +210,22 @@ def load_folder(folder: Path, dtype: torch.dtype) -> dict:
         raise ModelUnavailable(
             f"cannot load {step}/ from {folder}: {type(exc).__name__}: {exc}. The folder must be a complete "
             f"diffusers-layout FLUX.2 [klein] checkpoint; re-download it with "
-            f"`huggingface-cli download {DEFAULT_REPO_ID} --local-dir {folder}`"
+            f"`hf download {DEFAULT_REPO_ID} --local-dir {folder}`"
         ) from exc
     return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
             "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 # Everything the engine reads, except the text encoder's weight shards (chosen from its index).
@@ -231,11 +254,11 @@ def needed_text_encoder_shards(index: dict, deepest: int = max(OUT_LAYERS)) -> s
 
 def download_repo(repo_id: str) -> Path:
     """snapshot_download the parts the engine needs; ModelUnavailable (with what to do) on failure."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = bool(constants.HF_HUB_OFFLINE)  # HF_HUB_OFFLINE=1, read by huggingface_hub
     hint = (
-        f"download the weights where the hub is reachable with `huggingface-cli download {repo_id} "
+        f"download the weights where the hub is reachable with `hf download {repo_id} "
         f"--local-dir DIR` and pass --model DIR"
     )
     try:
@@ -253,7 +276,7 @@ def download_repo(repo_id: str) -> Path:
         if "Gated" in name or "401" in str(exc) or "403" in str(exc):
             raise ModelUnavailable(
                 f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} and log in "
-                f"(`huggingface-cli login` or HF_TOKEN), or {hint}"
+                f"(`hf auth login` or HF_TOKEN), or {hint}"
             ) from exc
         if "RepositoryNotFound" in name:
             raise ModelUnavailable(f"no Hugging Face repo {repo_id!r} (or it is private), and no local "

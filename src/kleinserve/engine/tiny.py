@@ -63,6 +63,7 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EXTRA_TOKENS = ("<think>", "</think>")
 NUM_MERGES = 320
+TINY_MARKER = "KLEINSERVE_TINY"  # file written beside a saved tiny model, so loading it stays loud
 
 # A fixed corpus for the tokenizer's merges: prompt-like English.
 _CORPUS = """
@@ -262,4 +263,5 @@ def save_tiny_model(path: str | Path) -> Path:
 
     path = Path(path)
     Flux2KleinPipeline(**build_tiny_components(), is_distilled=False).save_pretrained(path)
+    (path / TINY_MARKER).write_text("random tiny test weights built by kleinserve.engine.tiny; NOT FLUX.2\n")
     return path
