@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from kleinserve.api.files import router as files_router
+from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
 from kleinserve.service.storage import (
     ExpiredToken,
@@ -189,10 +189,8 @@ def test_upload_tokens(tmp_path: Path):
 
 
 def make_app(data_dir: Path, **settings) -> FastAPI:
-    app = FastAPI()
-    app.state.settings = Settings(data_dir=data_dir, api_keys=[KEY], **settings)
-    app.include_router(files_router)
-    return app
+    """The real app (middleware, error handlers, auth), without a model or worker: storage only."""
+    return create_app(Settings(data_dir=data_dir, api_keys=[KEY], **settings), start_worker=False)
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import ssl
 import stat
 import threading
 import time
@@ -184,7 +184,7 @@ def test_payload_shapes():
     bad = _job(status=J.COMPLETED, error=J.job_error("boom", J.ERR_INTERNAL, 500))
     p = webhook_payload(bad)
     assert p["status"] == "ERROR" and p["error"] == "Invalid status code: 500"
-    assert p["payload"] == {"detail": "boom", "error_type": "internal"}
+    assert p["payload"] == {"detail": "boom", "error_type": "internal", "request_id": bad.request_id}
     assert "gateway_request_id" in p and p["request_id"] == bad.request_id
 
 
@@ -240,7 +240,8 @@ def test_dispatcher_error_payload(tmp_path: Path, store: SQLiteJobStore):
     body = json.loads(got["body"])
     assert body["status"] == "ERROR" and body["request_id"] == job.request_id
     assert body["error"] == "Invalid status code: 500"
-    assert body["payload"] == {"detail": "model blew up", "error_type": "model"}
+    assert body["payload"] == {"detail": "model blew up", "error_type": "model",
+                               "request_id": job.request_id}
     assert verify_webhook(got["headers"], got["body"], signer.jwks())
 
 
@@ -304,3 +305,123 @@ def test_unreachable_receiver_is_retried(tmp_path: Path, store: SQLiteJobStore):
         d.stop()
     final = store.get(job.request_id)
     assert final.webhook_attempts == 2 and "ConnectError" in final.webhook_last_error
+
+
+def test_error_body_matches_the_result_endpoint():
+    """The ERROR payload is the body GET .../requests/{id} answers with (api/deps.error_body)."""
+    from kleinserve.api import deps
+    from kleinserve.service.webhooks import error_body
+
+    errors = [
+        J.job_error("boom", J.ERR_INTERNAL, 500),
+        J.job_error("Request was cancelled.", J.ERR_CANCELLED, J.CANCELLED_STATUS_CODE),
+        J.job_error("bad", J.ERR_VALIDATION, 422, detail=[{"loc": ["body", "x"], "msg": "m", "type": "t"}]),
+        J.job_error("late", J.ERR_TIMEOUT, 504, timeout_type="user"),
+    ]
+    for err in errors:
+        job = _job(status=J.COMPLETED, error=err)
+        assert error_body(job) == deps.error_body(job)
+        assert webhook_payload(job)["error"] == f"Invalid status code: {deps.error_status(job)}"
+
+
+# ================================================================================ end to end
+
+KEY = "webhook-test-key"
+ENDPOINT = "fal-ai/flux-2/klein/9b/base"
+TINY_INPUT = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64},
+              "num_inference_steps": 4, "seed": 7, "enable_safety_checker": False}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The real app (tiny model, real worker and dispatcher) over TLS, in this process."""
+    from kleinserve.api.app import create_app
+    from kleinserve.service.settings import Settings
+    from service_helpers import make_self_signed_cert, serve_app, wait_for_http
+
+    d = tmp_path_factory.mktemp("webhooks-e2e")
+    cert, key = make_self_signed_cert(d / "cert")
+    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny"), load_engine=True)
+    with serve_app(app, ssl_cert=cert, ssl_key=key) as srv:
+        wait_for_http(srv.base_url + "/ready", timeout=240,
+                      verify=ssl.create_default_context(cafile=str(cert)))
+        srv.cert = cert
+        srv.app = app
+        yield srv
+
+
+def _client(srv) -> httpx.Client:
+    return httpx.Client(base_url=srv.base_url, verify=ssl.create_default_context(cafile=str(srv.cert)),
+                        headers={"Authorization": f"Key {KEY}"}, timeout=30)
+
+
+def test_e2e_real_fal_client_webhook(live):
+    """`fal_client.submit(..., webhook_url=...)`: the receiver gets an OK payload equal to the result,
+    signed with the key published at /.well-known/jwks.json."""
+    from service_helpers import fal_client_env, run_fal_client_script
+
+    with Receiver() as rx, _client(live) as c:
+        code = (
+            "import json, fal_client\n"
+            f"h = fal_client.submit({ENDPOINT!r}, arguments={TINY_INPUT!r}, webhook_url={rx.url!r})\n"
+            "print(json.dumps({'request_id': h.request_id}))\n"
+        )
+        proc = run_fal_client_script(code, fal_client_env(live.host_port, KEY, live.cert))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        request_id = json.loads(proc.stdout.strip().splitlines()[-1])["request_id"]
+        got = rx.wait(timeout=180)
+        jwks = c.get("/.well-known/jwks.json").json()
+        result = c.get(f"/queue/fal-ai/flux-2/requests/{request_id}")
+    assert verify_webhook(got["headers"], got["body"], jwks)
+    assert got["headers"][HEADER_REQUEST_ID] == request_id
+    assert got["headers"][HEADER_USER_ID].startswith("k_")  # the API key's owner id, never the key
+    body = json.loads(got["body"])
+    assert body["status"] == "OK" and body["request_id"] == request_id
+    assert body["gateway_request_id"] == request_id
+    assert result.status_code == 200 and body["payload"] == result.json()
+    assert body["payload"]["images"][0]["url"].startswith(live.base_url + "/files/")
+
+
+def test_e2e_retries_until_delivered(live):
+    dispatcher = live.app.state.runtime.dispatcher
+    old = dispatcher.backoff_base
+    dispatcher.backoff_base = 0.2  # the production default is 14 s
+    try:
+        with Receiver(fail_first=2) as rx, _client(live) as c:
+            r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": rx.url}, json=TINY_INPUT)
+            assert r.status_code == 200, r.text
+            request_id = r.json()["request_id"]
+            rx.wait(timeout=180)
+            jwks = c.get("/.well-known/jwks.json").json()
+    finally:
+        dispatcher.backoff_base = old
+    assert len(rx.received) == 3
+    assert all(verify_webhook(x["headers"], x["body"], jwks) for x in rx.received)
+    assert json.loads(rx.received[-1]["body"])["request_id"] == request_id
+    job = live.app.state.runtime.store.get(request_id)
+    assert job.webhook_state == J.WEBHOOK_DELIVERED and job.webhook_attempts == 3
+
+
+def test_e2e_cancelled_request_gets_error_payload(live):
+    with Receiver() as rx, _client(live) as c:
+        r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": rx.url},
+                   json={**TINY_INPUT, "num_inference_steps": 50}, headers={"X-Fal-Queue-Priority": "low"})
+        request_id = r.json()["request_id"]
+        assert c.put(f"/queue/fal-ai/flux-2/requests/{request_id}/cancel").status_code in (200, 202)
+        got = rx.wait(timeout=180)
+        result = c.get(f"/queue/fal-ai/flux-2/requests/{request_id}")
+        jwks = c.get("/.well-known/jwks.json").json()
+    assert verify_webhook(got["headers"], got["body"], jwks)
+    body = json.loads(got["body"])
+    assert body["status"] == "ERROR" and body["request_id"] == request_id
+    assert body["payload"]["error_type"] == "cancelled"
+    # the ERROR payload is exactly what the result endpoint answers, with its status in `error`
+    assert body["payload"] == result.json()
+    assert body["error"] == f"Invalid status code: {result.status_code}"
+
+
+def test_e2e_invalid_webhook_url_is_refused(live):
+    with _client(live) as c:
+        for bad in ["ftp://example.com/x", "not a url", "https://user:pw@example.com/"]:
+            r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": bad}, json=TINY_INPUT)
+            assert r.status_code == 422, (bad, r.text)

@@ -277,18 +277,20 @@ def _attr(job: Any, *names: str, default: Any = None) -> Any:
 
 def error_body(job: Any) -> dict[str, Any]:
     """The body the result endpoint answers a failed request with (the ERROR payload):
-    {"detail": <message>, "error_type": <type>} from the job's stored error
-    ({error, error_type, status_code, ...}, see jobs.job_error)."""
+    {"detail", "error_type", "request_id"} from the job's stored error ({error, error_type,
+    status_code, ...}, see jobs.job_error); a validation failure keeps its 422 list in `detail`.
+    Must stay equal to api/deps.error_body (the app can pass that one in as `payload_builder`)."""
     err = _attr(job, "error")
-    if isinstance(err, Mapping):
-        body: dict[str, Any] = {"detail": err.get("error") or err.get("detail") or "request failed"}
-        if err.get("error_type") is not None:
-            body["error_type"] = err["error_type"]
-        return body
-    body = {"detail": str(err) if err is not None else "request failed"}
-    if _attr(job, "error_type") is not None:
-        body["error_type"] = _attr(job, "error_type")
-    return body
+    if not isinstance(err, Mapping):
+        err = {"error": str(err) if err is not None else None, "error_type": _attr(job, "error_type")}
+    detail: Any = err.get("error") or "Request failed."
+    if err.get("error_type") == "validation" and isinstance(err.get("detail"), list):
+        detail = err["detail"]
+    return {
+        "detail": detail,
+        "error_type": err.get("error_type") or "internal",
+        "request_id": str(_attr(job, "request_id", "id")),
+    }
 
 
 def _error_status(job: Any) -> int:
