@@ -50,6 +50,8 @@ from kleinserve.service.storage import (
 )
 from kleinserve.service.webhooks import WebhookSigner
 
+from .deps import require_owner
+
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["storage"])
@@ -130,26 +132,7 @@ def _raise(exc: StorageError) -> None:
 # auth
 
 
-async def _api_key_owner(request: Request) -> Optional[str]:
-    """Checks the API key the way every other authenticated route does (service/auth.py) and
-    returns an owner id for the file metadata (None when auth is off)."""
-    from kleinserve.service import auth as _auth  # the core's module; imported late on purpose
-
-    principal = await _auth.authenticate_request(request)
-    return _owner_id(principal)
-
-
-def _owner_id(principal: Any) -> Optional[str]:
-    if principal is None:
-        return None
-    for attr in ("key_id", "id", "name", "owner"):
-        v = getattr(principal, attr, None)
-        if v:
-            return str(v)
-    return str(principal) if isinstance(principal, str) else None
-
-
-async def _cdn_or_api_key_owner(request: Request) -> Optional[str]:
+def _cdn_or_api_key_owner(request: Request) -> Optional[str]:
     """`POST /files/upload` and friends: the CDN token from /storage/auth/token (what the Python
     client sends, `Authorization: Bearer <token>`) or else a normal API key."""
     authz = request.headers.get("authorization", "")
@@ -163,7 +146,7 @@ async def _cdn_or_api_key_owner(request: Request) -> Optional[str]:
             pass  # not one of our tokens: maybe an API key sent as a bearer token
         else:
             return claims.get("o")
-    return await _api_key_owner(request)
+    return require_owner(request)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +264,7 @@ async def initiate_upload(
     request: Request,
     body: InitiateUploadBody,
     storage_type: Optional[str] = Query(None),
-    owner: Optional[str] = Depends(_api_key_owner),
+    owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
     svc = _svc(request)
@@ -334,7 +317,7 @@ async def initiate_multipart_upload(
     request: Request,
     body: InitiateUploadBody,
     storage_type: Optional[str] = Query(None),
-    owner: Optional[str] = Depends(_api_key_owner),
+    owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
     svc = _svc(request)
@@ -411,7 +394,7 @@ async def complete_signed_multipart(
 async def storage_auth_token(
     request: Request,
     storage_type: Optional[str] = Query(None),
-    owner: Optional[str] = Depends(_api_key_owner),
+    owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
     svc = _svc(request)
