@@ -24,7 +24,11 @@ class StepNoise(Protocol):
         """The noise std `s` to inject at step i (0 for a plain Euler step; draws nothing)."""
 
     def draw(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Unit-variance noise shaped like x, one draw per image from that image's generator."""
+        """The noise `xi_c` shaped like x (float32), one draw per image from that image's generator.
+
+        Called only on steps where `churn` returned s > 0, so no random numbers are drawn otherwise.
+        Its scale is part of the noise (CNS: unit std per image times `cns_energy_scale`).
+        """
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -41,7 +45,11 @@ def sample(
     callback: Optional[SamplerCallback] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
 ) -> torch.Tensor:
-    """Euler, or the marginal-preserving stochastic step when `noise` asks for churn."""
+    """Euler, or the marginal-preserving stochastic step when `noise` asks for churn.
+
+    Stochastic step (docs/CNS.md): x <- (1 - sigma') x0_hat + sqrt(sigma'^2 - s^2) eps_hat + s xi.
+    The last step and any step to sigma' = 0 are always Euler and draw nothing.
+    """
     n = len(sigmas) - 1
     for i in range(n):
         if should_cancel is not None and should_cancel():
