@@ -19,20 +19,21 @@ With negative_prompt="" and CNS off this reproduces diffusers' `Flux2KleinPipeli
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 import threading
 import time
-from contextlib import contextmanager
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import sampling
+from . import cns, sampling
+from .acceleration import Accelerator
+from .imageio import encode_image, make_preview
 from .models import Components, load_components
+from .safety import SafetyChecker, blacken
 from .text import OUT_LAYERS, PromptEncoder
 from .types import (
     CancelCheck,
@@ -42,23 +43,6 @@ from .types import (
     StepCallback,
     StepEvent,
 )
-
-try:
-    from .imageio import encode_image, make_preview
-except ImportError:  # pragma: no cover - the peripherals helper's module is not there yet
-    encode_image = make_preview = None  # type: ignore[assignment]
-try:
-    from .safety import SafetyChecker
-except ImportError:  # pragma: no cover
-    SafetyChecker = None  # type: ignore[assignment,misc]
-try:
-    from .acceleration import Accelerator
-except ImportError:  # pragma: no cover
-    Accelerator = None  # type: ignore[assignment,misc]
-try:
-    from . import cns
-except ImportError:  # pragma: no cover
-    cns = None  # type: ignore[assignment]
 
 log = logging.getLogger("kleinserve.engine")
 
@@ -128,12 +112,11 @@ class Engine:
         components.text_encoder = self.text.model  # the truncated encoder; the rest is freed
         self.latent_channels = int(self.transformer.config.in_channels) // 4
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.accelerator = Accelerator(self.transformer, self.device, self.dtype) if Accelerator else None
+        self.accelerator = Accelerator(self.transformer, self.device, self.dtype)
         self.safety_threshold = safety_threshold
         self._safety = None
-        self._cns_matrix = None
-        if cns is not None and components.extras.get("folder"):
-            self._cns_matrix = cns.find_calibrated_matrix(components.extras["folder"])
+        # A gamma matrix calibrated for this model, installed beside its weights (CNS, docs/CNS.md).
+        self._cns_matrix = cns.find_calibrated_matrix(components.extras.get("folder"))
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ geometry and schedule
@@ -164,13 +147,6 @@ class Engine:
         width, height = request.resolved_size()
         h8, w8 = self.latent_hw(width, height)
         return self._schedule((h8 // 2) * (w8 // 2), int(request.num_inference_steps))[1]
-
-    def unpack_latents(self, packed: torch.Tensor, h8: int, w8: int) -> torch.Tensor:
-        """Packed (B, h16*w16, 4C) -> (B, C, h8, w8) VAE-grid latents (still BatchNorm-normalised)."""
-        pipe = _pipeline_cls()
-        ids = pipe._prepare_latent_ids(packed.new_zeros(1, 1, h8 // 2, w8 // 2)).to(packed.device)
-        grid = pipe._unpack_latents_with_ids(packed, ids.expand(packed.shape[0], -1, -1), h8 // 2, w8 // 2)
-        return pipe._unpatchify_latents(grid)
 
     # ------------------------------------------------------------------ public API
 
@@ -219,7 +195,7 @@ class Engine:
             flags = [False] * len(images)
             if request.enable_safety_checker:
                 flags = self._safety_flags(images, logs)
-                images = [Image.new("RGB", im.size, (0, 0, 0)) if f else im for im, f in zip(images, flags)]
+                images = [blacken(im) if f else im for im, f in zip(images, flags)]
             t_safety = time.perf_counter() - t0
 
             encoded = [self._encode_image(im, plan, k, flag) for k, (im, flag) in enumerate(zip(images, flags))]
@@ -337,8 +313,6 @@ class Engine:
 
         noise = None
         if plan.request.enable_cns:
-            if cns is None:  # pragma: no cover
-                raise RuntimeError("enable_cns requested but the CNS module is unavailable")
             noise = cns.make_step_noise(
                 plan.request, plan.sigmas, latent_hw=(plan.h8, plan.w8), channels=self.latent_channels,
                 generators=generators, device=self.device, guided=plan.guided,
@@ -353,51 +327,48 @@ class Engine:
         return x
 
     def _forward_fn(self, request) -> tuple[Callable[..., Any], list[str]]:
-        if self.accelerator is None:
-            return self.transformer, []
-        fn, techniques = self.accelerator.forward(request.acceleration)
-        return fn, techniques
+        """The transformer call for the request's acceleration level (a fresh block cache each run)."""
+        return self.accelerator.forward(request.acceleration)
 
-    def _decode_to_tensor(self, packed: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """Packed latents -> images in [-1, 1], (B, 3, H, W) float32 (what the VAE decoder outputs)."""
+    def _unpack_patched(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:
+        """Packed (B, h16*w16, 4C) -> patchified (B, 4C, h16, w16), scattered by the latent ids."""
         pipe = _pipeline_cls()
-        ids = pipe._prepare_latent_ids(packed.new_zeros(1, 1, plan.h16, plan.w16)).to(packed.device)
-        latents = pipe._unpack_latents_with_ids(packed, ids.expand(packed.shape[0], -1, -1), plan.h16, plan.w16)
+        ids = pipe._prepare_latent_ids(packed.new_zeros(1, 1, h16, w16)).to(packed.device)
+        return pipe._unpack_latents_with_ids(packed, ids.expand(packed.shape[0], -1, -1), h16, w16)
+
+    def unpack_latents(self, packed: torch.Tensor, h8: int, w8: int) -> torch.Tensor:
+        """Packed (B, h16*w16, 4C) -> (B, C, h8, w8) VAE-grid latents (still BatchNorm-normalised)."""
+        return _pipeline_cls()._unpatchify_latents(self._unpack_patched(packed, h8 // 2, w8 // 2))
+
+    def _decode_to_tensor(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:
+        """Packed latents -> images in [-1, 1], (B, 3, H, W) float32 (what the VAE decoder outputs)."""
+        latents = self._unpack_patched(packed, h16, w16)
         bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
             latents.device, latents.dtype
         )
-        latents = latents * bn_std + bn_mean
-        latents = pipe._unpatchify_latents(latents)
-        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return image.float()
+        latents = _pipeline_cls()._unpatchify_latents(latents * bn_std + bn_mean)
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
-    def decode_float(self, packed: torch.Tensor, plan_or_request) -> np.ndarray:
+    def decode_float(self, packed: torch.Tensor, request) -> np.ndarray:
         """Decoded images as float32 numpy (B, H, W, 3) in [0, 1], before 8-bit quantisation
-        (diffusers' output_type="np" equivalent)."""
-        plan = plan_or_request if isinstance(plan_or_request, _Plan) else _Plan(self, plan_or_request, 0)
+        (what diffusers returns with output_type="np")."""
+        h8, w8, _ = self.latent_grid(request)
         with self._lock, torch.inference_mode():
-            image = self._decode_to_tensor(packed, plan)
+            image = self._decode_to_tensor(packed, h8 // 2, w8 // 2)
         return (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
 
     def _decode(self, packed: torch.Tensor, plan: _Plan) -> list[Image.Image]:
-        image = self._decode_to_tensor(packed, plan)
+        image = self._decode_to_tensor(packed, plan.h16, plan.w16)
         arr = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
         arr = (arr * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
 
     def _preview(self, x0_hat: torch.Tensor, plan: _Plan) -> Image.Image:
         """The current x0 estimate of the first image, VAE-decoded and downscaled to <= 256 px."""
-        image = self._decode(x0_hat.to(self.dtype), plan)[0]
-        if make_preview is not None:
-            return make_preview(image, PREVIEW_MAX_SIDE)
-        image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))  # pragma: no cover
-        return image
+        return make_preview(self._decode(x0_hat.to(self.dtype), plan)[0], PREVIEW_MAX_SIDE)
 
     def _safety_flags(self, images: list[Image.Image], logs: list[str]) -> list[bool]:
-        if SafetyChecker is None:  # pragma: no cover
-            logs.append("safety checker unavailable: images not checked")
-            return [False] * len(images)
         if self._safety is None:
             self._safety = SafetyChecker(threshold=self.safety_threshold)
         flags = self._safety.flags(images)
@@ -423,13 +394,7 @@ class Engine:
 
     def _encode_image(self, image: Image.Image, plan: _Plan, k: int, nsfw: bool) -> EncodedImage:
         fmt = plan.request.output_format
-        recipe = self.recipe(plan, k)
-        if encode_image is not None:
-            data, content_type = encode_image(image, fmt, recipe)
-        else:  # pragma: no cover - fallback until imageio exists
-            buf = io.BytesIO()
-            image.save(buf, {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
-            data, content_type = buf.getvalue(), f"image/{fmt}"
+        data, content_type = encode_image(image, fmt, self.recipe(plan, k))
         return EncodedImage(
             data=data,
             content_type=content_type,

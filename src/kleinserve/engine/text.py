@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -147,14 +147,3 @@ class PromptEncoder:
         with self._lock:
             self._cache.clear()
 
-
-def reference_prompt_embeds(text_encoder, tokenizer, texts, layers: Optional[Sequence[int]] = None):
-    """diffusers' own implementation (full model, all layers): the reference the tests compare to."""
-    from diffusers import Flux2KleinPipeline
-
-    return Flux2KleinPipeline._get_qwen3_prompt_embeds(
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        prompt=texts,
-        hidden_states_layers=tuple(layers or OUT_LAYERS),
-    )
