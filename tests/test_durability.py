@@ -1,0 +1,139 @@
+"""Crash durability: the server (a subprocess on the tiny model) is SIGKILLed while a request runs and
+others wait; restarted on the same data directory, every request reaches exactly one terminal state
+and nothing is lost. A request that keeps crashing the server fails as "crashed" instead of looping."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from service_helpers import start_subprocess_server, wait_for_http
+
+EP = "fal-ai/flux-2/klein/9b/base"
+KEY = "durability-key"
+H = {"Authorization": f"Key {KEY}"}
+SMALL = {"prompt": "a harbour", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4,
+         "enable_safety_checker": False}
+SLOW = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 24}
+
+
+def start(data_dir, *extra, port=None):
+    return start_subprocess_server(["--model", "tiny", "--device", "cpu", "--api-key", KEY,
+                                    "--preview-every", "0", *extra], data_dir=data_dir, port=port, timeout=240)
+
+
+def submit(base, body, **headers):
+    r = httpx.post(f"{base}/queue/{EP}", json=body, headers={**H, **headers}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["request_id"]
+
+
+def status(base, rid, logs=True):
+    r = httpx.get(f"{base}/queue/fal-ai/flux-2/requests/{rid}/status", params={"logs": int(logs)},
+                  headers=H, timeout=30)
+    assert r.status_code in (200, 202), r.text
+    return r.json()
+
+
+def wait_for_step(base, rid, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status(base, rid)
+        if st["status"] == "IN_PROGRESS" and any(l["message"].startswith("step ") for l in st["logs"] or []):
+            return st
+        assert st["status"] != "COMPLETED", f"{rid} finished before the crash: {st}"
+        time.sleep(0.1)
+    raise AssertionError(f"{rid} never started")
+
+
+def wait_all_done(base, rids, timeout=400):
+    deadline = time.monotonic() + timeout
+    pending = set(rids)
+    final = {}
+    while pending and time.monotonic() < deadline:
+        for rid in list(pending):
+            st = status(base, rid)
+            if st["status"] == "COMPLETED":
+                final[rid] = st
+                pending.discard(rid)
+        time.sleep(0.2)
+    assert not pending, f"never completed: {pending}"
+    return final
+
+
+def db_rows(data_dir):
+    con = sqlite3.connect(str(data_dir / "jobs.sqlite3"))
+    try:
+        return {r[0]: r[1:] for r in con.execute("SELECT request_id, status, attempts, error FROM jobs")}
+    finally:
+        con.close()
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_during_generation_loses_nothing(tmp_path):
+    data_dir = tmp_path / "data"
+    server = start(data_dir)
+    try:
+        wait_for_http(server.base_url + "/ready", timeout=240, proc=server.proc)
+        running = submit(server.base_url, SLOW)
+        queued = [submit(server.base_url, {**SMALL, "seed": s}) for s in (1, 2)]
+        low = submit(server.base_url, {**SMALL, "seed": 3}, **{"X-Fal-Queue-Priority": "low"})
+        cancelled = submit(server.base_url, SMALL)
+        r = httpx.put(f"{server.base_url}/queue/fal-ai/flux-2/requests/{cancelled}/cancel", headers=H)
+        assert r.status_code == 202
+        wait_for_step(server.base_url, running)
+    finally:
+        server.kill()
+    assert server.proc.returncode == -9
+
+    rows = db_rows(data_dir)
+    assert rows[running][0] == "IN_PROGRESS"  # mid-flight at the crash
+    all_ids = [running, *queued, low, cancelled]
+
+    server = start(data_dir, port=server.port)  # same address: stored file URLs stay valid
+    try:
+        final = wait_all_done(server.base_url, all_ids)
+        st = final[running]
+        assert "error" not in st, st
+        assert any("re-queued" in l["message"] for l in st["logs"])
+        assert [l["message"] for l in st["logs"]].count("step 24/24") == 1
+        for rid in (*queued, low):
+            assert "error" not in final[rid], final[rid]
+            res = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{rid}", headers=H, timeout=30)
+            assert res.status_code == 200 and res.json()["images"]
+        assert final[cancelled]["error_type"] == "cancelled"
+        r = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{running}", headers=H, timeout=30)
+        img = r.json()["images"][0]
+        assert (img["width"], img["height"]) == (256, 256)
+        assert httpx.get(img["url"], timeout=30).status_code == 200
+    finally:
+        server.stop()
+
+    rows = db_rows(data_dir)
+    assert set(all_ids) <= set(rows)
+    assert all(rows[rid][0] == "COMPLETED" for rid in all_ids)
+    assert rows[running][1] == 2 and all(rows[rid][1] == 1 for rid in (*queued, low))
+    assert rows[cancelled][1] == 0  # never ran
+
+
+@pytest.mark.timeout(600)
+def test_request_that_keeps_crashing_fails_as_crashed(tmp_path):
+    data_dir = tmp_path / "data"
+    server = start(data_dir, "--max-attempts", "1")
+    try:
+        wait_for_http(server.base_url + "/ready", timeout=240, proc=server.proc)
+        rid = submit(server.base_url, SLOW)
+        wait_for_step(server.base_url, rid)
+    finally:
+        server.kill()
+    server = start(data_dir, "--max-attempts", "1")
+    try:
+        st = status(server.base_url, rid)  # recovery runs before the server answers
+        assert st["status"] == "COMPLETED" and st["error_type"] == "crashed", st
+        r = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{rid}", headers=H, timeout=30)
+        assert r.status_code == 500 and "giving up" in r.json()["detail"]
+    finally:
+        server.stop()
