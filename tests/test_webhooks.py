@@ -333,7 +333,7 @@ TINY_INPUT = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, tiny_engine):
     """The real app (tiny model, real worker and dispatcher) over TLS, in this process."""
     from kleinserve.api.app import create_app
     from kleinserve.service.settings import Settings
@@ -341,7 +341,7 @@ def live(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("webhooks-e2e")
     cert, key = make_self_signed_cert(d / "cert")
-    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny"), load_engine=True)
+    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny"), engine=tiny_engine)
     with serve_app(app, ssl_cert=cert, ssl_key=key) as srv:
         wait_for_http(srv.base_url + "/ready", timeout=240,
                       verify=ssl.create_default_context(cafile=str(cert)))
