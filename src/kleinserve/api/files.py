@@ -487,7 +487,7 @@ async def cdn_multipart_complete(
 # downloads and JWKS
 
 
-@router.api_route("/files/{file_id}/{file_name}", methods=["GET", "HEAD"])
+@router.get("/files/{file_id}/{file_name}")
 async def download_file(request: Request, file_id: str, file_name: str):
     svc = _svc(request)
     if not is_valid_file_id(file_id):
@@ -509,6 +509,11 @@ async def download_file(request: Request, file_id: str, file_name: str):
             "Cache-Control": "public, max-age=3600",
         },
     )
+
+
+router.add_api_route(
+    "/files/{file_id}/{file_name}", download_file, methods=["HEAD"], include_in_schema=False
+)
 
 
 @router.get("/.well-known/jwks.json")
