@@ -1,6 +1,8 @@
 """Crash durability: the server (a subprocess on the tiny model) is SIGKILLed while a request runs and
 others wait; restarted on the same data directory, every request reaches exactly one terminal state
-and nothing is lost. A request that keeps crashing the server fails as "crashed" instead of looping."""
+and nothing is lost. (A request that keeps crashing the server fails as "crashed" instead of looping:
+see test_service_api.py::test_startup_recovery_of_a_dead_workers_request, which arranges the same
+store state without paying for more server starts.)"""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ KEY = "durability-key"
 H = {"Authorization": f"Key {KEY}"}
 SMALL = {"prompt": "a harbour", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4,
          "enable_safety_checker": False}
-SLOW = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 24}
+SLOW = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 20}
 
 
 def start(data_dir, *extra, port=None):
@@ -99,7 +101,7 @@ def test_sigkill_during_generation_loses_nothing(tmp_path):
         st = final[running]
         assert "error" not in st, st
         assert any("re-queued" in l["message"] for l in st["logs"])
-        assert [l["message"] for l in st["logs"]].count("step 24/24") == 1
+        assert [l["message"] for l in st["logs"]].count("step 20/20") == 1
         for rid in (*queued, low):
             assert "error" not in final[rid], final[rid]
             res = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{rid}", headers=H, timeout=30)
@@ -107,7 +109,7 @@ def test_sigkill_during_generation_loses_nothing(tmp_path):
         assert final[cancelled]["error_type"] == "cancelled"
         r = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{running}", headers=H, timeout=30)
         img = r.json()["images"][0]
-        assert (img["width"], img["height"]) == (256, 256)
+        assert (img["width"], img["height"]) == (192, 192)
         assert httpx.get(img["url"], timeout=30).status_code == 200
     finally:
         server.stop()
@@ -117,23 +119,3 @@ def test_sigkill_during_generation_loses_nothing(tmp_path):
     assert all(rows[rid][0] == "COMPLETED" for rid in all_ids)
     assert rows[running][1] == 2 and all(rows[rid][1] == 1 for rid in (*queued, low))
     assert rows[cancelled][1] == 0  # never ran
-
-
-@pytest.mark.timeout(600)
-def test_request_that_keeps_crashing_fails_as_crashed(tmp_path):
-    data_dir = tmp_path / "data"
-    server = start(data_dir, "--max-attempts", "1")
-    try:
-        wait_for_http(server.base_url + "/ready", timeout=240, proc=server.proc)
-        rid = submit(server.base_url, SLOW)
-        wait_for_step(server.base_url, rid)
-    finally:
-        server.kill()
-    server = start(data_dir, "--max-attempts", "1")
-    try:
-        st = status(server.base_url, rid)  # recovery runs before the server answers
-        assert st["status"] == "COMPLETED" and st["error_type"] == "crashed", st
-        r = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{rid}", headers=H, timeout=30)
-        assert r.status_code == 500 and "giving up" in r.json()["detail"]
-    finally:
-        server.stop()

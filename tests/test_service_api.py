@@ -230,3 +230,34 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
     assert s.api_keys == ["f1", "f2"] and s.no_auth and s.port == 9001
     monkeypatch.setenv("KLEINSERVE_NO_AUTH", "1")
     assert Settings.from_args(p.parse_args([])).no_auth
+
+
+@pytest.mark.parametrize("max_attempts, expect", [(1, "crashed"), (3, "requeued")])
+def test_startup_recovery_of_a_dead_workers_request(tmp_path, max_attempts, expect):
+    """A request left IN_PROGRESS by a worker process that no longer exists is recovered when the app
+    starts: re-queued, or failed as "crashed" once it used up its attempts."""
+    import subprocess
+    import sys
+
+    from kleinserve.service.jobs import Job, new_request_id
+    from kleinserve.service.sqlite_store import SQLiteJobStore
+    from kleinserve.service.worker import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    data_dir = tmp_path / "data"
+    store = SQLiteJobStore.in_data_dir(data_dir)
+    rid = store.submit(Job(request_id=new_request_id(), endpoint_id=EP, owner=owner_id(KEY_A),
+                           input={**BODY, "seed": 1})).request_id
+    assert store.claim_next(f"{_HOST}:{dead.pid}:deadbeef:w0").attempts == 1
+    store.close()
+    app = create_app(Settings(data_dir=data_dir, api_keys=[KEY_A], max_attempts=max_attempts))
+    with TestClient(app) as c:
+        st = c.get(f"/queue/fal-ai/flux-2/requests/{rid}/status", params={"logs": 1}, headers=A).json()
+        if expect == "crashed":
+            assert st["status"] == "COMPLETED" and st["error_type"] == "crashed"
+            r = c.get(f"/queue/fal-ai/flux-2/requests/{rid}", headers=A)
+            assert r.status_code == 500 and "giving up" in r.json()["detail"]
+        else:
+            assert st["status"] == "IN_QUEUE" and st["queue_position"] == 0
+            assert any("re-queued" in l["message"] for l in st["logs"])

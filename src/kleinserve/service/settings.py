@@ -232,5 +232,6 @@ def options_markdown_table() -> str:
             d = ", ".join(d) or "none"
         if d in (None, ""):
             d = "none"
-        rows.append(f"| `{opt.flags[0]}` | `{opt.env}` | `{d}` | {opt.help} |")
+        help_text = opt.help.replace("|", "\\|")
+        rows.append(f"| `{opt.flags[0]}` | `{opt.env}` | `{d}` | {help_text} |")
     return "\n".join(rows)
