@@ -1,16 +1,23 @@
 """`kleinserve generate | serve | calibrate`.
 
-Two layers: in-process tests with a fake engine (fast; the CLI's own logic: flags, validation, output,
-sync mode, cancellation) and subprocess runs of `python -m kleinserve.cli` on the tiny model.
+Two layers, both on the real engine (never a fake): in-process runs of `cli.main` on the session's
+`tiny_engine` (the tiny random model built from the real diffusers/transformers classes), and a few
+subprocess runs of `python -m kleinserve.cli` like a user. Requests are small (64x64, 4 steps).
+
+In-process, `kleinserve.engine.load_engine` is wrapped: it records its arguments and returns the shared
+real `tiny_engine` for `--model tiny` (instead of building a second one); every other spec goes to the
+real `load_engine` (a missing folder really raises ModelUnavailable, a saved folder really loads).
 """
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import base64
+import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,66 +28,49 @@ from PIL import Image
 
 import kleinserve.engine as engine_pkg
 from kleinserve import cli
-from kleinserve.engine.imageio import encode_image, read_recipe
-from kleinserve.engine.types import (
-    EncodedImage,
-    GenerationCancelled,
-    GenerationResult,
-    ModelInfo,
-    ModelUnavailable,
-    StepEvent,
-)
+from kleinserve.engine.imageio import read_recipe
 from kleinserve.schema import FluxKleinInput, FluxKleinOutput
 
 REPO = Path(__file__).resolve().parents[1]
 
+SMALL = ("--image-size", "64x64", "--num-inference-steps", "4")
+# Auxiliary runs: one transformer branch and no safety checker, to keep the suite fast.
+CHEAP = (*SMALL, "--guidance-scale", "1", "--no-enable-safety-checker")
+
 
 # --------------------------------------------------------------------------------------------------
-# A fake engine with the real interface
-
-
-class FakeEngine:
-    def __init__(self, spec="fake", is_tiny=True, step_hook=None):
-        self.info = ModelInfo(spec=spec, source=spec, is_tiny=is_tiny, device="cpu", dtype="float32",
-                              load_seconds=0.0)
-        self.requests: list[FluxKleinInput] = []
-        self.step_hook = step_hook
-        self._cns_matrix = None  # where the real engine keeps the calibrated matrix of its model
-
-    def generate(self, request, *, on_step=None, should_cancel=None, preview_every=0):
-        self.requests.append(request)
-        seed = 42 if request.seed is None else request.seed
-        n = request.num_inference_steps
-        for i in range(n):
-            if should_cancel is not None and should_cancel():
-                raise GenerationCancelled(f"cancelled before step {i + 1}/{n}")
-            if self.step_hook is not None:
-                self.step_hook(i)
-            if on_step is not None:
-                on_step(StepEvent(step=i + 1, total=n, sigma=1.0 - (i + 1) / n))
-        w, h = request.resolved_size()
-        images = []
-        for k in range(request.num_images):
-            img = Image.new("RGB", (w, h), (k * 40, 100, 200))
-            recipe = request.model_dump(mode="json") | {"seed": seed + k, "model": self.info.source}
-            data, ct = encode_image(img, request.output_format, recipe)
-            images.append(EncodedImage(data=data, content_type=ct, extension=request.output_format,
-                                       width=w, height=h, seed=seed + k, nsfw=False))
-        return GenerationResult(images=images, seed=seed, timings={"denoise": 0.01, "total": 0.02},
-                                logs=["fake engine"])
+# The real engine, shared
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    holder: dict = {"engine": FakeEngine(), "calls": []}
+def engine(monkeypatch, request):
+    """`load_engine` as the CLI sees it: `tiny` -> the session's real tiny engine, else the real loader.
 
-    def load_engine(spec="auto", device=None, dtype=None, cpu_offload=False, **kw):
-        holder["calls"].append({"spec": spec, "device": device, "dtype": dtype, "cpu_offload": cpu_offload, **kw})
-        if spec == "missing":
-            raise ModelUnavailable("no model at 'missing': download it first")
+    `calls` records what the CLI asked for (to check the flags reach the loader, and that invalid input
+    never loads a model). The tiny engine is only built when a test really loads it."""
+    from kleinserve.engine.engine import load_engine as real_load_engine
+
+    holder: dict = {"engine": None, "calls": []}
+    building = []
+
+    def load_engine(spec="auto", **kwargs):
+        if building:  # the tiny_engine fixture itself, building the session's engine
+            return real_load_engine(spec, **kwargs)
+        holder["calls"].append({"spec": spec, **kwargs})
+        if spec != "tiny":
+            return real_load_engine(spec, **kwargs)
+        if holder["engine"] is None:
+            building.append(True)
+            try:
+                tiny = request.getfixturevalue("tiny_engine")
+            finally:
+                building.clear()
+            # The CLI may install a calibrated CNS matrix on it: restore the shared engine afterwards.
+            monkeypatch.setattr(tiny, "_cns_matrix", tiny._cns_matrix)
+            holder["engine"] = tiny
         return holder["engine"]
 
-    # Through the module dict: getattr would trigger the lazy import of the real engine (torch).
+    # Through the module dict: the package resolves `load_engine` lazily through __getattr__.
     monkeypatch.setitem(engine_pkg.__dict__, "load_engine", load_engine)
     return holder
 
@@ -89,6 +79,18 @@ def run_cli(capsys, *argv):
     rc = cli.main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def _step_hook(monkeypatch, hook):
+    """Call hook(step) from the CLI's own on_step callback (its progress bar), inside the real engine's
+    denoising loop, after each step; the real progress bar still runs."""
+    original = cli._Progress.__call__
+
+    def __call__(self, event):
+        original(self, event)
+        hook(event.step)
+
+    monkeypatch.setattr(cli._Progress, "__call__", __call__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,137 +187,257 @@ def test_input_json_inline_file_and_override(tmp_path):
     (["--input", '{"prompt": "x", "num_inference_steps": 1}'], "--num-inference-steps"),
     (["--image-size", "{bad"], "--image-size"),
 ])
-def test_bad_values_exit_2_naming_the_field(fake, capsys, argv, needle):
-    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "a prompt", *argv)
+def test_bad_values_exit_2_naming_the_field(engine, capsys, tmp_path, argv, needle):
+    out_dir = tmp_path / "o"
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(out_dir), "a prompt", *argv)
     assert rc == 2
     assert out == ""
     assert needle in err
     assert "Traceback" not in err
-    assert fake["calls"] == []  # validated before any model is loaded
+    assert engine["calls"] == []  # validated before any model is loaded
+    assert not out_dir.exists()
 
 
-def test_missing_prompt_exit_2(fake, capsys):
-    rc, out, err = run_cli(capsys, "generate")
+def test_missing_prompt_exit_2(engine, capsys):
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny")
     assert rc == 2 and "--prompt" in err and "required" in err.lower()
+    assert out == "" and engine["calls"] == []
 
 
 # --------------------------------------------------------------------------------------------------
-# generate with the fake engine
+# generate on the real tiny engine
 
 
-def test_generate_writes_files_and_prints_output(fake, capsys, tmp_path):
-    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--device", "cpu", "--dtype", "float32",
-                           "--cpu-offload", "--out", str(tmp_path / "o"), "--seed", "5", "--num-images", "2",
-                           "--image-size", "80x64", "--num-inference-steps", "4", "--output-format", "jpeg",
-                           "hello")
+def _check_written(result: FluxKleinOutput, out_dir: Path) -> None:
+    for img in result.images:
+        p = Path(img.url)
+        assert p.is_absolute() and p.is_file() and p.parent == out_dir.resolve()
+        assert p.name == img.file_name
+        assert img.file_size == os.path.getsize(p) > 0
+
+
+def test_generate_writes_files_and_prints_output(engine, capsys, tmp_path):
+    out_dir = tmp_path / "o"
+    argv = ("generate", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--cpu-offload",
+            "--out", str(out_dir), "--seed", "5", "--num-images", "2", "--image-size", "80x64",
+            "--num-inference-steps", "4", "--output-format", "jpeg", "hello")
+    rc, out, err = run_cli(capsys, *argv)
     assert rc == 0, err
-    assert fake["calls"] == [{"spec": "tiny", "device": "cpu", "dtype": "float32", "cpu_offload": True}]
+    assert engine["calls"] == [{"spec": "tiny", "device": "cpu", "dtype": "float32", "cpu_offload": True}]
     result = FluxKleinOutput.model_validate_json(out)
     assert result.seed == 5 and result.prompt == "hello" and result.has_nsfw_concepts == [False, False]
     assert [i.file_name for i in result.images] == ["5-0.jpeg", "5-1.jpeg"]
-    for img in result.images:
+    _check_written(result, out_dir)
+    for k, img in enumerate(result.images):
         p = Path(img.url)
-        assert p.is_absolute() and p.is_file()
-        assert img.file_size == p.stat().st_size
         assert (img.width, img.height, img.content_type) == (80, 64, "image/jpeg")
-        assert read_recipe(p.read_bytes())["prompt"] == "hello"
-    assert result.timings.total == pytest.approx(0.02)
+        with Image.open(p) as im:
+            assert (im.format, im.size) == ("JPEG", (80, 64))
+        recipe = read_recipe(p.read_bytes())
+        assert recipe["prompt"] == "hello" and recipe["seed"] == 5 + k and recipe["image_index"] == k
+        assert recipe["num_inference_steps"] == 4 and recipe["image_size"] == {"width": 80, "height": 64}
+        assert recipe["output_format"] == "jpeg" and recipe["model_is_tiny"] is True
+    first, second = (Path(i.url).read_bytes() for i in result.images)
+    assert first != second  # seed + k: two different images
+    t = result.timings
+    assert t.total > 0 and t.denoise > 0 and t.decode > 0 and t.total >= t.denoise
     assert "TINY" in err  # loud warning for the tiny model
-    # A second run with the same seed does not overwrite the first images.
-    rc, out2, _ = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path / "o"), "--seed", "5",
-                          "--num-inference-steps", "4", "hello")
-    assert rc == 0
-    name = FluxKleinOutput.model_validate_json(out2).images[0].file_name
-    assert name != "5-0.jpeg" and name.startswith("5-0")
+    assert "note: 2 image(s) 80x64, 4 steps, seed 5" in err  # the engine's own log line
+    # A second run with the same seed reproduces the same bytes and does not overwrite the first images.
+    rc, out2, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    again = FluxKleinOutput.model_validate_json(out2)
+    assert [i.file_name for i in again.images] == ["5-0-2.jpeg", "5-1-2.jpeg"]
+    _check_written(again, out_dir)
+    assert [Path(i.url).read_bytes() for i in again.images] == [first, second]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["5-0-2.jpeg", "5-0.jpeg", "5-1-2.jpeg", "5-1.jpeg"]
 
 
-def test_sync_mode_writes_nothing_and_returns_data_uris(fake, capsys, tmp_path):
+def _data(result: FluxKleinOutput, k: int = 0) -> bytes:
+    url = result.images[k].url
+    assert url.startswith("data:image/png;base64,")
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def test_sync_mode_writes_nothing_and_returns_data_uris(engine, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is ./outputs
     out_dir = tmp_path / "o"
     rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(out_dir), "--sync-mode",
-                           "--num-inference-steps", "4", "--image-size", "64x64", "x")
+                           *CHEAP, "x")
     assert rc == 0, err
     result = FluxKleinOutput.model_validate_json(out)
-    url = result.images[0].url
-    assert url.startswith("data:image/png;base64,")
-    data = base64.b64decode(url.split(",", 1)[1])
+    data = _data(result)
     assert len(data) == result.images[0].file_size
-    assert read_recipe(data)["prompt"] == "x"
-    assert not out_dir.exists()
-
-
-def test_model_unavailable_exit_1(fake, capsys):
-    rc, out, err = run_cli(capsys, "generate", "--model", "missing", "x")
-    assert rc == 1 and out == ""
-    assert "download it first" in err and "Traceback" not in err
-
-
-def test_ctrl_c_cancels_cleanly(fake, capsys, tmp_path):
-    def hook(i):
-        if i == 1:
-            _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
-            time.sleep(0.3)
-
-    fake["engine"] = FakeEngine(step_hook=hook)
-    out_dir = tmp_path / "o"
-    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(out_dir),
-                           "--num-inference-steps", "20", "x")
-    assert rc == 130
-    assert out == "" and "cancel" in err.lower()
-    assert not out_dir.exists()
-
-
-def test_real_model_has_no_tiny_warning(fake, capsys, tmp_path):
-    fake["engine"] = FakeEngine(spec="/models/klein", is_tiny=False)
-    rc, _, err = run_cli(capsys, "generate", "--model", "/models/klein", "--out", str(tmp_path),
-                         "--num-inference-steps", "4", "x")
-    assert rc == 0 and "TINY" not in err
-
-
-def test_unknown_input_keys_are_noted(fake, capsys, tmp_path):
-    rc, _, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path),
-                         "--input", '{"prompt": "x", "num_inference_steps": 4, "bogus_key": 1}')
-    assert rc == 0 and "bogus_key" in err
-
-
-def test_input_from_stdin(fake, capsys, tmp_path, monkeypatch):
-    import io
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "piped", "num_inference_steps": 4}'))
-    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path), "--input", "-")
+    recipe = read_recipe(data)
+    assert recipe["prompt"] == "x" and recipe["seed"] == result.seed  # no --seed: the engine drew one
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (64, 64)
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == []
+    # The seed in the output reproduces the same bytes.
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--sync-mode", *CHEAP,
+                           "--seed", str(result.seed), "x")
     assert rc == 0, err
-    assert FluxKleinOutput.model_validate_json(out).prompt == "piped"
-    assert fake["engine"].requests[-1].num_inference_steps == 4
+    again = FluxKleinOutput.model_validate_json(out)
+    assert again.seed == result.seed and _data(again) == data
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_cns_matrix_flag(fake, capsys, tmp_path):
+def test_model_unavailable_exit_1(engine, capsys, tmp_path):
+    missing = tmp_path / "no-such-model"
+    rc, out, err = run_cli(capsys, "generate", "--model", str(missing), "x")
+    assert rc == 1 and out == ""
+    assert "model unavailable" in err and "does not exist" in err and str(missing) in err
+    assert "Traceback" not in err
+    # A folder that is not a diffusers checkpoint: says what to download.
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    rc, out, err = run_cli(capsys, "generate", "--model", str(empty), "x")
+    assert rc == 1 and out == ""
+    assert "no transformer/ subfolder" in err and "download" in err and "Traceback" not in err
+    assert [c["spec"] for c in engine["calls"]] == [str(missing), str(empty)]
+
+
+def test_ctrl_c_cancels_cleanly(engine, capsys, tmp_path, monkeypatch):
+    """A real SIGINT during the real denoising loop: the CLI's handler sets the flag that the engine's
+    should_cancel polls between steps; the engine stops, nothing is written, exit 130."""
+    notes: list[str] = []
+    original_eprint = cli._eprint
+
+    def eprint(*parts):
+        notes.append(" ".join(map(str, parts)))
+        original_eprint(*parts)
+
+    monkeypatch.setattr(cli, "_eprint", eprint)
+    steps: list[int] = []
+
+    def hook(step):
+        steps.append(step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
+            deadline = time.monotonic() + 30
+            while not any("cancelling generation" in n for n in notes) and time.monotonic() < deadline:
+                time.sleep(0.01)  # let the main thread run the handler before the next step starts
+
+    _step_hook(monkeypatch, hook)
+    handler_before = signal.getsignal(signal.SIGINT)
+    out_dir = tmp_path / "o"
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(out_dir), *CHEAP, "x")
+    assert rc == 130, err
+    assert out == "" and "cancelling generation" in err and "cancelled: nothing written" in err
+    assert steps == [1]  # the engine stopped at the next step boundary
+    assert not out_dir.exists()
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the CLI's handler was removed
+
+
+def test_generation_failure_is_one_line(engine, capsys, tmp_path, monkeypatch):
+    """An error inside the real engine's loop (raised from the step callback) is one line, exit 1."""
+    def hook(step):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    _step_hook(monkeypatch, hook)
+    monkeypatch.delenv("KLEINSERVE_DEBUG", raising=False)
+    out_dir = tmp_path / "o"
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(out_dir), *CHEAP, "x")
+    assert rc == 1 and out == ""
+    assert "failed: RuntimeError: CUDA out of memory (simulated)" in err and "Traceback" not in err
+    assert not out_dir.exists()
+
+
+def test_real_model_has_no_tiny_warning(engine, capsys, tmp_path, tiny_model_dir):
+    # A saved model folder without the tiny marker loads as a real (non-tiny) model.
+    from kleinserve.engine.tiny import TINY_MARKER
+
+    folder = tmp_path / "klein"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns(TINY_MARKER))
+    rc, out, err = run_cli(capsys, "generate", "--model", str(folder), "--out", str(tmp_path / "o"),
+                           *CHEAP, "--seed", "1", "x")
+    assert rc == 0, err
+    assert "TINY" not in err and "model: tiny" not in err
+    result = FluxKleinOutput.model_validate_json(out)
+    recipe = read_recipe(Path(result.images[0].url).read_bytes())
+    assert recipe["model"] == str(folder.resolve()) and "model_is_tiny" not in recipe
+    assert engine["calls"][0]["spec"] == str(folder)
+
+
+def test_input_json_file_and_override(engine, capsys, tmp_path):
+    req = tmp_path / "request.json"
+    req.write_text(json.dumps({"prompt": "from file", "image_size": {"width": 64, "height": 80},
+                               "num_inference_steps": 4, "seed": 3, "output_format": "webp",
+                               "guidance_scale": 1, "enable_safety_checker": False}))
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--input", str(req), "--seed", "4",
+                           "--image-size", "96x64", "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    result = FluxKleinOutput.model_validate_json(out)
+    assert result.seed == 4 and result.prompt == "from file"
+    img = result.images[0]
+    assert (img.width, img.height, img.content_type) == (96, 64, "image/webp")
+    assert img.file_name == "4-0.webp" and img.file_size == os.path.getsize(img.url)
+    with Image.open(img.url) as im:
+        assert (im.format, im.size) == ("WEBP", (96, 64))
+    recipe = read_recipe(Path(img.url).read_bytes())
+    assert recipe["prompt"] == "from file" and recipe["seed"] == 4
+    assert recipe["image_size"] == {"width": 96, "height": 64} and recipe["guidance_scale"] == 1
+
+
+def test_input_from_stdin_and_unknown_keys_noted(engine, capsys, tmp_path, monkeypatch):
+    request = {"prompt": "piped", "num_inference_steps": 5, "image_size": "64x64", "guidance_scale": 1,
+               "enable_safety_checker": False, "sync_mode": True, "bogus_key": 1}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"input": request})))  # the fal envelope
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path / "o"), "--input", "-")
+    assert rc == 0, err
+    assert "bogus_key" in err and "ignored" in err
+    result = FluxKleinOutput.model_validate_json(out)
+    assert result.prompt == "piped"
+    recipe = read_recipe(_data(result))
+    assert recipe["num_inference_steps"] == 5 and "bogus_key" not in recipe  # what the engine really ran
+    assert "5 steps" in err
+
+
+def test_cns_matrix_flag(engine, capsys, tmp_path):
     from kleinserve.engine.cns import GammaMatrix
 
     csv = tmp_path / "gamma.csv"
     GammaMatrix(values=[[0.0, 0.1], [0.5, 0.6], [1.0, 1.0]], sigmas=[1.0, 0.5, 0.0], name="g").save_csv(csv)
-    rc, _, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path / "o"), "--enable-cns",
-                         "--cns-matrix", str(csv), "--num-inference-steps", "4", "x")
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path / "o"), "--enable-cns",
+                           "--cns-gamma-source", "matrix", "--seed", "2", *CHEAP, "x")
     assert rc == 0, err
-    matrix = fake["engine"]._cns_matrix
+    assert "gamma=matrix" in err and "(bundled," in err  # no --cns-matrix: the bundled table
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--out", str(tmp_path / "o"), "--enable-cns",
+                           "--cns-gamma-source", "matrix", "--cns-matrix", str(csv), "--seed", "2", *CHEAP, "x")
+    assert rc == 0, err
+    # The engine really sampled with the file's matrix (its own log line, relayed as a note).
+    assert "note: CNS gamma matrix" in err and "(3 rows x 2 bins)" in err
+    assert "(calibrated, 3x2)" in err and "(bundled," not in err
+    matrix = engine["engine"]._cns_matrix
     assert matrix is not None and matrix.num_rows == 3 and matrix.num_bins == 2
     # A missing or malformed file is a usage error, found before the model loads.
     bad = tmp_path / "bad.csv"
     bad.write_text("sigma,bin_0\n1.0,7.5\n")  # gamma outside [0, 1]
-    fake["calls"].clear()
+    engine["calls"].clear()
     for path in (tmp_path / "missing.csv", bad):
         rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--cns-matrix", str(path), "x")
         assert rc == 2 and "--cns-matrix" in err and out == ""
-    assert fake["calls"] == []
+    assert engine["calls"] == []
 
 
-def test_generation_failure_is_one_line(fake, capsys, monkeypatch):
-    def boom(*a, **k):
-        raise RuntimeError("CUDA out of memory (simulated)")
+def test_calibrate_writes_csv(engine, capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration prompts\na red square\n\na blue circle\n")
+    out = tmp_path / "cal" / "gamma.csv"
+    rc, stdout, err = run_cli(capsys, "calibrate", "--model", "tiny", "--prompts", str(prompts),
+                              "--num-samples", "1", "--steps", "4", "--width", "64", "--height", "64",
+                              "--bins", "8", "--guidance-scale", "1", "--out", str(out))
+    assert rc == 0, err
+    assert out.is_file() and "TINY" in err
+    summary = json.loads(stdout)
+    assert summary["path"] == str(out.resolve()) and summary["prompts"] == 2 and summary["is_tiny"] is True
+    assert summary["seeds"] == [0] and summary["rows"] == 4 and summary["bins"] == 8
+    from kleinserve.engine.cns import GammaMatrix
 
-    fake["engine"].generate = boom
-    monkeypatch.delenv("KLEINSERVE_DEBUG", raising=False)
-    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "x")
-    assert rc == 1 and out == ""
-    assert "CUDA out of memory (simulated)" in err and "Traceback" not in err
+    matrix = GammaMatrix.load_csv(out)
+    assert matrix.num_bins == 8 and matrix.num_rows == 4
+    assert float(matrix.values.min()) >= 0.0 and float(matrix.values.max()) <= 1.0
+    assert "TINY RANDOM MODEL" in out.read_text()
 
 
 def test_no_command_and_unknown_args(capsys):
@@ -359,9 +481,8 @@ def _cli(*argv, timeout=600, **kw):
 
 def test_tiny_generate_end_to_end(tmp_path):
     out_dir = tmp_path / "outputs"
-    p = _cli("generate", "--model", "tiny", "--image-size", "64x64", "--num-inference-steps", "4",
-             "--seed", "11", "--num-images", "2", "--output-format", "png", "--out", str(out_dir),
-             "--negative-prompt", "blurry", "a tiny test")
+    p = _cli("generate", "--model", "tiny", *SMALL, "--seed", "11", "--num-images", "2",
+             "--output-format", "png", "--out", str(out_dir), "--negative-prompt", "blurry", "a tiny test")
     assert p.returncode == 0, p.stderr
     assert "TINY" in p.stderr
     result = FluxKleinOutput.model_validate_json(p.stdout)
@@ -370,26 +491,13 @@ def test_tiny_generate_end_to_end(tmp_path):
     for k, img in enumerate(result.images):
         path = Path(img.url)
         assert path.parent == out_dir.resolve() and path.name == f"11-{k}.png"
-        assert img.file_size == path.stat().st_size > 0
+        assert img.file_size == os.path.getsize(path) > 0
         assert (img.width, img.height) == (64, 64)
         with Image.open(path) as im:
             assert im.size == (64, 64)
         recipe = read_recipe(path.read_bytes())
         assert recipe is not None and recipe.get("prompt") == "a tiny test"
-
-
-def test_tiny_generate_input_json_and_override(tmp_path):
-    req = tmp_path / "request.json"
-    req.write_text(json.dumps({"prompt": "from file", "image_size": {"width": 64, "height": 80},
-                               "num_inference_steps": 4, "seed": 3, "output_format": "webp"}))
-    p = _cli("generate", "--model", "tiny", "--input", str(req), "--seed", "4", "--image-size", "96x64",
-             "--out", str(tmp_path / "o"))
-    assert p.returncode == 0, p.stderr
-    result = FluxKleinOutput.model_validate_json(p.stdout)
-    assert result.seed == 4 and result.prompt == "from file"
-    img = result.images[0]
-    assert (img.width, img.height, img.content_type) == (96, 64, "image/webp")
-    assert read_recipe(Path(img.url).read_bytes())["prompt"] == "from file"
+        assert recipe["seed"] == 11 + k and recipe["negative_prompt"] == "blurry"
 
 
 def test_tiny_bad_values_exit_2():
@@ -410,24 +518,6 @@ def test_python_dash_m_kleinserve():
     p = subprocess.run([sys.executable, "-m", "kleinserve", "--version"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert p.returncode == 0 and "kleinserve" in p.stdout
-
-
-def test_tiny_calibrate_writes_csv(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# calibration prompts\na red square\n\na blue circle\n")
-    out = tmp_path / "cal" / "gamma.csv"
-    p = _cli("calibrate", "--model", "tiny", "--prompts", str(prompts), "--num-samples", "1",
-             "--steps", "4", "--width", "64", "--height", "64", "--bins", "8", "--guidance-scale", "2",
-             "--out", str(out))
-    assert p.returncode == 0, p.stderr
-    assert out.is_file()
-    summary = json.loads(p.stdout)
-    assert summary["path"] == str(out.resolve()) and summary["prompts"] == 2 and summary["is_tiny"] is True
-    from kleinserve.engine.cns import GammaMatrix
-
-    matrix = GammaMatrix.load_csv(out)
-    assert matrix.num_bins == 8 and matrix.num_rows == 4
-    assert float(matrix.values.min()) >= 0.0 and float(matrix.values.max()) <= 1.0
 
 
 def test_calibrate_bad_settings_exit_2(tmp_path):
