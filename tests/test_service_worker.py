@@ -194,3 +194,16 @@ def test_health_answers_during_generation(server):
     assert time.monotonic() - t0 < 2.0
     c.put(req_path(rid, "/cancel"))
     wait_done(c, rid)
+
+
+def test_stream_client_disconnect_cancels_its_job(server):
+    c = server.client
+    slow = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 30}
+    with connect_sse(c, "POST", f"/{EP}/stream", json=slow) as es:
+        rid = es.response.headers["x-fal-request-id"]
+        for ev in es.iter_sse():
+            if ev.json().get("step"):
+                break  # leave after the first progress event: the connection closes
+    done = wait_done(c, rid, timeout=120)
+    assert done["error_type"] == "cancelled"
+    assert [l["message"] for l in done["logs"]].count("step 30/30") == 0
