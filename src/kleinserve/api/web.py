@@ -1,0 +1,243 @@
+"""The web playground and the small JSON routes it needs.
+
+    GET /                  the playground page (static HTML; no build step, no CDN)
+    GET /web/{file}        its script and stylesheet
+    GET /api/schema        the endpoint's input JSON schema + presets + where the queue lives
+                           (the form is generated from it, so it never drifts from the model)
+    GET /api/requests      the caller's recent requests (per API key) with their status: the history
+    GET /api/requests/{id}/progress
+                           SSE: the queue's status objects (same JSON as the queue status stream) plus,
+                           while running, {"status": "IN_PROGRESS", "progress": {"step", "total"},
+                           "preview": "data:image/jpeg;base64,..."} step events; closes after COMPLETED.
+                           The fal status stream stays exactly fal's; this one is for the page.
+
+The page itself holds no secret: the user pastes a key, which the browser keeps in sessionStorage and
+sends as `Authorization: Key <key>` on the queue calls, exactly as the fal clients do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, FluxKleinInput, FluxKleinOutput
+from kleinserve.service.auth import Principal
+
+from .deps import require_principal
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(include_in_schema=False)
+
+_STATIC = {
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "index.html": "text/html; charset=utf-8",
+}
+# The page only talks to its own origin; no inline script, no third-party anything.
+_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@lru_cache(maxsize=None)
+def _read_static(name: str) -> bytes:
+    return resources.files("kleinserve").joinpath("web", name).read_bytes()
+
+
+def _static_response(name: str) -> Response:
+    try:
+        body = _read_static(name)
+    except (FileNotFoundError, OSError):
+        raise HTTPException(status_code=404, detail=f"{name} is missing from the installed package") from None
+    headers = dict(_HEADERS)
+    if name.endswith(".html"):
+        headers["Content-Security-Policy"] = _CSP
+    return Response(content=body, media_type=_STATIC[name], headers=headers)
+
+
+@router.get("/", response_class=Response)
+async def playground() -> Response:
+    return _static_response("index.html")
+
+
+@router.get("/web/{name}", response_class=Response)
+async def web_static(name: str) -> Response:
+    if name not in _STATIC:
+        raise HTTPException(status_code=404, detail="Not Found")
+    return _static_response(name)
+
+
+# --------------------------------------------------------------------------------------- schema
+
+def _endpoint_spec(app: Any) -> Any:
+    """The first declared endpoint (the one the playground drives), or None without a registry."""
+    registry = getattr(app.state, "registry", None) or getattr(app.state, "endpoints", None)
+    if registry is None:
+        return None
+    try:
+        return next(iter(registry))
+    except (StopIteration, TypeError):
+        return None
+
+
+def _engine_info(app: Any) -> Optional[dict[str, Any]]:
+    engine = getattr(app.state, "engine", None)
+    info = getattr(engine, "info", None) if engine is not None else getattr(app.state, "model_info", None)
+    if info is None:
+        return None
+    return {k: getattr(info, k, None) for k in ("spec", "source", "is_tiny", "device", "dtype", "load_seconds")}
+
+
+def _auth_required(app: Any) -> bool:
+    auth = getattr(app.state, "auth", None)
+    if auth is not None:
+        return bool(getattr(auth, "enabled", True))
+    settings = getattr(app.state, "settings", None)
+    return not bool(getattr(settings, "no_auth", False))
+
+
+@router.get("/api/schema")
+async def api_schema(request: Request) -> JSONResponse:
+    spec = _endpoint_spec(request.app)
+    input_model = getattr(spec, "input_model", FluxKleinInput)
+    output_model = getattr(spec, "output_model", FluxKleinOutput)
+    endpoint_id = getattr(spec, "endpoint_id", ENDPOINT_ID)
+    body = {
+        "endpoint_id": endpoint_id,
+        "title": getattr(spec, "title", "") or endpoint_id,
+        "input_schema": input_model.model_json_schema(),
+        "output_schema": output_model.model_json_schema(mode="serialization"),
+        "image_size_presets": {k: list(v) for k, v in IMAGE_SIZE_PRESETS.items()},
+        "queue_path": "/queue",
+        "run_path": "",
+        "auth_required": _auth_required(request.app),
+        "model": _engine_info(request.app),
+    }
+    return JSONResponse(body, headers={"Cache-Control": "no-cache"})
+
+
+# -------------------------------------------------------------------------------------- history
+
+def _public_base(request: Request) -> str:
+    settings = getattr(request.app.state, "settings", None)
+    public = getattr(settings, "public_url", None)
+    return (public or str(request.base_url)).rstrip("/")
+
+
+def _history_row(job: Any, base: str) -> dict[str, Any]:
+    from kleinserve.api.endpoints import split_endpoint_id  # local: keeps import order simple
+
+    inp = dict(job.input or {})
+    try:
+        ns, owner, alias, _ = split_endpoint_id(job.endpoint_id)
+        prefix = f"{ns + '/' if ns else ''}{owner}/{alias}"
+    except ValueError:
+        prefix = job.endpoint_id
+    req_url = f"{base}/queue/{prefix}/requests/{job.request_id}"
+    row: dict[str, Any] = {
+        "request_id": job.request_id,
+        "endpoint_id": job.endpoint_id,
+        "status": job.status,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "prompt": inp.get("prompt", ""),
+        "input": inp,
+        "seed": inp.get("seed"),
+        "num_images": inp.get("num_images", 1),
+        "cancel_requested": bool(job.cancel_requested),
+        "error": (job.error or {}).get("error") if job.error else None,
+        "error_type": (job.error or {}).get("error_type") if job.error else None,
+        "inference_time": job.inference_time,
+        "queue_time": job.queue_time,
+        "mode": getattr(job, "mode", None),
+        "status_url": f"{req_url}/status",
+        "response_url": req_url,
+        "cancel_url": f"{req_url}/cancel",
+    }
+    try:
+        w, h = FluxKleinInput.model_validate(inp).resolved_size()
+        row["width"], row["height"] = w, h
+    except Exception:
+        pass
+    if job.status == "IN_QUEUE":
+        row["queue_position"] = None  # filled by the caller
+    result = job.result or {}
+    images = result.get("images") or []
+    if images:
+        row["seed"] = result.get("seed", row["seed"])
+        first = images[0]
+        url = first.get("url", "")
+        row["thumbnail_url"] = url if not url.startswith("data:") or len(url) < 200_000 else None
+        row["images"] = [{k: im.get(k) for k in ("url", "width", "height", "content_type", "file_size")}
+                         for im in images if not str(im.get("url", "")).startswith("data:")]
+    return row
+
+
+@router.get("/api/requests")
+async def api_requests(
+    request: Request,
+    limit: int = Query(20, ge=1, le=200),
+    principal: Principal = Depends(require_principal),
+) -> JSONResponse:
+    store = getattr(request.app.state, "store", None)
+    if store is None:
+        raise HTTPException(status_code=503, detail="The job store is not ready.")
+    jobs = await run_in_threadpool(store.list_requests, principal.owner, limit)
+    base = _public_base(request)
+    rows = []
+    for job in jobs:
+        row = _history_row(job, base)
+        if job.status == "IN_QUEUE":
+            try:
+                row["queue_position"] = await run_in_threadpool(store.queue_position, job.request_id)
+            except Exception:
+                row["queue_position"] = None
+        rows.append(row)
+    return JSONResponse({"requests": rows}, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/api/requests/{request_id}/progress")
+async def api_request_progress(
+    request: Request,
+    request_id: str,
+    principal: Principal = Depends(require_principal),
+) -> Response:
+    from kleinserve.service.events import watch
+
+    from .queue import SSE_PING_SECONDS, load_job, status_payload
+
+    owner = principal.owner
+    await load_job(request, request_id, owner, None)  # 404 as plain JSON before the stream starts
+    store = request.app.state.store
+    hub = getattr(request.app.state, "hub", None)
+
+    async def events():
+        step: Optional[dict[str, Any]] = None
+        async for ev in watch(store, hub, request_id, owner, with_logs=False, steps=True):
+            if ev.kind == "step" and ev.data is not None:
+                step = {"step": int(ev.data.get("step") or 0), "total": int(ev.data.get("total") or 0)}
+                payload: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": request_id, "progress": step}
+                if ev.data.get("preview"):
+                    payload["preview"] = ev.data["preview"]
+                yield {"data": json.dumps(payload)}
+            elif ev.kind == "status" and ev.job is not None:
+                body = await status_payload(request, ev.job, with_logs=False)
+                if step is not None and ev.job.status == "IN_PROGRESS":
+                    body["progress"] = step
+                yield {"data": json.dumps(body)}
+
+    return EventSourceResponse(events(), ping=SSE_PING_SECONDS, headers={"Cache-Control": "no-store"})
