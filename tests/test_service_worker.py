@@ -207,3 +207,14 @@ def test_stream_client_disconnect_cancels_its_job(server):
     done = wait_done(c, rid, timeout=120)
     assert done["error_type"] == "cancelled"
     assert [l["message"] for l in done["logs"]].count("step 30/30") == 0
+
+
+def test_sync_run_client_disconnect_cancels_its_job(server):
+    slow = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 30}
+    with httpx.Client(base_url=server.base_url, headers=H, timeout=httpx.Timeout(30, read=2.0)) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post(f"/{EP}", json=slow)
+    store = server.app.state.store
+    job = next(j for j in store.list_requests(None, 20) if j.mode == "run")
+    done = wait_done(server.client, job.request_id, timeout=120)
+    assert done["error_type"] == "cancelled"
