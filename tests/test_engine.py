@@ -334,3 +334,29 @@ def test_text_encoder_shard_selection():
         "lm_head.weight": "e.safetensors",
     }}
     assert models.needed_text_encoder_shards(index) == {"a.safetensors", "b.safetensors", "d.safetensors"}
+
+
+def test_offloaded_text_encoder_stays_on_cpu_and_encodes_the_same(tiny_engine):
+    from kleinserve.engine.text import PromptEncoder
+    from kleinserve.engine.tiny import build_tiny_components
+
+    parts = build_tiny_components()
+    encoder = PromptEncoder(parts["text_encoder"], parts["tokenizer"], model_id="offload", device="cpu",
+                            dtype=torch.float32, offload=True)
+    emb, hit = encoder.encode("a red fox in fresh snow")
+    assert not hit and next(encoder.model.parameters()).device.type == "cpu"
+    reference, _ = tiny_engine.text.encode("a red fox in fresh snow")
+    assert torch.equal(emb, reference)
+
+
+def test_set_cns_matrix(tiny_engine):
+    from kleinserve.engine.cns import GammaMatrix
+
+    matrix = GammaMatrix(values=[[0.0, 0.1], [0.5, 0.6], [1.0, 1.0]], sigmas=[1.0, 0.5, 0.0], name="mine")
+    assert tiny_engine.cns_matrix is None
+    tiny_engine.set_cns_matrix(matrix)
+    try:
+        logs = tiny_engine.generate(req(enable_cns=True, cns_gamma_source="matrix")).logs
+        assert any("mine" in line and "calibrated" in line for line in logs)
+    finally:
+        tiny_engine.set_cns_matrix(None)

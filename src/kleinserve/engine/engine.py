@@ -150,6 +150,16 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
 
+    @property
+    def cns_matrix(self):
+        """The gamma matrix calibrated for this model (CNS `matrix` source), or None: bundled tables."""
+        return self._cns_matrix
+
+    def set_cns_matrix(self, matrix) -> None:
+        """Serve CNS requests with this calibrated `cns.GammaMatrix` (None: back to the bundled ones)."""
+        with self._lock:
+            self._cns_matrix = matrix
+
     def generate(
         self,
         request,
