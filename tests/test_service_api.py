@@ -261,3 +261,17 @@ def test_startup_recovery_of_a_dead_workers_request(tmp_path, max_attempts, expe
         else:
             assert st["status"] == "IN_QUEUE" and st["queue_position"] == 0
             assert any("re-queued" in l["message"] for l in st["logs"])
+
+
+def test_model_that_failed_to_load_is_reported(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "data", api_keys=[KEY_A], model=str(tmp_path / "missing")),
+                     load_engine=True)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/ready").json().get("status") == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "missing" in r.json()["detail"]
+        r = c.post(f"/queue/{EP}", json=BODY, headers=A)
+        assert r.status_code == 503 and "failed to load" in r.json()["detail"]
+        assert c.get("/health").status_code == 200

@@ -61,6 +61,10 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
                      webhook_url: Optional[str] = None, request_id: Optional[str] = None) -> Job:
     """Validated input -> a durable IN_QUEUE job (seed drawn now, so a re-run reproduces)."""
     store, _, _ = _services(request)
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None and runtime.engine is None and runtime.engine_error:
+        # Queuing would wait forever: say why now (see /ready).
+        raise HTTPException(503, f"The model failed to load, so no request can run: {runtime.engine_error}")
     timeout = deps.parse_timeout_header(request)
     priority = deps.parse_priority_header(request)
     data = body.model_dump(mode="json")
