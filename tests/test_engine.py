@@ -360,3 +360,15 @@ def test_set_cns_matrix(tiny_engine):
         assert any("mine" in line and "calibrated" in line for line in logs)
     finally:
         tiny_engine.set_cns_matrix(None)
+
+
+def test_unpack_latents_matches_the_decode_path(tiny_engine):
+    request = req()
+    h8, w8, channels = tiny_engine.latent_grid(request)
+    packed = tiny_engine.sample_latents(request)
+    grid = tiny_engine.unpack_latents(packed, h8, w8)
+    assert grid.shape == (1, channels, h8, w8)
+    patched = tiny_engine._unpack_patched(packed, h8 // 2, w8 // 2)  # what decode uses (diffusers' ids)
+    from diffusers import Flux2KleinPipeline
+
+    assert torch.equal(grid, Flux2KleinPipeline._unpatchify_latents(patched))

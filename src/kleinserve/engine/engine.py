@@ -23,7 +23,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -144,9 +144,7 @@ class Engine:
 
     def sigmas(self, request) -> list[float]:
         """The N + 1 sigmas a request is sampled on (1 ... 0)."""
-        width, height = request.resolved_size()
-        h8, w8 = self.latent_hw(width, height)
-        return self._schedule((h8 // 2) * (w8 // 2), int(request.num_inference_steps))[1]
+        return _Plan(self, request, 0).sigmas
 
     # ------------------------------------------------------------------ public API
 
@@ -183,14 +181,12 @@ class Engine:
             t_encode = self._sync_time(t0)
 
             t0 = time.perf_counter()
-            done_steps = [0]
 
             def step_callback(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
-                done_steps[0] = i + 1
                 if on_step is None:
                     return
                 preview = None
-                if preview_every and preview_every > 0 and (i + 1) % preview_every == 0:
+                if preview_every > 0 and (i + 1) % preview_every == 0:
                     preview = self._preview(x0_hat[:1], plan)
                 on_step(StepEvent(step=i + 1, total=plan.steps, sigma=plan.sigmas[i + 1], preview=preview))
 
@@ -220,6 +216,7 @@ class Engine:
                 f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {seed}; "
                 + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items())
             )
+            log.info(logs[-1])
             return GenerationResult(images=encoded, seed=seed, timings=timings,
                                     techniques=_unique(techniques), logs=logs)
 
@@ -288,7 +285,8 @@ class Engine:
         img_ids = img_ids.expand(n, -1, -1)
         txt_ids = txt_ids.expand(n, -1, -1)
 
-        forward, acc_techniques = self._forward_fn(plan.request)
+        # The transformer call at the request's acceleration level (a fresh block cache per run).
+        forward, acc_techniques = self.accelerator.forward(plan.request.acceleration)
         techniques.extend(acc_techniques)
         if plan.guided:
             techniques.append("cfg_batched")
@@ -315,7 +313,6 @@ class Engine:
                 joint_attention_kwargs=None,
                 return_dict=False,
             )[0]
-            v = v[:, : x.shape[1]]
             if branches == 2:
                 v_cond, v_uncond = v.chunk(2, dim=0)
                 v = v_uncond + g * (v_cond - v_uncond)
@@ -331,14 +328,8 @@ class Engine:
             logs.append(cns.describe(noise))
             techniques.append("cns")
         x = sampling.sample(model, x, plan.sigmas, noise=noise, callback=callback, should_cancel=should_cancel)
-        notes = getattr(forward, "notes", None)
-        if callable(notes):
-            logs.extend(notes())
+        logs.extend(forward.notes())
         return x
-
-    def _forward_fn(self, request) -> tuple[Callable[..., Any], list[str]]:
-        """The transformer call for the request's acceleration level (a fresh block cache each run)."""
-        return self.accelerator.forward(request.acceleration)
 
     def _unpack_patched(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:
         """Packed (B, h16*w16, 4C) -> patchified (B, 4C, h16, w16), scattered by the latent ids."""
@@ -348,7 +339,7 @@ class Engine:
 
     def unpack_latents(self, packed: torch.Tensor, h8: int, w8: int) -> torch.Tensor:
         """Packed (B, h16*w16, 4C) -> (B, C, h8, w8) VAE-grid latents (still BatchNorm-normalised)."""
-        return _pipeline_cls()._unpatchify_latents(self._unpack_patched(packed, h8 // 2, w8 // 2))
+        return cns.unpack_latents(packed, (h8, w8))
 
     def _decode_to_tensor(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:
         """Packed latents -> images in [-1, 1], (B, 3, H, W) float32 (what the VAE decoder outputs)."""
