@@ -119,11 +119,11 @@ def load_components(
         source, is_tiny, model_id = "tiny", True, "tiny"
     else:
         folder = _local_folder(resolved)
+        source = str(folder.resolve()) if folder is not None else resolved  # a folder, or the repo id
         if folder is None:
             folder = download_repo(resolved)
         parts = load_folder(folder, dt)
         is_tiny = (folder / TINY_MARKER).is_file()
-        source = resolved if _REPO_ID.match(resolved) and not Path(resolved).is_dir() else str(folder.resolve())
         model_id = f"{source}@{folder.resolve()}"
 
     _place(parts["transformer"], dev, dt)
