@@ -126,9 +126,16 @@ def load_components(
         is_tiny = (folder / TINY_MARKER).is_file()
         model_id = f"{source}@{folder.resolve()}"
 
-    _place(parts["transformer"], dev, dt)
-    _place(parts["vae"], dev, dt)
-    _place(parts["text_encoder"], torch.device("cpu") if cpu_offload else dev, dt)
+    try:
+        _place(parts["transformer"], dev, dt)
+        _place(parts["vae"], dev, dt)
+        _place(parts["text_encoder"], torch.device("cpu") if cpu_offload else dev, dt)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelUnavailable(
+            f"not enough GPU memory on {dev} for {source} in {dtype_name(dt)}"
+            + ("" if cpu_offload else ": retry with CPU offload of the text encoder (--cpu-offload), "
+               "which fits 24 GB cards")
+        ) from exc
 
     info = ModelInfo(
         spec=asked,
