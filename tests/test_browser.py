@@ -135,13 +135,14 @@ def test_playground_end_to_end(server, browser):
         page.click("#generate")
         # progress per step and a live preview from the stream
         expect(page.locator("#progress-label")).to_contain_text("step", timeout=WAIT_MS)
-        page.wait_for_function("document.querySelector('#preview').src.startsWith('data:image/')",
+        # (functions, not expression strings: the page's CSP forbids eval, which string predicates use)
+        page.wait_for_function("() => document.querySelector('#preview').src.startsWith('data:image/')",
                                timeout=WAIT_MS)
         page.screenshot(path=str(ARTIFACTS / "playground-progress.png"))
         # the final image
         img = page.locator("#gallery img")
         expect(img).to_have_count(1, timeout=WAIT_MS)
-        page.wait_for_function("document.querySelector('#gallery img').complete && "
+        page.wait_for_function("() => document.querySelector('#gallery img').complete && "
                                "document.querySelector('#gallery img').naturalWidth === 320", timeout=30_000)
         expect(page.locator("#status-pill")).to_have_text("completed")
         meta = page.locator("#result-meta")

@@ -183,6 +183,17 @@
     else showTopError("Invalid input.", `${shown} field${shown > 1 ? "s need" : " needs"} attention (see below).`);
   }
 
+  // Response JSON, keeping an exact `seed` (up to 2^63-1; JS numbers are exact only to 2^53).
+  async function readResult(resp) {
+    let text = "";
+    try { text = await resp.text(); } catch (_) { return null; }
+    let body = null;
+    try { body = JSON.parse(text); } catch (_) { return null; }
+    const m = /"seed"\s*:\s*(\d+)/.exec(text);
+    if (body && typeof body === "object" && m && !Number.isSafeInteger(body.seed)) body.seed = m[1];
+    return body;
+  }
+
   async function errorFromResponse(resp) {
     let body = null;
     try { body = await resp.json(); } catch (_) { /* not JSON */ }
@@ -574,7 +585,7 @@
       `    ...req,`,
       `    url: req.url`,
       `      .replace("https://queue.fal.run", SERVER + "${state.meta.queue_path || "/queue"}")`,
-      `      .replace("https://fal.run", SERVER + "${state.meta.run_path || ""}"),`,
+      `      .replace("https://fal.run", ${state.meta.run_path ? `SERVER + "${state.meta.run_path}"` : "SERVER"}),`,
       `  }),`,
       `});`,
       ``,
@@ -797,7 +808,7 @@
 
   async function showOutcome(cur, statusEv) {
     const resp = await fetch(cur.handle.response_url, { headers: authHeaders(), cache: "no-store" });
-    let body = null; try { body = await resp.json(); } catch (_) { /* ignore */ }
+    const body = await readResult(resp);
     const wall = (performance.now() - cur.t0) / 1000;
     if (!resp.ok || (statusEv && statusEv.error)) {
       hideProgress();
@@ -842,7 +853,8 @@
     const gallery = $("#gallery");
     gallery.classList.toggle("single", n === 1);
     gallery.replaceChildren(...(result.images || []).map((img, i) => {
-      const seed = typeof result.seed === "number" ? result.seed + i : result.seed;
+      const seed = typeof result.seed === "number" ? result.seed + i
+        : (/^\d+$/.test(String(result.seed)) ? String(BigInt(result.seed) + BigInt(i)) : result.seed);
       const nsfw = (result.has_nsfw_concepts || [])[i];
       return el("figure", { class: "card", style: "margin:0" },
         el("a", { class: "img-link", href: img.url, target: "_blank", rel: "noopener" },
@@ -937,7 +949,7 @@
   async function showHistoryResult(r) {
     const url = r.response_url || `${state.meta.queue_path || "/queue"}/${state.meta.endpoint_id.split("/").slice(0, 2).join("/")}/requests/${r.request_id}`;
     const resp = await fetch(url, { headers: authHeaders(), cache: "no-store" });
-    let body = null; try { body = await resp.json(); } catch (_) { /* ignore */ }
+    const body = await readResult(resp);
     if (!resp.ok) { handleHttpError(resp.status, body, "Loading the result"); return; }
     clearTopError();
     $("#request-id").textContent = r.request_id;
