@@ -23,6 +23,8 @@ KEY = "worker-test-key"
 H = {"Authorization": f"Key {KEY}"}
 SMALL = {"prompt": "a lighthouse at dusk", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4,
          "enable_safety_checker": False}
+# Long enough (seconds even single-threaded) that a client can leave while it is still running.
+SLOW = {"image_size": {"width": 512, "height": 512}, "num_inference_steps": 50}
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +200,7 @@ def test_health_answers_during_generation(server):
 
 def test_stream_client_disconnect_cancels_its_job(server):
     c = server.client
-    slow = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 30}
+    slow = {**SMALL, **SLOW}
     with connect_sse(c, "POST", f"/{EP}/stream", json=slow) as es:
         rid = es.response.headers["x-fal-request-id"]
         for ev in es.iter_sse():
@@ -206,11 +208,11 @@ def test_stream_client_disconnect_cancels_its_job(server):
                 break  # leave after the first progress event: the connection closes
     done = wait_done(c, rid, timeout=120)
     assert done["error_type"] == "cancelled"
-    assert [l["message"] for l in done["logs"]].count("step 30/30") == 0
+    assert [l["message"] for l in done["logs"]].count("step 50/50") == 0
 
 
 def test_sync_run_client_disconnect_cancels_its_job(server):
-    slow = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 30}
+    slow = {**SMALL, **SLOW}
     with httpx.Client(base_url=server.base_url, headers=H, timeout=httpx.Timeout(30, read=2.0)) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             impatient.post(f"/{EP}", json=slow)
