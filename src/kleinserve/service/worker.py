@@ -329,8 +329,9 @@ class Worker:
                 self.store.append_log(rid, str(line), source="engine")
             files = self._store_images(job, request, result)
             output = spec.build_output(job, request, result, files)
-            done = self.store.complete_ok(rid, output)
+            # Metrics first: once the job reads COMPLETED, /metrics already counts it.
             _metric("observe_result", result, getattr(request, "output_format", "png"))
+            done = self.store.complete_ok(rid, output)
             log.info("request completed in %.2fs", time.monotonic() - started)
         except BaseException as exc:  # noqa: BLE001 - every failure completes the job
             done = self._fail(job, exc, reason.get("why"))
