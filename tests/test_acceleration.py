@@ -24,7 +24,7 @@ from kleinserve.engine.acceleration import LEVELS, Accelerator, FirstBlockCache,
 from kleinserve.schema import FluxKleinInput
 
 SIZE = {"width": 64, "height": 64}
-FORCED_SKIP_PSNR_DB = 20.0  # tiny model, threshold 2.0 (skips ~1/3 of the steps); measured ~29 dB
+FORCED_SKIP_PSNR_DB = 20.0  # tiny model, threshold 2.0, 8 steps: skips 4 of 8; measured 27.1 dB
 
 
 def _request(level: str, **kw) -> FluxKleinInput:

@@ -4,7 +4,10 @@
     fn, techniques = acc.forward("regular")   # once per generation: fn carries that run's block cache
     out = fn(hidden_states=..., encoder_hidden_states=..., timestep=..., img_ids=..., txt_ids=...,
              guidance=None, joint_attention_kwargs=None, return_dict=False)   # -> (sample,)
-    acc.warmup([(1024, 768), ...], levels=("regular",))   # compile every preset shape before serving
+    acc.warmup_presets()   # at startup: compile every preset size (a no-op where nothing compiles)
+
+After `warmup`, a compiled level runs under the ``eager_on_recompile`` stance: a shape the warm-up did not
+cover runs eagerly (same result, slower) rather than stalling a request on a compile.
 
 Levels (see docs/PERFORMANCE.md for the measured costs):
 
@@ -476,7 +479,7 @@ class Accelerator:
                         run_fn(level, width, height, batch)
                     else:
                         fn, _ = self.forward(level)
-                        fn.stance = "default" if fn.stance == "eager_on_recompile" else fn.stance
+                        fn.stance = self._levels[level].stance  # compile, even when warmed before
                         fn(**self.dummy_inputs(batch, width, height, text_len))
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -484,6 +487,19 @@ class Accelerator:
             with self._lock:
                 self._warmed.add(level)
         return report
+
+
+    def warmup_presets(self, levels: Optional[Sequence[str]] = None, text_len: int = 512) -> dict[str, float]:
+        """Startup warm-up: every preset size (schema.IMAGE_SIZE_PRESETS) at batches 2, 4, 1 for the
+        compiled levels (default: regular and high when compiling is on; nothing to do otherwise), so
+        the first user request is not the one that compiles."""
+        from ..schema import IMAGE_SIZE_PRESETS
+
+        if levels is None:
+            levels = ("regular", "high") if self.compile else ()
+        if not levels:
+            return {}
+        return self.warmup(list(IMAGE_SIZE_PRESETS.values()), levels=levels, text_len=text_len)
 
 
 def fp8_filter(module: torch.nn.Module, fqn: str) -> bool:
