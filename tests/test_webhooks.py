@@ -307,23 +307,6 @@ def test_unreachable_receiver_is_retried(tmp_path: Path, store: SQLiteJobStore):
     assert final.webhook_attempts == 2 and "ConnectError" in final.webhook_last_error
 
 
-def test_error_body_matches_the_result_endpoint():
-    """The ERROR payload is the body GET .../requests/{id} answers with (api/deps.error_body)."""
-    from kleinserve.api import deps
-    from kleinserve.service.webhooks import error_body
-
-    errors = [
-        J.job_error("boom", J.ERR_INTERNAL, 500),
-        J.job_error("Request was cancelled.", J.ERR_CANCELLED, J.CANCELLED_STATUS_CODE),
-        J.job_error("bad", J.ERR_VALIDATION, 422, detail=[{"loc": ["body", "x"], "msg": "m", "type": "t"}]),
-        J.job_error("late", J.ERR_TIMEOUT, 504, timeout_type="user"),
-    ]
-    for err in errors:
-        job = _job(status=J.COMPLETED, error=err)
-        assert error_body(job) == deps.error_body(job)
-        assert webhook_payload(job)["error"] == f"Invalid status code: {deps.error_status(job)}"
-
-
 # ================================================================================ end to end
 
 KEY = "webhook-test-key"

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import Principal, authenticate_request_sync
-from kleinserve.service.jobs import Job
+from kleinserve.service.jobs import Job, error_body, error_status
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 TIMEOUT_HEADER = "x-fal-request-timeout"
@@ -136,23 +136,6 @@ def status_body(job: Job, urls: dict[str, str], *, position: Optional[int], with
     if job.cancel_requested and job.status == J.IN_PROGRESS:
         body["cancel_requested"] = True
     return body
-
-
-def error_status(job: Job) -> int:
-    try:
-        return int((job.error or {}).get("status_code", 500))
-    except (TypeError, ValueError):
-        return 500
-
-
-def error_body(job: Job) -> dict[str, Any]:
-    """The body a failed request's result answers with: {"detail", "error_type", "request_id"}; a
-    validation failure keeps the 422 list shape in `detail`."""
-    err = job.error or {}
-    detail: Any = err.get("error") or "Request failed."
-    if err.get("error_type") == J.ERR_VALIDATION and isinstance(err.get("detail"), list):
-        detail = err["detail"]
-    return {"detail": detail, "error_type": err.get("error_type", J.ERR_INTERNAL), "request_id": job.request_id}
 
 
 def error_headers(job: Job) -> dict[str, str]:

@@ -167,6 +167,27 @@ class Job:
         return dataclasses.asdict(self)
 
 
+# ------------------------------------------------------------------------------ a failed job's answer
+
+def error_status(job: Job) -> int:
+    """The HTTP status a failed request's result answers with (500 when its error has none)."""
+    try:
+        return int((job.error or {}).get("status_code", 500))
+    except (TypeError, ValueError):
+        return 500
+
+
+def error_body(job: Job) -> dict[str, Any]:
+    """The body a failed request's result answers with (GET .../requests/{id}, the webhook ERROR
+    payload): {"detail", "error_type", "request_id"}; a validation failure keeps the 422 list shape
+    in `detail`."""
+    err = job.error or {}
+    detail: Any = err.get("error") or "Request failed."
+    if err.get("error_type") == ERR_VALIDATION and isinstance(err.get("detail"), list):
+        detail = err["detail"]
+    return {"detail": detail, "error_type": err.get("error_type") or ERR_INTERNAL, "request_id": job.request_id}
+
+
 # ------------------------------------------------------------------------------ the state machine
 
 # (from status, event) -> to status

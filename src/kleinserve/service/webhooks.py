@@ -44,6 +44,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kleinserve.service.jobs import Job, error_body, error_status
+
 log = logging.getLogger(__name__)
 
 HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
@@ -267,54 +269,16 @@ def validate_webhook_url(url: str, *, allow_private: bool = True, resolve: bool 
 # payloads
 
 
-def _attr(job: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        v = job.get(n) if isinstance(job, Mapping) else getattr(job, n, None)
-        if v is not None:
-            return v
-    return default
-
-
-def error_body(job: Any) -> dict[str, Any]:
-    """The body the result endpoint answers a failed request with (the ERROR payload):
-    {"detail", "error_type", "request_id"} from the job's stored error ({error, error_type,
-    status_code, ...}, see jobs.job_error); a validation failure keeps its 422 list in `detail`.
-    Must stay equal to api/deps.error_body (the app can pass that one in as `payload_builder`)."""
-    err = _attr(job, "error")
-    if not isinstance(err, Mapping):
-        err = {"error": str(err) if err is not None else None, "error_type": _attr(job, "error_type")}
-    detail: Any = err.get("error") or "Request failed."
-    if err.get("error_type") == "validation" and isinstance(err.get("detail"), list):
-        detail = err["detail"]
-    return {
-        "detail": detail,
-        "error_type": err.get("error_type") or "internal",
-        "request_id": str(_attr(job, "request_id", "id")),
-    }
-
-
-def _error_status(job: Any) -> int:
-    err = _attr(job, "error")
-    status = err.get("status_code") if isinstance(err, Mapping) else None
-    try:
-        return int(status if status is not None else _attr(job, "status_code", default=500))
-    except (TypeError, ValueError):
-        return 500
-
-
-def webhook_payload(job: Any) -> dict[str, Any]:
-    """The JSON body POSTed to the webhook of a completed job (fal's shape)."""
-    request_id = str(_attr(job, "request_id", "id"))
-    base = {
-        "request_id": request_id,
-        "gateway_request_id": str(_attr(job, "gateway_request_id", default=request_id)),
-    }
-    if _attr(job, "error") is None:
-        return {**base, "status": "OK", "payload": _attr(job, "result")}
+def webhook_payload(job: Job) -> dict[str, Any]:
+    """The JSON body POSTed to the webhook of a completed job (fal's shape); the ERROR payload is the
+    body the result endpoint answers with (jobs.error_body), its HTTP status in `error`."""
+    base = {"request_id": job.request_id, "gateway_request_id": job.request_id}
+    if job.error is None:
+        return {**base, "status": "OK", "payload": job.result}
     return {
         **base,
         "status": "ERROR",
-        "error": f"Invalid status code: {_error_status(job)}",
+        "error": f"Invalid status code: {error_status(job)}",
         "payload": error_body(job),
     }
 
@@ -364,7 +328,7 @@ class WebhookDispatcher:
         concurrency: int = 4,
         batch_size: int = 8,
         allow_private_targets: bool = True,
-        payload_builder: Callable[[Any], dict[str, Any]] = webhook_payload,
+        payload_builder: Callable[[Job], dict[str, Any]] = webhook_payload,
         user_id_default: str = "kleinserve",
         client: Optional[httpx.Client] = None,
     ):
@@ -433,7 +397,7 @@ class WebhookDispatcher:
         jobs = self.store.due_webhooks(time.time(), self.batch_size, lease_seconds=self.lease_seconds)
         n = 0
         for job in jobs:
-            rid = str(_attr(job, "request_id", "id"))
+            rid = job.request_id
             with self._inflight_lock:
                 if rid in self._inflight:
                     continue
@@ -447,11 +411,11 @@ class WebhookDispatcher:
             n += 1
         return n
 
-    def _deliver_and_record(self, job: Any) -> None:
-        rid = str(_attr(job, "request_id", "id"))
+    def _deliver_and_record(self, job: Job) -> None:
+        rid = job.request_id
         try:
             result = self.deliver(job)
-            attempts = int(_attr(job, "webhook_attempts", default=0)) + 1
+            attempts = job.webhook_attempts + 1
             next_at = None
             if not result.delivered and attempts < self.max_attempts:
                 next_at = time.time() + backoff_delay(attempts, self.backoff_base, self.backoff_max)
@@ -478,16 +442,16 @@ class WebhookDispatcher:
             with self._inflight_lock:
                 self._inflight.discard(rid)
 
-    def deliver(self, job: Any) -> DeliveryResult:
+    def deliver(self, job: Job) -> DeliveryResult:
         """One POST of the job's webhook; never raises."""
-        url = _attr(job, "webhook_url")
-        rid = str(_attr(job, "request_id", "id"))
+        url = job.webhook_url
+        rid = job.request_id
         try:
             validate_webhook_url(url, allow_private=self.allow_private_targets)
             body = json.dumps(self.payload_builder(job), separators=(",", ":")).encode("utf-8")
         except (InvalidWebhookUrl, TypeError, ValueError) as exc:
             return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}")
-        user_id = str(_attr(job, "owner", default=self.user_id_default) or self.user_id_default)
+        user_id = job.owner or self.user_id_default
         headers = {"Content-Type": "application/json", **self.signer.headers(rid, user_id, body)}
         try:
             resp = self._client.post(url, content=body, headers=headers)
