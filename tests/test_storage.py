@@ -138,6 +138,39 @@ def test_retention_and_expiry(storage: LocalFileStorage):
     assert not storage._paths(old.id)[0].exists()
 
 
+def test_maintenance_purge_removes_old_uploads(tmp_path: Path):
+    """The maintenance purge (--result-retention) deletes uploads older than the retention and
+    abandoned partial uploads, and keeps fresh ones."""
+    from kleinserve.service.sqlite_store import SQLiteJobStore
+    from kleinserve.service.worker import Maintenance
+
+    storage = LocalFileStorage(tmp_path / "files", max_upload_bytes=1000)
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        old = storage.put(b"old", "text/plain", "old.txt")
+        fresh = storage.put(b"fresh", "text/plain", "fresh.txt")
+        meta_path = storage._paths(old.id)[1]
+        meta = json.loads(meta_path.read_text())
+        meta["created_at"] -= 2 * 3600
+        meta_path.write_text(json.dumps(meta))
+        abandoned = storage.create_multipart("text/plain", "big.txt")
+        mp_dir = tmp_path / "files" / ".multipart" / abandoned.upload_id
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(mp_dir, (two_days_ago, two_days_ago))
+        ongoing = storage.create_multipart("text/plain", "big2.txt")
+
+        settings = Settings(data_dir=tmp_path, result_retention=3600)
+        Maintenance(store, settings=settings, storage=storage).purge_now()
+
+        with pytest.raises(FileNotFound):
+            storage.open(old.id)
+        assert storage.open(fresh.id)[0].read_bytes() == b"fresh"
+        assert not mp_dir.exists()
+        assert storage.get_multipart(ongoing.upload_id).upload_id == ongoing.upload_id
+    finally:
+        store.close()
+
+
 def test_multipart(storage: LocalFileStorage):
     mp = storage.create_multipart("application/octet-stream", "big.bin", owner="o")
     for n, chunk in [(2, b"B" * 300), (1, b"A" * 300), (3, b"C" * 10)]:

@@ -441,6 +441,8 @@ class Maintenance:
         return changed
 
     def purge_now(self) -> list[Job]:
+        """Deletes finished requests older than the retention with their images, then every stored
+        file older than it (uploads included) and abandoned partial uploads. Returns the purged jobs."""
         if not self.retention:
             return []
         purged = self.store.purge(self.retention)
@@ -453,6 +455,10 @@ class Maintenance:
                         log.debug("could not delete file %s", f, exc_info=True)
         if purged:
             log.info("purged %d finished request(s) older than %.0fs", len(purged), self.retention)
+        if self.storage is not None:
+            removed = self.storage.purge_older_than(self.retention)
+            if removed:
+                log.info("purged %d stored file(s) older than %.0fs", removed, self.retention)
         return purged
 
     def start(self) -> "Maintenance":
