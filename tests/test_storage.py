@@ -272,6 +272,37 @@ def test_http_initiate_put_download(server):
     assert _initiate(base, storage_type="s3").status_code == 400
 
 
+def test_upload_tokens_are_redacted_in_the_access_log(tmp_path: Path):
+    """The signed upload URL's token never reaches uvicorn's access log."""
+    import logging
+
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    with serve_app(make_app(tmp_path / "data"), log_level="info") as srv:
+        access = logging.getLogger("uvicorn.access")
+        handler = Capture()
+        access.addHandler(handler)  # after uvicorn configured its loggers
+        try:
+            r = _initiate(srv.base_url)
+            up = r.json()["upload_url"]
+            token = up.split("token=")[1]
+            assert httpx.put(up, content=PNG, headers={"Content-Type": "image/png"}).status_code == 200
+            assert httpx.put(up.replace("token=", "x=1&token="), content=PNG).status_code == 200
+            deadline = time.time() + 5
+            while sum("/storage/upload/" in l and "PUT" in l for l in lines) < 2 and time.time() < deadline:
+                time.sleep(0.02)
+        finally:
+            access.removeHandler(handler)
+    puts = [l for l in lines if "PUT" in l and "/storage/upload/" in l]
+    assert len(puts) == 2, lines
+    assert all("token=REDACTED" in l for l in puts), puts
+    assert not any(token in l for l in lines), lines
+
+
 def test_http_auth_required(server):
     base = server.base_url
     assert _initiate(base, headers={}).status_code == 401

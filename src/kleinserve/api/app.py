@@ -34,6 +34,7 @@ from starlette.requests import Request as StarletteRequest
 from kleinserve import __version__
 from kleinserve.service.auth import Authenticator
 from kleinserve.service.events import EventHub
+from kleinserve.service.logging import install_access_log_redaction
 from kleinserve.service.settings import Settings
 from kleinserve.service.sqlite_store import SQLiteJobStore
 from kleinserve.service.store import JobStore
@@ -474,6 +475,7 @@ def create_app(
     app.state.hub = runtime.hub
 
     _install_error_handlers(app)
+    install_access_log_redaction()  # upload URLs carry their token in the query string
     app.add_middleware(FalProtocolMiddleware, registry=registry, settings=settings)
 
     @app.get("/health", tags=["service"], summary="Liveness (never waits on the model)")

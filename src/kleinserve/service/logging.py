@@ -17,6 +17,9 @@ A line looks like
 Keys given through `extra=` become top-level fields. `fmt="text"` keeps a readable single line with
 the request id in brackets. Only the `kleinserve` logger tree (and uvicorn's, when asked) is
 configured; nothing else in the process is touched.
+
+Upload URLs carry their bearer token in the query string (`?token=...`): `install_access_log_redaction`
+(called by create_app) puts a filter on uvicorn's access logger that writes `token=REDACTED` instead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Iterator, Optional
 
@@ -70,6 +74,33 @@ class RequestIdFilter(logging.Filter):
             record.request_id = request_id_var.get()
         return True
 
+
+
+_TOKEN_PARAM = re.compile(r"([?&]token=)[^&#\s\"']*")
+
+
+def redact_tokens(text: str) -> str:
+    """`/storage/upload/x?token=abc&y=1` -> `/storage/upload/x?token=REDACTED&y=1`."""
+    return _TOKEN_PARAM.sub(r"\1REDACTED", text)
+
+
+class RedactTokensFilter(logging.Filter):
+    """Redacts `token=` query parameters in a record's message and string arguments (uvicorn's
+    access lines pass the path with its query string as an argument; the tuple keeps its shape)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = redact_tokens(record.msg)
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "token=" in a for a in record.args):
+            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def install_access_log_redaction(logger_name: str = "uvicorn.access") -> None:
+    """Adds a `RedactTokensFilter` to uvicorn's access logger (once; uvicorn's log config keeps it)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, RedactTokensFilter) for f in logger.filters):
+        logger.addFilter(RedactTokensFilter())
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, request_id, extra fields, exc_info."""
