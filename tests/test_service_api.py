@@ -232,6 +232,25 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
     assert Settings.from_args(p.parse_args([])).no_auth
 
 
+def test_webhook_settings_reach_the_dispatcher(monkeypatch, tmp_path):
+    import argparse
+
+    from kleinserve.api.server import add_serve_arguments
+
+    monkeypatch.setenv("KLEINSERVE_WEBHOOK_MAX_ATTEMPTS", "4")
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    s = Settings.from_args(p.parse_args(["--data-dir", str(tmp_path), "--api-key", KEY_A,
+                                         "--webhook-backoff-base", "2m"]))
+    assert (s.webhook_max_attempts, s.webhook_backoff_base) == (4, 120.0)
+    app = create_app(s, start_worker=False)
+    with TestClient(app):
+        d = app.state.runtime.dispatcher
+        assert (d.max_attempts, d.backoff_base) == (4, 120.0)
+    with pytest.raises(ValueError):
+        Settings(data_dir=tmp_path, webhook_max_attempts=0)
+
+
 @pytest.mark.parametrize("max_attempts, expect", [(1, "crashed"), (3, "requeued")])
 def test_startup_recovery_of_a_dead_workers_request(tmp_path, max_attempts, expect):
     """A request left IN_PROGRESS by a worker process that no longer exists is recovered when the app

@@ -324,7 +324,9 @@ def live(tmp_path_factory, tiny_engine):
 
     d = tmp_path_factory.mktemp("webhooks-e2e")
     cert, key = make_self_signed_cert(d / "cert")
-    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny"), engine=tiny_engine)
+    # --webhook-backoff-base 0.2s: the production default (14 s) would make the retry test slow
+    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny", webhook_backoff_base=0.2),
+                     engine=tiny_engine)
     with serve_app(app, ssl_cert=cert, ssl_key=key) as srv:
         wait_for_http(srv.base_url + "/ready", timeout=240,
                       verify=ssl.create_default_context(cafile=str(cert)))
@@ -366,19 +368,15 @@ def test_e2e_real_fal_client_webhook(live):
 
 
 def test_e2e_retries_until_delivered(live):
-    dispatcher = live.app.state.runtime.dispatcher
-    old = dispatcher.backoff_base
-    dispatcher.backoff_base = 0.2  # the production default is 14 s
-    try:
-        with Receiver(fail_first=2) as rx, _client(live) as c:
-            r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": rx.url}, json=TINY_INPUT)
-            assert r.status_code == 200, r.text
-            request_id = r.json()["request_id"]
-            rx.wait(timeout=180)
-            jwks = c.get("/.well-known/jwks.json").json()
-    finally:
-        dispatcher.backoff_base = old
+    with Receiver(fail_first=2) as rx, _client(live) as c:
+        r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": rx.url}, json=TINY_INPUT)
+        assert r.status_code == 200, r.text
+        request_id = r.json()["request_id"]
+        rx.wait(timeout=180)
+        jwks = c.get("/.well-known/jwks.json").json()
     assert len(rx.received) == 3
+    # retried on the configured schedule (0.2 s, 0.4 s + polling), not the default 14 s, 28 s
+    assert rx.received[-1]["time"] - rx.received[0]["time"] < 10
     assert all(verify_webhook(x["headers"], x["body"], jwks) for x in rx.received)
     assert json.loads(rx.received[-1]["body"])["request_id"] == request_id
     job = live.app.state.runtime.store.get(request_id)

@@ -316,7 +316,8 @@ class ServiceRuntime:
                 except ImportError:
                     signer = WebhookSigner.from_data_dir(self.settings.data_dir)
                     self.app.state.webhook_signer = signer
-            return WebhookDispatcher(self.store, signer)
+            return WebhookDispatcher(self.store, signer, max_attempts=self.settings.webhook_max_attempts,
+                                     backoff_base=self.settings.webhook_backoff_base)
         except Exception:
             log.exception("could not set up webhook delivery")
             return None

@@ -1,7 +1,7 @@
 """Service configuration: one `Settings` object, filled from CLI flags with KLEINSERVE_* env fallbacks.
 
 Precedence: command-line flag > environment variable > default. `OPTIONS` is the single table the
-`serve` flags, the env lookup and docs/SERVICE.md's configuration table are generated from.
+`serve` flags, the env lookup and README.md's configuration table are generated from.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
+
+from kleinserve.service.webhooks import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS
 
 ENV_PREFIX = "KLEINSERVE_"
 
@@ -43,6 +45,15 @@ def parse_size(value: Any) -> int:
     return int(float(num) * _SIZE_UNITS[unit])
 
 
+def format_size(value: int) -> str:
+    """The inverse of parse_size, in the largest binary unit that divides it: 8388608 -> "8MiB"."""
+    for unit in ("GiB", "MiB", "KiB"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if value and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
+
+
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -56,6 +67,16 @@ def parse_duration(value: Any) -> float:
     if unit not in _DURATION_UNITS or not num:
         raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 24h, 7d)")
     return float(num) * _DURATION_UNITS[unit]
+
+
+def format_duration(value: float) -> str:
+    """The inverse of parse_duration, in the largest unit that divides it: 604800 -> "7d",
+    1800 -> "30m", 0.5 -> "0.5s"."""
+    for unit in ("d", "h", "m"):
+        factor = _DURATION_UNITS[unit]
+        if value and float(value) % factor == 0:
+            return f"{int(value // factor)}{unit}"
+    return f"{value:g}s"
 
 
 def parse_list(value: Any) -> list[str]:
@@ -111,6 +132,8 @@ class Settings:
     preview_every: int = 4
     max_run_seconds: float = 1800.0
     worker_stale_after: float = 120.0
+    webhook_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    webhook_backoff_base: float = DEFAULT_BACKOFF_BASE
     log_format: str = "text"
     log_level: str = "info"
 
@@ -122,6 +145,10 @@ class Settings:
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
         if self.max_attempts < 1:
             raise ValueError("max attempts must be >= 1")
+        if self.webhook_max_attempts < 1:
+            raise ValueError("webhook max attempts must be >= 1")
+        if self.webhook_backoff_base < 0:
+            raise ValueError("webhook backoff base must be >= 0")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
 
@@ -203,18 +230,35 @@ OPTIONS: list[Option] = [
     Option("worker_stale_after", ("--worker-stale-after",), "KLEINSERVE_WORKER_STALE_AFTER", parse_duration,
            "A running request whose worker showed no sign of life for this long is re-queued.",
            metavar="DURATION"),
+    Option("webhook_max_attempts", ("--webhook-max-attempts",), "KLEINSERVE_WEBHOOK_MAX_ATTEMPTS", int,
+           "Delivery attempts of a webhook before it is given up."),
+    Option("webhook_backoff_base", ("--webhook-backoff-base",), "KLEINSERVE_WEBHOOK_BACKOFF_BASE", parse_duration,
+           "Wait after the first failed webhook delivery; it doubles after each further failure "
+           f"(capped at {format_duration(DEFAULT_BACKOFF_MAX)}).", metavar="DURATION"),
     Option("log_format", ("--log-format",), "KLEINSERVE_LOG_FORMAT", str, "text | json (one object a line)."),
     Option("log_level", ("--log-level",), "KLEINSERVE_LOG_LEVEL", str, "debug | info | warning | error."),
 ]
+
+
+def shown_default(opt: Option) -> str:
+    """An option's default as a user writes it: "7d", "8MiB", "a, b", "none"."""
+    d = opt.default
+    if isinstance(d, list):
+        return ", ".join(d) or "none"
+    if d in (None, ""):
+        return "none"
+    if opt.parse is parse_duration:
+        return format_duration(d)
+    if opt.parse is parse_size:
+        return format_size(d)
+    return str(d)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds every option as a flag. Defaults are None (so env vars can fill in); the help shows the
     env var and the real default."""
     for opt in OPTIONS:
-        d = opt.default
-        shown = ", ".join(d) if isinstance(d, list) else d
-        help_text = f"{opt.help} [env {opt.env}; default: {shown if shown not in (None, '', []) else 'none'}]"
+        help_text = f"{opt.help} [env {opt.env}; default: {shown_default(opt)}]"
         if opt.kind == "flag":
             parser.add_argument(*opt.flags, dest=opt.name, action="store_true", default=None, help=help_text)
         elif opt.kind == "append":
@@ -227,11 +271,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_markdown_table() -> str:
     rows = ["| Flag | Env var | Default | Meaning |", "|---|---|---|---|"]
     for opt in OPTIONS:
-        d = opt.default
-        if isinstance(d, list):
-            d = ", ".join(d) or "none"
-        if d in (None, ""):
-            d = "none"
         help_text = opt.help.replace("|", "\\|")
-        rows.append(f"| `{opt.flags[0]}` | `{opt.env}` | `{d}` | {help_text} |")
+        rows.append(f"| `{opt.flags[0]}` | `{opt.env}` | `{shown_default(opt)}` | {help_text} |")
     return "\n".join(rows)
