@@ -331,35 +331,59 @@ def _write_json_atomic(path: Path, data: dict[str, Any], tmp_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-class _LocalWriter(UploadWriter):
-    def __init__(self, storage: "LocalFileStorage", meta: StoredFile):
+class _TempFile:
+    """The bytes of an upload (or of one multipart part) written under a temporary name, counted
+    against the storage's upload limit together with `counted_elsewhere` bytes (the other parts)."""
+
+    def __init__(self, storage: "LocalFileStorage", tmp: Path, counted_elsewhere: int = 0):
         self._storage = storage
-        self._meta = meta
-        self._tmp = storage._tmp_dir / f"{meta.id}.{uuid.uuid4().hex}.part"
-        self._f = open(self._tmp, "wb")
-        os.chmod(self._tmp, 0o640)
+        self._tmp = tmp
+        self._f = open(tmp, "wb")
         self._size = 0
-        self._hash = hashlib.sha256()
+        self._counted_elsewhere = counted_elsewhere
         self._done = False
 
-    def write(self, chunk: bytes) -> None:
-        if self._done:
-            raise InvalidUpload("upload already finished")
+    def _write(self, chunk: bytes) -> None:
         self._size += len(chunk)
-        if self._size > self._storage.max_upload_bytes:
+        if self._counted_elsewhere + self._size > self._storage.max_upload_bytes:
             self.abort()
             raise FileTooLarge(
                 f"file exceeds the upload limit of {self._storage.max_upload_bytes} bytes"
             )
         self._f.write(chunk)
+
+    def _close_durably(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._f.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+class _LocalWriter(_TempFile, UploadWriter):
+    def __init__(self, storage: "LocalFileStorage", meta: StoredFile):
+        super().__init__(storage, storage._tmp_dir / f"{meta.id}.{uuid.uuid4().hex}.part")
+        os.chmod(self._tmp, 0o640)
+        self._meta = meta
+        self._hash = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        if self._done:
+            raise InvalidUpload("upload already finished")
+        self._write(chunk)
         self._hash.update(chunk)
 
     def commit(self) -> StoredFile:
         if self._done:
             raise InvalidUpload("upload already finished")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._close_durably()
         meta = StoredFile(
             **{**self._meta.to_json(), "size": self._size, "sha256": self._hash.hexdigest()}
         )
@@ -367,56 +391,26 @@ class _LocalWriter(UploadWriter):
         self._done = True
         return meta
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            self._f.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
 
-
-class _LocalPartWriter(PartWriter):
+class _LocalPartWriter(_TempFile, PartWriter):
     def __init__(self, storage: "LocalFileStorage", upload_dir: Path, part_number: int):
-        self._storage = storage
-        self._dir = upload_dir
-        self._part = part_number
-        self._tmp = upload_dir / f"{part_number}.{uuid.uuid4().hex}.tmp"
-        self._f = open(self._tmp, "wb")
-        self._md5 = hashlib.md5(usedforsecurity=False)
-        self._size = 0
-        self._others = sum(
+        others = sum(
             p.stat().st_size for p in upload_dir.glob("*.bin") if p.name != f"{part_number}.bin"
         )
-        self._done = False
+        super().__init__(storage, upload_dir / f"{part_number}.{uuid.uuid4().hex}.tmp", others)
+        self._dir = upload_dir
+        self._part = part_number
+        self._md5 = hashlib.md5(usedforsecurity=False)
 
     def write(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._others + self._size > self._storage.max_upload_bytes:
-            self.abort()
-            raise FileTooLarge(
-                f"file exceeds the upload limit of {self._storage.max_upload_bytes} bytes"
-            )
-        self._f.write(chunk)
+        self._write(chunk)
         self._md5.update(chunk)
 
     def commit(self) -> str:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._close_durably()
         os.replace(self._tmp, self._dir / f"{self._part}.bin")
         self._done = True
         return f'"{self._md5.hexdigest()}"'
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            self._f.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
 
 
 class LocalFileStorage(FileStorage):
