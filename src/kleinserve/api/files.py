@@ -41,6 +41,7 @@ from kleinserve.service.storage import (
     InvalidToken,
     LocalFileStorage,
     StorageError,
+    StoredFile,
     UploadTokens,
     ExpiredToken,
     is_valid_file_id,
@@ -233,6 +234,17 @@ async def _store_body(
         _raise(exc)
 
 
+def _uploaded_body(request: Request, svc: StorageServices, stored: StoredFile, url_key: str) -> dict[str, Any]:
+    """The answer to a finished single-request upload; the file's URL under `url_key` (the JS
+    client reads `file_url`, the Python client `access_url`)."""
+    return {
+        url_key: stored.url(_public_url(request, svc)),
+        "content_type": stored.content_type,
+        "file_name": stored.file_name,
+        "file_size": stored.size,
+    }
+
+
 def _parts_from_body(body: Any) -> Optional[list[int]]:
     parts = body.get("parts") if isinstance(body, dict) else None
     if parts is None:
@@ -304,12 +316,7 @@ async def put_signed_upload(request: Request, file_id: str, token: Optional[str]
         file_id=file_id,
         expires_in=claims.get("x"),
     )
-    return {
-        "file_url": stored.url(_public_url(request, svc)),
-        "content_type": stored.content_type,
-        "file_name": stored.file_name,
-        "file_size": stored.size,
-    }
+    return _uploaded_body(request, svc, stored, "file_url")
 
 
 @router.post("/storage/upload/initiate-multipart")
@@ -321,16 +328,7 @@ async def initiate_multipart_upload(
 ):
     _check_storage_type(storage_type)
     svc = _svc(request)
-    try:
-        mp = await run_in_threadpool(
-            svc.storage.create_multipart,
-            body.content_type,
-            body.file_name,
-            owner,
-            expires_in=_lifecycle_expires_in(request),
-        )
-    except StorageError as exc:
-        _raise(exc)
+    mp = await _create_multipart(request, svc, body.content_type, body.file_name, owner)
     token, _ = svc.tokens.issue("mp", MULTIPART_TOKEN_TTL, u=mp.upload_id)
     base = _public_url(request, svc)
     return {
@@ -346,6 +344,25 @@ def _check_mp_token(svc: StorageServices, token: Optional[str], upload_id: str) 
         _raise(exc)
     if claims.get("u") != upload_id:
         raise HTTPException(status_code=403, detail="upload token not valid for this upload")
+
+
+async def _create_multipart(
+    request: Request,
+    svc: StorageServices,
+    content_type: Optional[str],
+    file_name: Optional[str],
+    owner: Optional[str],
+):
+    try:
+        return await run_in_threadpool(
+            svc.storage.create_multipart,
+            content_type,
+            file_name,
+            owner,
+            expires_in=_lifecycle_expires_in(request),
+        )
+    except StorageError as exc:
+        _raise(exc)
 
 
 async def _put_part(request: Request, svc: StorageServices, upload_id: str, part_number: int) -> str:
@@ -419,12 +436,7 @@ async def cdn_upload(request: Request, owner: Optional[str] = Depends(_cdn_or_ap
         owner=owner,
         expires_in=_lifecycle_expires_in(request),
     )
-    return {
-        "access_url": stored.url(_public_url(request, svc)),
-        "content_type": stored.content_type,
-        "file_name": stored.file_name,
-        "file_size": stored.size,
-    }
+    return _uploaded_body(request, svc, stored, "access_url")
 
 
 @router.post("/files/upload/multipart")
@@ -432,16 +444,9 @@ async def cdn_multipart_create(
     request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)
 ):
     svc = _svc(request)
-    try:
-        mp = await run_in_threadpool(
-            svc.storage.create_multipart,
-            request.headers.get("content-type"),
-            request.headers.get("x-fal-file-name"),
-            owner,
-            expires_in=_lifecycle_expires_in(request),
-        )
-    except StorageError as exc:
-        _raise(exc)
+    mp = await _create_multipart(
+        request, svc, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), owner
+    )
     return {"access_url": mp.file.url(_public_url(request, svc)), "uploadId": mp.upload_id}
 
 
