@@ -28,7 +28,6 @@ request), 401 (missing/invalid key: `Authorization: Bearer <key>`), 404, 500, 50
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -38,7 +37,6 @@ from typing import Any, Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from kleinserve.schema import IMAGE_SIZE_PRESETS
 from kleinserve.service import jobs as J
@@ -49,7 +47,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-WAIT_POLL_SECONDS = 0.5
 MAX_N = 4
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX\u00d7]\s*(\d{1,5})\s*$")
 
@@ -216,6 +213,7 @@ def _image_item(image: dict[str, Any], response_format: str, revised_prompt: str
 @router.post("/images/generations", summary="OpenAI-compatible image generation")
 async def images_generations(request: Request) -> JSONResponse:
     from .queue import _services, submit_job
+    from .run import wait_until_done
 
     rid = new_request_id()
     try:
@@ -247,20 +245,10 @@ async def images_generations(request: Request) -> JSONResponse:
                 if status and 400 <= int(status) < 500:
                     raise OpenAIError(400, f"Invalid request: {detail}") from None
                 raise
-            while not job.is_terminal:
-                if sub is not None:
-                    await sub.get(WAIT_POLL_SECONDS)
-                else:
-                    await asyncio.sleep(WAIT_POLL_SECONDS)
-                job = await run_in_threadpool(store.get, rid)
-                if not job.is_terminal and await request.is_disconnected():
-                    log.info("OpenAI client of %s disconnected: cancelling it", rid)
-                    try:
-                        await run_in_threadpool(store.request_cancel, rid)
-                    except Exception:
-                        pass
-                    return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
-                                                   "param": None, "code": None}}, status_code=499)
+            job = await wait_until_done(request, store, job, sub, what="OpenAI request")
+            if job is None:
+                return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                               "param": None, "code": None}}, status_code=499)
         finally:
             if sub is not None:
                 sub.close()

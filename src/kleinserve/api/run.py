@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kleinserve.service import jobs as J
 from kleinserve.service.events import watch
-from kleinserve.service.jobs import new_request_id
+from kleinserve.service.jobs import Job, new_request_id
 
 from . import deps
 from .endpoints import EndpointRegistry, EndpointSpec
@@ -35,11 +35,47 @@ log = logging.getLogger(__name__)
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-async def _cancel_quietly(store: Any, request_id: str) -> None:
+async def wait_until_done(request: Request, store: Any, job: Job, subscription: Any, *,
+                          what: str = "sync run") -> Optional[Job]:
+    """Waits for a submitted job to complete: woken by its events (`subscription`, from
+    hub.subscribe before the submit), else polling. Returns the completed job, or None when the client
+    disconnected first: the job is then cancelled (no GPU time for nobody)."""
+    rid = job.request_id
+    while not job.is_terminal:
+        if subscription is not None:
+            await subscription.get(DISCONNECT_POLL_SECONDS)
+        else:
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        job = await run_in_threadpool(store.get, rid)
+        if not job.is_terminal and await request.is_disconnected():
+            log.info("client of %s %s disconnected: cancelling it", what, rid)
+            try:
+                await run_in_threadpool(store.request_cancel, rid)
+            except Exception:
+                log.debug("cancel of %s after disconnect failed", rid, exc_info=True)
+            return None
+    return job
+
+
+async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, owner: str,
+                             mode: str) -> tuple[Any, Any, Job, Any]:
+    """Submits with a fresh request id, subscribed to its events BEFORE the submit (so none is
+    missed); returns (store, hub, job, subscription), the caller closing the subscription. A failed
+    submit closes it and raises."""
+    store, hub, _ = _services(request)
+    rid = new_request_id()
+    sub = hub.subscribe(rid) if hub is not None else None
     try:
-        await run_in_threadpool(store.request_cancel, request_id)
-    except Exception:
-        log.debug("cancel of %s after disconnect failed", request_id, exc_info=True)
+        job = await submit_job(request, spec, body, owner, mode=mode, request_id=rid)
+    except BaseException:
+        if sub is not None:
+            sub.close()
+        raise
+    return store, hub, job, sub
+
+
+def _route_name(kind: str, spec: EndpointSpec) -> str:
+    return f"{kind}_{spec.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
 
 
 def _make_run(spec: EndpointSpec):
@@ -47,27 +83,17 @@ def _make_run(spec: EndpointSpec):
 
     async def run(request: Request, body: Input = Body(...),  # type: ignore[valid-type]
                   owner: str = Depends(deps.require_owner)):
-        store, hub, _ = _services(request)
-        rid = new_request_id()
-        sub = hub.subscribe(rid) if hub is not None else None
+        store, _, job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_RUN)
         try:
-            job = await submit_job(request, spec, body, owner, mode=J.MODE_RUN, request_id=rid)
-            while not job.is_terminal:
-                if sub is not None:
-                    await sub.get(DISCONNECT_POLL_SECONDS)
-                else:
-                    await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-                job = await run_in_threadpool(store.get, rid)
-                if not job.is_terminal and await request.is_disconnected():
-                    log.info("client of sync run %s disconnected: cancelling it", rid)
-                    await _cancel_quietly(store, rid)
-                    return JSONResponse({"detail": "client disconnected"}, status_code=499)
+            done = await wait_until_done(request, store, job, sub)
         finally:
             if sub is not None:
                 sub.close()
-        return deps.result_response(job)
+        if done is None:
+            return JSONResponse({"detail": "client disconnected"}, status_code=499)
+        return deps.result_response(done)
 
-    run.__name__ = f"run_{spec.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
+    run.__name__ = _route_name("run", spec)
     return run
 
 
@@ -76,15 +102,8 @@ def _make_stream(spec: EndpointSpec):
 
     async def stream(request: Request, body: Input = Body(...),  # type: ignore[valid-type]
                      owner: str = Depends(deps.require_owner)):
-        store, hub, _ = _services(request)
-        rid = new_request_id()
-        sub = hub.subscribe(rid) if hub is not None else None
-        try:
-            await submit_job(request, spec, body, owner, mode=J.MODE_STREAM, request_id=rid)
-        except BaseException:
-            if sub is not None:
-                sub.close()
-            raise
+        store, hub, job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_STREAM)
+        rid = job.request_id
 
         async def events():
             finished = False
@@ -127,7 +146,7 @@ def _make_stream(spec: EndpointSpec):
 
         return EventSourceResponse(events(), ping=SSE_PING_SECONDS, headers={deps.REQUEST_ID_HEADER: rid})
 
-    stream.__name__ = f"stream_{spec.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
+    stream.__name__ = _route_name("stream", spec)
     return stream
 
 
