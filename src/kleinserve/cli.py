@@ -282,12 +282,20 @@ def _warn_if_tiny(engine) -> None:
         _eprint(bar)
 
 
-def _load_engine(args: argparse.Namespace):
-    from .engine import load_engine  # lazy: torch/diffusers only when a model is needed
+def _load_engine(args: argparse.Namespace, command: str):
+    """The model for `kleinserve <command>`, with the tiny-model warning; None after saying why when
+    it is unavailable. Ctrl-C while loading: KeyboardInterrupt ("aborted", exit 130)."""
+    from .engine import ModelUnavailable, load_engine  # lazy: torch/diffusers only when a model is needed
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
                               "cpu_offload": bool(getattr(args, "cpu_offload", False))}
-    return load_engine(args.model, **kwargs)
+    try:
+        engine = load_engine(args.model, **kwargs)
+    except ModelUnavailable as exc:
+        _eprint(f"kleinserve {command}: model unavailable: {exc}")
+        return None
+    _warn_if_tiny(engine)
+    return engine
 
 
 def _read_cns_matrix(path: str):
@@ -433,12 +441,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import GenerationCancelled, ModelUnavailable
 
     cancel = threading.Event()
-    try:
-        engine = _load_engine(args)  # Ctrl-C here: KeyboardInterrupt, "aborted", exit 130
-    except ModelUnavailable as exc:
-        _eprint(f"kleinserve generate: model unavailable: {exc}")
+    engine = _load_engine(args, "generate")
+    if engine is None:
         return EXIT_FAILED
-    _warn_if_tiny(engine)
     if matrix is not None:
         note = _install_cns_matrix(engine, matrix)
         if not quiet:
@@ -568,12 +573,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .engine import cns
 
     cancel = threading.Event()
-    try:
-        engine = _load_engine(args)  # Ctrl-C here: KeyboardInterrupt, "aborted", exit 130
-    except ModelUnavailable as exc:
-        _eprint(f"kleinserve calibrate: model unavailable: {exc}")
+    engine = _load_engine(args, "calibrate")
+    if engine is None:
         return EXIT_FAILED
-    _warn_if_tiny(engine)
     info = getattr(engine, "info", None)
     total = len(prompts) * len(seeds)
     if not args.quiet:
