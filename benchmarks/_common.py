@@ -221,7 +221,16 @@ def summarize(samples: Sequence[float]) -> dict:
 
 
 def maxrss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process image so far.
+
+    VmHWM from /proc (Linux): getrusage's ru_maxrss survives fork + exec, so a subprocess started by a
+    big parent would report at least the parent's size."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

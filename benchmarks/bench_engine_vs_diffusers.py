@@ -9,7 +9,7 @@ load change on the machine hits all of them alike; the table reports the median 
 the pipeline, and the same for the process' CPU time (less sensitive to other processes on a shared
 machine). Each repeat uses a new prompt, so our prompt-embedding cache only helps where it should (the
 empty negative prompt). Peak memory: each configuration runs once more in a fresh subprocess that
-reports its peak RSS (getrusage ru_maxrss) and its RSS after imports; tracemalloc cannot see torch's
+reports its peak RSS (VmHWM) and its RSS after imports; tracemalloc cannot see torch's
 allocations and a shared process' high-water mark cannot be split between configurations.
 
     python benchmarks/bench_engine_vs_diffusers.py            # ~3-5 min on 2 CPU cores
