@@ -372,3 +372,16 @@ def test_unpack_latents_matches_the_decode_path(tiny_engine):
     from diffusers import Flux2KleinPipeline
 
     assert torch.equal(grid, Flux2KleinPipeline._unpatchify_latents(patched))
+
+
+def test_previews_only_while_someone_wants_them(tiny_engine):
+    """`wants_preview` is asked at each preview step: previews stop and start with the audience."""
+    events, audience = [], {"on": False}
+
+    def on_step(ev):
+        events.append(ev)
+        audience["on"] = ev.step >= 3  # someone starts following after step 3
+
+    tiny_engine.generate(req(num_inference_steps=6), on_step=on_step, preview_every=1,
+                         wants_preview=lambda: audience["on"])
+    assert [e.step for e in events if e.preview is not None] == [4, 5, 6]

@@ -165,6 +165,7 @@ class Engine:
         on_step: Optional[StepCallback] = None,
         should_cancel: Optional[CancelCheck] = None,
         preview_every: int = 0,
+        wants_preview: Optional[Callable[[], bool]] = None,
     ) -> GenerationResult:
         """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so."""
         with self._lock, torch.inference_mode():
@@ -186,7 +187,9 @@ class Engine:
                 if on_step is None:
                     return
                 preview = None
-                if preview_every > 0 and (i + 1) % preview_every == 0:
+                # A preview is a VAE decode: make it only when someone is there to see it.
+                if preview_every > 0 and (i + 1) % preview_every == 0 and (
+                        wants_preview is None or wants_preview()):
                     preview = self._preview(x0_hat[:1], plan)
                 on_step(StepEvent(step=i + 1, total=plan.steps, sigma=plan.sigmas[i + 1], preview=preview))
 

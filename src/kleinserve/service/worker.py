@@ -324,7 +324,8 @@ class Worker:
                 _metric("observe_step")
 
             result = engine.generate(request, on_step=on_step, should_cancel=should_cancel,
-                                     preview_every=self.preview_every)
+                                     preview_every=self.preview_every,
+                                     wants_preview=self._has_listeners(rid))
             for line in getattr(result, "logs", None) or []:
                 self.store.append_log(rid, str(line), source="engine")
             files = self._store_images(job, request, result)
@@ -390,6 +391,11 @@ class Worker:
             scheme = "https" if getattr(self.settings, "tls", False) else "http"
             base = f"{scheme}://{host}:{port}"
         return str(base).rstrip("/")
+
+    def _has_listeners(self, rid: str) -> Callable[[], bool]:
+        """Previews only go out over this process's event hub: skip them while nobody subscribes."""
+        hub = self.hub
+        return lambda: hub is not None and hub.subscriber_count(rid) > 0
 
     def _store_images(self, job: Job, request: Any, result: Any) -> list[dict[str, Any]]:
         files: list[dict[str, Any]] = []
