@@ -294,3 +294,30 @@ def test_model_that_failed_to_load_is_reported(tmp_path):
         r = c.post(f"/queue/{EP}", json=BODY, headers=A)
         assert r.status_code == 503 and "failed to load" in r.json()["detail"]
         assert c.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("no_warmup", [False, True])
+def test_warmup_runs_before_ready_unless_disabled(tmp_path, tiny_model_dir, monkeypatch, no_warmup):
+    from kleinserve.engine.engine import Engine
+
+    calls = []
+    real_warmup = Engine.warmup
+
+    def recording_warmup(self):
+        calls.append(self.info.source)
+        return real_warmup(self)
+
+    monkeypatch.setattr(Engine, "warmup", recording_warmup)
+    app = create_app(Settings(data_dir=tmp_path / "data", api_keys=[KEY_A], model=str(tiny_model_dir),
+                              no_warmup=no_warmup), load_engine=True)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/ready").json().get("status") == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = c.get("/ready").json()
+        assert body["status"] == "ready", body
+        if no_warmup:
+            assert calls == [] and body["model"]["warmup_seconds"] is None
+        else:
+            # CPU compiles nothing by default, so the warm-up is there but takes no time.
+            assert calls == [str(tiny_model_dir)] and body["model"]["warmup_seconds"] == 0.0

@@ -215,6 +215,7 @@ class ServiceRuntime:
         self.engine = engine
         self.engine_error: Optional[str] = None
         self.engine_loading = False
+        self.warmup_seconds: float | None = None  # compile time spent at startup (None: not warmed)
         self.registry = registry
         self._own_store = store is None
         self.store: Optional[JobStore] = store
@@ -336,6 +337,8 @@ class ServiceRuntime:
 
             log.info("loading model %r ...", s.model)
             engine = load_engine(s.model, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
+            if not s.no_warmup:  # before /ready says yes: the first request must not be the one compiling
+                self.warmup_seconds = sum(engine.warmup().values())
         except Exception as exc:
             self.engine_error = f"{type(exc).__name__}: {exc}"
             log.error("the model could not be loaded: %s", self.engine_error)
@@ -377,6 +380,7 @@ class ServiceRuntime:
         if info is not None:
             body["model"] = {k: getattr(info, k, None) for k in
                              ("spec", "source", "is_tiny", "device", "dtype", "load_seconds")}
+            body["model"]["warmup_seconds"] = self.warmup_seconds
             body["is_tiny"] = bool(getattr(info, "is_tiny", False))
             if body["is_tiny"]:
                 body["warning"] = TINY_WARNING

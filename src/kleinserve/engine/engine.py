@@ -158,6 +158,15 @@ class Engine:
         with self._lock:
             self._cns_matrix = matrix
 
+    def warmup(self) -> dict[str, float]:
+        """Compile the accelerated levels for every preset size now, so no user request pays for it.
+        A no-op where nothing compiles (CPU by default). Returns seconds per warmed shape."""
+        with self._lock, torch.inference_mode():
+            report = self.accelerator.warmup_presets()
+        if report:
+            log.info("warm-up: %d shapes in %.1fs", len(report), sum(report.values()))
+        return report
+
     def generate(
         self,
         request,

@@ -121,6 +121,7 @@ class Settings:
     device: Optional[str] = None
     dtype: Optional[str] = None
     cpu_offload: bool = False
+    no_warmup: bool = False
     data_dir: Path = field(default_factory=lambda: Path("data"))
     api_keys: list[str] = field(default_factory=list)
     no_auth: bool = False
@@ -204,6 +205,9 @@ OPTIONS: list[Option] = [
     Option("dtype", ("--dtype",), "KLEINSERVE_DTYPE", _opt_str, "bfloat16 | float16 | float32 (default: per device)."),
     Option("cpu_offload", ("--cpu-offload",), "KLEINSERVE_CPU_OFFLOAD", parse_bool,
            "Keep weights on the CPU and move each model to the GPU when used.", kind="flag"),
+    Option("no_warmup", ("--no-warmup",), "KLEINSERVE_NO_WARMUP", parse_bool,
+           "Skip compiling the preset sizes at startup (then the first request of each shape compiles).",
+           kind="flag"),
     Option("data_dir", ("--data-dir",), "KLEINSERVE_DATA_DIR", Path,
            "Where the job database, stored files and keys live.", metavar="DIR"),
     Option("api_keys", ("--api-key",), "KLEINSERVE_API_KEYS", parse_list,
