@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 from pydantic import BaseModel, ValidationError
 
 from . import __version__
-from .schema import FluxKleinInput, FluxKleinOutput, OutputImage, Timings
+from .schema import FluxKleinInput, FluxKleinOutput
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -412,22 +412,16 @@ def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> Fl
     """Write the images (unless sync_mode) and build the endpoint's output."""
     from .engine.imageio import data_uri
 
-    images = []
+    files = []
     for k, img in enumerate(result.images):
-        name = f"{result.seed}-{k}.{img.extension}"
         if request.sync_mode or out_dir is None:
-            url = data_uri(img.data, img.content_type)
+            files.append((data_uri(img.data, img.content_type), f"{result.seed}-{k}.{img.extension}"))
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = _unique_path(out_dir, f"{result.seed}-{k}", img.extension)
             path.write_bytes(img.data)
-            name = path.name
-            url = str(path.resolve())
-        images.append(OutputImage(url=url, content_type=img.content_type, file_name=name,
-                                  file_size=len(img.data), width=img.width, height=img.height))
-    timings = {k: float(v) for k, v in (result.timings or {}).items()}
-    return FluxKleinOutput(images=images, seed=result.seed, has_nsfw_concepts=[i.nsfw for i in result.images],
-                           prompt=request.prompt, timings=Timings(**timings))
+            files.append((str(path.resolve()), path.name))
+    return FluxKleinOutput.from_result(request, result, files)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -120,3 +120,12 @@ class FluxKleinOutput(BaseModel):
     has_nsfw_concepts: list[bool]
     prompt: str
     timings: Timings
+
+    @classmethod
+    def from_result(cls, request: FluxKleinInput, result, files: list[tuple[str, str]]) -> "FluxKleinOutput":
+        """The output of a GenerationResult whose image k is served as files[k] = (url, file_name)."""
+        images = [OutputImage(url=url, content_type=im.content_type, file_name=name, file_size=len(im.data),
+                              width=im.width, height=im.height)
+                  for im, (url, name) in zip(result.images, files)]
+        return cls(images=images, seed=int(result.seed), has_nsfw_concepts=[bool(im.nsfw) for im in result.images],
+                   prompt=request.prompt, timings=Timings(**{k: float(v) for k, v in (result.timings or {}).items()}))

@@ -485,6 +485,9 @@ def create_app(
 
     @app.get("/health", tags=["service"], summary="Liveness (never waits on the model)")
     async def health():
+        info = getattr(app.state, "model_info", None)
+        if info is not None and getattr(info, "is_tiny", False):  # never silent about random weights
+            return {"status": "ok", "is_tiny": True, "warning": TINY_WARNING}
         return {"status": "ok"}
 
     @app.get("/ready", tags=["service"], summary="Readiness: the model is loaded and the worker runs")

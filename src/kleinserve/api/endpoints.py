@@ -50,17 +50,7 @@ def split_endpoint_id(endpoint_id: str) -> tuple[Optional[str], str, str, Option
 
 
 def flux_klein_output(job: Any, request: BaseModel, result: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
-    images = []
-    for im, f in zip(result.images, files):
-        images.append({"url": f["url"], "content_type": im.content_type, "file_name": f["file_name"],
-                       "file_size": int(f["file_size"]), "width": int(im.width), "height": int(im.height)})
-    out = FluxKleinOutput(
-        images=images,
-        seed=int(result.seed),
-        has_nsfw_concepts=[bool(im.nsfw) for im in result.images],
-        prompt=getattr(request, "prompt", ""),
-        timings=dict(result.timings or {}),
-    )
+    out = FluxKleinOutput.from_result(request, result, [(f["url"], f["file_name"]) for f in files])
     return out.model_dump(mode="json")
 
 

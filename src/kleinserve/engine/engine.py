@@ -23,7 +23,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
