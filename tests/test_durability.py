@@ -19,7 +19,8 @@ KEY = "durability-key"
 H = {"Authorization": f"Key {KEY}"}
 SMALL = {"prompt": "a harbour", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4,
          "enable_safety_checker": False}
-SLOW = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 20}
+# Seconds long even single-threaded, so the SIGKILL lands while it runs.
+SLOW = {**SMALL, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 20}
 
 
 def start(data_dir, *extra, port=None):
@@ -109,7 +110,7 @@ def test_sigkill_during_generation_loses_nothing(tmp_path):
         assert final[cancelled]["error_type"] == "cancelled"
         r = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{running}", headers=H, timeout=30)
         img = r.json()["images"][0]
-        assert (img["width"], img["height"]) == (192, 192)
+        assert (img["width"], img["height"]) == (512, 512)
         assert httpx.get(img["url"], timeout=30).status_code == 200
     finally:
         server.stop()

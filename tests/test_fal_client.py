@@ -30,7 +30,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     EP = "fal-ai/flux-2/klein/9b/base"
     SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64},
              "num_inference_steps": 4, "enable_safety_checker": False}
-    SLOW = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 50}
+    SLOW = {**SMALL, "image_size": {"width": 768, "height": 768}, "num_inference_steps": 50}
     report = {}
 
     def step(name):

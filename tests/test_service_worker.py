@@ -146,7 +146,7 @@ def test_stream_validation_error_is_plain_422(server):
 
 def test_cancel_running_stops_at_next_step_and_worker_continues(server):
     c = server.client
-    slow = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 50}
+    slow = {**SMALL, **SLOW}
     rid = c.post(f"/queue/{EP}", json=slow).json()["request_id"]
     queued = c.post(f"/queue/{EP}", json={**SMALL, "seed": 5}).json()["request_id"]
     wait_log(c, rid, "step 1/50")

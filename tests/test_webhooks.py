@@ -386,7 +386,7 @@ def test_e2e_retries_until_delivered(live):
 def test_e2e_cancelled_request_gets_error_payload(live):
     with Receiver() as rx, _client(live) as c:
         r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": rx.url},
-                   json={**TINY_INPUT, "num_inference_steps": 50}, headers={"X-Fal-Queue-Priority": "low"})
+                   json={**TINY_INPUT, "num_inference_steps": 50, "image_size": {"width": 512, "height": 512}}, headers={"X-Fal-Queue-Priority": "low"})
         request_id = r.json()["request_id"]
         assert c.put(f"/queue/fal-ai/flux-2/requests/{request_id}/cancel").status_code in (200, 202)
         got = rx.wait(timeout=180)

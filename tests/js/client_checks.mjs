@@ -193,7 +193,7 @@ const checks = {
     // 50 steps, so the cancel lands first: while queued (cancelled at once) or running (stops at
     // its next step); either way the result is a 4xx with error_type "cancelled".
     const { request_id } = await fal.queue.submit(ENDPOINT, {
-      input: { ...INPUT, num_inference_steps: 50 },
+      input: { ...INPUT, num_inference_steps: 50, image_size: { width: 512, height: 512 } },
     });
     await fal.queue.cancel(ENDPOINT, { requestId: request_id });
     let status;
