@@ -87,7 +87,8 @@ def churn_std(s_churn: float, i: int, num_steps: int, sigma: float, sigma_next: 
 # Packing: (B, seq, 4C) <-> (B, C, h8, w8), with diffusers' own patchify helpers
 # --------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
-def _flux2_pipeline_cls():
+def flux2_pipeline_cls():
+    """diffusers' Flux2KleinPipeline class (its static latent helpers); the engine uses it too."""
     # Imported on first use: the pipeline module pulls transformers in (seconds); the engine has it anyway.
     from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
@@ -104,12 +105,12 @@ def unpack_latents(x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     if seq != h16 * w16 or c4 % 4:
         raise ValueError(f"packed latent {tuple(x.shape)} does not match grid {h8}x{w8}")
     patched = x.permute(0, 2, 1).reshape(b, c4, h16, w16)
-    return _flux2_pipeline_cls()._unpatchify_latents(patched)
+    return flux2_pipeline_cls()._unpatchify_latents(patched)
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """VAE-resolution (B, C, h8, w8) -> packed (B, seq, 4C), inverse of `unpack_latents`."""
-    pipe = _flux2_pipeline_cls()
+    pipe = flux2_pipeline_cls()
     return pipe._pack_latents(pipe._patchify_latents(z.contiguous()))
 
 

@@ -51,12 +51,6 @@ RANDOM_SEED_BOUND = 2**31  # seeds drawn for requests without one: 0 .. 2^31-1 (
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 
-def _pipeline_cls():
-    from diffusers import Flux2KleinPipeline
-
-    return Flux2KleinPipeline
-
-
 def _empirical_mu(image_seq_len: int, num_steps: int) -> float:
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
@@ -270,7 +264,7 @@ class Engine:
         first (diffusers' randn_tensor with that generator), then packed to (1, h16*w16, 4C)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        pipe = _pipeline_cls()
+        pipe = cns.flux2_pipeline_cls()
         gens, parts = [], []
         for k in range(plan.num_images):
             g = torch.Generator(device="cpu").manual_seed(plan.seed + k)
@@ -281,7 +275,7 @@ class Engine:
         return torch.cat(parts, dim=0), gens
 
     def _denoise(self, plan: _Plan, cond, uncond, callback, should_cancel, logs, techniques) -> torch.Tensor:
-        pipe = _pipeline_cls()
+        pipe = cns.flux2_pipeline_cls()
         x, generators = self._initial_latents(plan)
         b = plan.num_images
         grid = x.new_zeros(1, 1, plan.h16, plan.w16)
@@ -345,7 +339,7 @@ class Engine:
 
     def _unpack_patched(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:
         """Packed (B, h16*w16, 4C) -> patchified (B, 4C, h16, w16), scattered by the latent ids."""
-        pipe = _pipeline_cls()
+        pipe = cns.flux2_pipeline_cls()
         ids = pipe._prepare_latent_ids(packed.new_zeros(1, 1, h16, w16)).to(packed.device)
         return pipe._unpack_latents_with_ids(packed, ids.expand(packed.shape[0], -1, -1), h16, w16)
 
@@ -360,7 +354,7 @@ class Engine:
         bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
             latents.device, latents.dtype
         )
-        latents = _pipeline_cls()._unpatchify_latents(latents * bn_std + bn_mean)
+        latents = cns.flux2_pipeline_cls()._unpatchify_latents(latents * bn_std + bn_mean)
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
     def decode_float(self, packed: torch.Tensor, request) -> np.ndarray:
