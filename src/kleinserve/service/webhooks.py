@@ -44,6 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kleinserve.service import metrics
 from kleinserve.service.jobs import Job, error_body, error_status
 
 log = logging.getLogger(__name__)
@@ -429,12 +430,7 @@ class WebhookDispatcher:
                         "retry_at": next_at,
                     },
                 )
-                try:
-                    from kleinserve.service import metrics
-
-                    metrics.record_error("webhook")
-                except Exception:
-                    pass
+                metrics.record_error("webhook")
             self.store.record_webhook_attempt(rid, result.delivered, next_at, result.error)
         except Exception:
             log.exception("webhook delivery crashed", extra={"request_id": rid})

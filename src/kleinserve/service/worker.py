@@ -27,34 +27,13 @@ from typing import Any, Callable, Optional
 from pydantic import ValidationError
 
 from . import jobs as J
+from . import metrics
 from .events import EventHub
 from .jobs import Job, job_error
+from .logging import request_context
 from .store import JobStore
 
 log = logging.getLogger(__name__)
-
-try:  # metrics are optional instrumentation
-    from . import metrics as _metrics
-except Exception:  # pragma: no cover
-    _metrics = None  # type: ignore[assignment]
-
-try:
-    from .logging import request_context as _request_context
-except Exception:  # pragma: no cover
-    import contextlib
-
-    def _request_context(request_id):  # type: ignore[misc]
-        return contextlib.nullcontext()
-
-
-def _metric(name: str, *args: Any, **kw: Any) -> None:
-    fn = getattr(_metrics, name, None) if _metrics is not None else None
-    if fn is None:
-        return
-    try:
-        fn(*args, **kw)
-    except Exception:  # never let metrics break a job
-        log.debug("metrics hook %s failed", name, exc_info=True)
 
 
 # ------------------------------------------------------------------------------ worker identity
@@ -254,7 +233,7 @@ class Worker:
                 continue
             self.current = job.request_id
             try:
-                with _request_context(job.request_id):
+                with request_context(job.request_id):
                     self._process(job)
             except BaseException:  # absolutely never let the loop die
                 log.exception("worker crashed while finishing %s", job.request_id)
@@ -281,7 +260,7 @@ class Worker:
     def _process(self, job: Job) -> None:
         rid = job.request_id
         started = time.monotonic()
-        _metric("observe_job_started", job.queue_time)
+        metrics.observe_job_started(job.queue_time)
         reason: dict[str, str] = {}
         try:
             spec = self.registry.get(job.endpoint_id)
@@ -321,7 +300,7 @@ class Worker:
                 if self.hub is not None:
                     self.hub.publish(rid, event)
                 self.store.append_log(rid, f"step {int(ev.step)}/{int(ev.total)}")
-                _metric("observe_step")
+                metrics.observe_step()
 
             result = engine.generate(request, on_step=on_step, should_cancel=should_cancel,
                                      preview_every=self.preview_every,
@@ -331,7 +310,7 @@ class Worker:
             files = self._store_images(job, request, result)
             output = spec.build_output(job, request, result, files)
             # Metrics first: once the job reads COMPLETED, /metrics already counts it.
-            _metric("observe_result", result, getattr(request, "output_format", "png"))
+            metrics.observe_result(result, getattr(request, "output_format", "png"))
             done = self.store.complete_ok(rid, output)
             log.info("request completed in %.2fs", time.monotonic() - started)
         except BaseException as exc:  # noqa: BLE001 - every failure completes the job
@@ -339,7 +318,7 @@ class Worker:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
-            _metric("observe_job_finished_running")
+            metrics.observe_job_finished_running()
         if done is not None and self.on_complete is not None:
             try:
                 self.on_complete(done)
@@ -369,7 +348,7 @@ class Worker:
                 log.error("request %s failed: %s", rid, error["error"], exc_info=exc)
             _free_accelerator_memory()
         self.last_error = error["error"]
-        _metric("observe_job_failed", error["error_type"])
+        metrics.observe_job_failed(error["error_type"])
         try:
             self.store.append_log(rid, error["error"], level="ERROR", source="service")
         except Exception:
@@ -443,7 +422,7 @@ class Maintenance:
                 log.warning("request %s: its worker stopped; re-queued (attempt %d so far)", j.request_id, j.attempts)
             else:
                 log.error("request %s: failed as crashed after %d attempts", j.request_id, j.attempts)
-                _metric("observe_job_failed", J.ERR_CRASHED)
+                metrics.observe_job_failed(J.ERR_CRASHED)
         return changed
 
     def purge_now(self) -> list[Job]:
@@ -488,7 +467,7 @@ class Maintenance:
                 expired = self.store.expire_due()
                 for j in expired:
                     log.info("request %s expired in the queue (X-Fal-Request-Timeout)", j.request_id)
-                    _metric("observe_job_failed", J.ERR_TIMEOUT)
+                    metrics.observe_job_failed(J.ERR_TIMEOUT)
                 now = time.monotonic()
                 if now >= next_recover:
                     next_recover = now + self.recover_every
