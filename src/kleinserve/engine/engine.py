@@ -62,17 +62,18 @@ def random_seed() -> int:
 
 
 class _Plan:
-    """Everything fixed by a request before the first step: sizes, seeds, schedule."""
+    """Everything fixed by a request before the first step: sizes, seeds, schedule.
+    The seed is request.seed, or a random one when it is None."""
 
-    def __init__(self, engine: "Engine", request, seed: int):
+    def __init__(self, engine: "Engine", request):
         self.request = request
-        self.seed = seed
+        self.seed = int(request.seed) if request.seed is not None else random_seed()
         self.width, self.height = request.resolved_size()
         self.h8, self.w8 = engine.latent_hw(self.width, self.height)
         self.h16, self.w16 = self.h8 // 2, self.w8 // 2
         self.num_images = int(request.num_images)
         self.steps = int(request.num_inference_steps)
-        self.guided = bool(request.guidance_scale > 1.0)
+        self.guided = request.uses_cfg
         self.timesteps, self.sigmas = engine._schedule(self.h16 * self.w16, self.steps)
 
 
@@ -138,7 +139,7 @@ class Engine:
 
     def sigmas(self, request) -> list[float]:
         """The N + 1 sigmas a request is sampled on (1 ... 0)."""
-        return _Plan(self, request, 0).sigmas
+        return _Plan(self, request).sigmas
 
     # ------------------------------------------------------------------ public API
 
@@ -173,8 +174,7 @@ class Engine:
         """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so."""
         with self._lock, torch.inference_mode():
             t_start = time.perf_counter()
-            seed = int(request.seed) if request.seed is not None else random_seed()
-            plan = _Plan(self, request, seed)
+            plan = _Plan(self, request)
             logs: list[str] = []
             techniques: list[str] = []
             if self.info.is_tiny:
@@ -219,19 +219,18 @@ class Engine:
                 "total": time.perf_counter() - t_start,
             }
             logs.append(
-                f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {seed}; "
+                f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {plan.seed}; "
                 + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items())
             )
             log.info(logs[-1])
-            return GenerationResult(images=encoded, seed=seed, timings=timings,
+            return GenerationResult(images=encoded, seed=plan.seed, timings=timings,
                                     techniques=_unique(techniques), logs=logs)
 
     def sample_latents(self, request, callback: Optional[sampling.SamplerCallback] = None) -> torch.Tensor:
         """The final packed latents (B, seq, 4C) of a request (no decode); `callback(i, x, x0_hat)`
         after each step. For CNS calibration. Uses request.seed (random when None)."""
         with self._lock, torch.inference_mode():
-            seed = int(request.seed) if request.seed is not None else random_seed()
-            plan = _Plan(self, request, seed)
+            plan = _Plan(self, request)
             cond, uncond = self._encode(plan, [], [])
             return self._denoise(plan, cond, uncond, callback, None, [], [])
 
