@@ -31,9 +31,9 @@ from PIL import Image
 
 from . import cns, sampling
 from .acceleration import Accelerator
-from .imageio import encode_image, make_preview
+from .imageio import encode_image, make_preview, normalize_format
 from .models import Components, load_components
-from .safety import SafetyChecker, blacken
+from .safety import SafetyChecker
 from .text import OUT_LAYERS, PromptEncoder
 from .types import (
     CancelCheck,
@@ -48,7 +48,6 @@ log = logging.getLogger("kleinserve.engine")
 
 PREVIEW_MAX_SIDE = 256
 RANDOM_SEED_BOUND = 2**31  # seeds drawn for requests without one: 0 .. 2^31-1 (safe in every client)
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 
 def _empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -206,8 +205,7 @@ class Engine:
             t0 = time.perf_counter()
             flags = [False] * len(images)
             if request.enable_safety_checker:
-                flags = self._safety_flags(images, logs)
-                images = [blacken(im) if f else im for im, f in zip(images, flags)]
+                images, flags = self._check_safety(images, logs)
             t_safety = time.perf_counter() - t0
 
             encoded = [self._encode_image(im, plan, k, flag) for k, (im, flag) in enumerate(zip(images, flags))]
@@ -374,13 +372,14 @@ class Engine:
         """The current x0 estimate of the first image, VAE-decoded and downscaled to <= 256 px."""
         return make_preview(self._decode(x0_hat.to(self.dtype), plan)[0], PREVIEW_MAX_SIDE)
 
-    def _safety_flags(self, images: list[Image.Image], logs: list[str]) -> list[bool]:
+    def _check_safety(self, images: list[Image.Image], logs: list[str]) -> tuple[list[Image.Image], list[bool]]:
+        """(images with the flagged ones blackened, flags)."""
         if self._safety is None:
             self._safety = SafetyChecker(threshold=self.safety_threshold)
-        flags = self._safety.flags(images)
+        images, flags = self._safety.apply(images)
         if any(flags):
             logs.append(f"safety checker: {sum(flags)} image(s) flagged and replaced by black images")
-        return flags
+        return images, flags
 
     def recipe(self, plan: _Plan, k: int) -> dict:
         """The generation parameters stored in image k's metadata: re-running them (num_images=1,
@@ -404,7 +403,7 @@ class Engine:
         return EncodedImage(
             data=data,
             content_type=content_type,
-            extension=_EXTENSIONS.get(content_type, fmt),
+            extension=normalize_format(content_type),
             width=image.width,
             height=image.height,
             seed=plan.seed + k,
