@@ -8,21 +8,20 @@
   limited (413); validation errors are 422 `{"detail": [{"loc", "msg", "type"}]}`.
 - `/health` (liveness: never touches the engine) and `/ready` (model loaded; loud about a tiny
   model); `/docs` and `/openapi.json` from the endpoint schemas.
-- Extra routers (storage/files, OpenAI adapter, metrics, the web playground) are included from
-  `EXTRA_ROUTERS` when their module exists, or passed in `extra_routers=`.
+- Then the storage/files routes, the OpenAI adapter, /metrics and the web playground.
 
 The engine runs in a worker thread (service/worker.py); the HTTP event loop never waits on it.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import logging
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,29 +31,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
 from kleinserve import __version__
+from kleinserve.service import metrics
 from kleinserve.service.auth import Authenticator
 from kleinserve.service.events import EventHub
-from kleinserve.service.logging import install_access_log_redaction
+from kleinserve.service.logging import install_access_log_redaction, request_id_var
 from kleinserve.service.settings import Settings
 from kleinserve.service.sqlite_store import SQLiteJobStore
+from kleinserve.service.storage import FileStorage, LocalFileStorage
 from kleinserve.service.store import JobStore
+from kleinserve.service.webhooks import WebhookDispatcher
 from kleinserve.service.worker import Maintenance, Worker
 
-from . import deps
+from . import deps, files, openai, web
+from . import metrics as metrics_routes
 from .endpoints import EndpointRegistry, default_registry
 from .queue import build_queue_router
 from .run import build_run_router
 
 log = logging.getLogger(__name__)
-
-# "module:attribute" of routers included when the module exists (other parts of the service).
-# Order matters: the web playground owns "/", so it comes last.
-EXTRA_ROUTERS: list[str] = [
-    "kleinserve.api.files:router",
-    "kleinserve.api.openai:router",
-    "kleinserve.api.metrics:router",
-    "kleinserve.api.web:router",
-]
 
 # Paths whose bodies are file uploads (limited by --max-upload-bytes instead of --max-request-bytes).
 UPLOAD_PATH_PREFIXES = ("/storage/", "/files/")
@@ -146,47 +140,19 @@ class FalProtocolMiddleware:
                     raise _BodyTooLarge(status_code=413, detail=_too_large_detail(limit))
             return message
 
-        log_token = _bind_log_request_id(state.get("fal_request_id"))
+        # Log records emitted while handling this HTTP request carry its id (service/logging.py).
+        log_token = request_id_var.set(state["fal_request_id"])
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             self._record(scope, status_holder["status"], started)
-            _unbind_log_request_id(log_token)
+            request_id_var.reset(log_token)
 
     @staticmethod
     def _record(scope, status: int, started: float) -> None:
-        try:
-            from kleinserve.service import metrics
-        except Exception:
-            return
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        try:
-            metrics.record_http_request(template, scope.get("method", "GET"), status,
-                                        time.perf_counter() - started)
-        except Exception:
-            pass
-
-
-def _bind_log_request_id(request_id: Any) -> Any:
-    """Log records emitted while handling this HTTP request carry its id (service/logging.py)."""
-    try:
-        from kleinserve.service.logging import set_request_id
-
-        return set_request_id(str(request_id) if request_id else None)
-    except Exception:
-        return None
-
-
-def _unbind_log_request_id(token: Any) -> None:
-    if token is None:
-        return
-    try:
-        from kleinserve.service.logging import reset_request_id
-
-        reset_request_id(token)
-    except Exception:
-        pass
+        metrics.record_http_request(template, scope.get("method", "GET"), status, time.perf_counter() - started)
 
 
 def _too_large_detail(limit: int) -> str:
@@ -194,8 +160,6 @@ def _too_large_detail(limit: int) -> str:
 
 
 async def _send_json(send, status: int, body: dict) -> None:
-    import json
-
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
@@ -222,8 +186,8 @@ class ServiceRuntime:
         self.hub = EventHub()
         self.worker: Optional[Worker] = None
         self.maintenance: Optional[Maintenance] = None
-        self.dispatcher: Any = None
-        self.storage: Any = None
+        self.dispatcher: Optional[WebhookDispatcher] = None
+        self.storage: Optional[FileStorage] = None
         self.load_engine = load_engine
         self.start_worker = start_worker
         self._loader: Optional[threading.Thread] = None
@@ -243,12 +207,7 @@ class ServiceRuntime:
         recovered = self.maintenance.recover_now()  # a previous process died: its running jobs
         if recovered:
             log.warning("recovered %d request(s) interrupted by a previous crash", len(recovered))
-        try:
-            from kleinserve.service import metrics
-
-            metrics.set_queue_depth_source(self.store.queue_depth)
-        except Exception:
-            pass
+        metrics.set_queue_depth_source(self.store.queue_depth)
         self.dispatcher = self._make_dispatcher()
         if self.start_worker:
             self.worker = Worker(self.store, self.engine, registry=self.registry, storage=self.storage,
@@ -281,43 +240,20 @@ class ServiceRuntime:
                 self.store.close()
 
     # -------------------------------------------------------------- parts
-    def _make_storage(self) -> Any:
-        st = self.app.state
+    def _make_storage(self) -> FileStorage:
         try:
-            from . import files
-
             return files.storage_services(self.app).storage
-        except ImportError:
-            pass
         except Exception:
             log.exception("could not set up the file storage via api.files")
-        try:
-            from kleinserve.service.storage import LocalFileStorage
+        storage = LocalFileStorage.in_data_dir(self.settings.data_dir,
+                                               max_upload_bytes=self.settings.max_upload_bytes)
+        self.app.state.storage = storage
+        return storage
 
-            storage = LocalFileStorage.in_data_dir(self.settings.data_dir,
-                                                   max_upload_bytes=self.settings.max_upload_bytes)
-            st.storage = storage
-            return storage
-        except ImportError:
-            log.warning("no file storage module: images are returned as data URIs")
-            return None
-
-    def _make_dispatcher(self) -> Any:
+    def _make_dispatcher(self) -> Optional[WebhookDispatcher]:
         try:
-            from kleinserve.service.webhooks import WebhookDispatcher, WebhookSigner
-        except ImportError:
-            return None
-        try:
-            signer = getattr(self.app.state, "webhook_signer", None)
-            if signer is None:
-                try:
-                    from . import files
-
-                    signer = files.storage_services(self.app).signer
-                except ImportError:
-                    signer = WebhookSigner.from_data_dir(self.settings.data_dir)
-                    self.app.state.webhook_signer = signer
-            return WebhookDispatcher(self.store, signer, max_attempts=self.settings.webhook_max_attempts,
+            return WebhookDispatcher(self.store, files.storage_services(self.app).signer,
+                                     max_attempts=self.settings.webhook_max_attempts,
                                      backoff_base=self.settings.webhook_backoff_base)
         except Exception:
             log.exception("could not set up webhook delivery")
@@ -325,10 +261,7 @@ class ServiceRuntime:
 
     def _on_complete(self, job: Any) -> None:
         if job.webhook_url and self.dispatcher is not None:
-            try:
-                self.dispatcher.notify()
-            except Exception:
-                pass
+            self.dispatcher.notify()
 
     def _load_engine(self) -> None:
         s = self.settings
@@ -359,12 +292,7 @@ class ServiceRuntime:
         if info is None:
             return
         self.app.state.model_info = info
-        try:
-            from kleinserve.service import metrics
-
-            metrics.observe_model_loaded(info)
-        except Exception:
-            pass
+        metrics.observe_model_loaded(info)
         if getattr(info, "is_tiny", False):
             for line in ("!" * 78, "!! " + TINY_WARNING, "!" * 78):
                 log.warning(line)
@@ -406,30 +334,12 @@ class ServiceRuntime:
 
 # ------------------------------------------------------------------------------------ the app
 
-def _include_extra(app: FastAPI, spec: str) -> bool:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:  # simply not there (yet)
-            return False
-        raise
-    router = getattr(module, attr or "router", None)
-    if router is None:
-        log.warning("%s has no %s; not included", module_name, attr or "router")
-        return False
-    app.include_router(router)
-    return True
-
-
 def create_app(
     settings: Optional[Settings] = None,
     engine: Any = None,
     *,
     store: Optional[JobStore] = None,
     registry: Optional[EndpointRegistry] = None,
-    extra_routers: Optional[Iterable[Any]] = None,
-    include_default_extras: bool = True,
     load_engine: bool = False,
     start_worker: bool = True,
 ) -> FastAPI:
@@ -439,7 +349,6 @@ def create_app(
     engine: a loaded Engine; None with `load_engine=True` loads `settings.model` in the background
       (/ready says 503 until it is up); None otherwise leaves jobs queued until `set_engine`.
     store: a JobStore (default: SQLite under settings.data_dir).
-    extra_routers: more APIRouters (or "module:attr" strings) to include after the core routes.
     """
     settings = settings or Settings.from_sources()
     registry = registry or default_registry()
@@ -497,15 +406,9 @@ def create_app(
 
     app.include_router(build_queue_router(registry))
     app.include_router(build_run_router(registry))
-
-    for extra in list(extra_routers or []):
-        if isinstance(extra, str):
-            _include_extra(app, extra)
-        else:
-            app.include_router(extra)
-    if include_default_extras:
-        for spec in EXTRA_ROUTERS:
-            _include_extra(app, spec)
+    # The web playground owns "/": it comes last.
+    for router in (files.router, openai.router, metrics_routes.router, web.router):
+        app.include_router(router)
     return app
 
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import Principal, authenticate_request_sync
 from kleinserve.service.jobs import Job, error_body, error_status
+from kleinserve.service.logging import request_id_var
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 TIMEOUT_HEADER = "x-fal-request-timeout"
@@ -39,12 +40,7 @@ def set_request_id(request: Request, request_id: str) -> None:
     """The `x-fal-request-id` every response carries (the middleware adds it); log records of the rest
     of this request carry it too (service/logging.py)."""
     request.state.fal_request_id = request_id
-    try:
-        from kleinserve.service.logging import set_request_id as _set_log_request_id
-
-        _set_log_request_id(request_id)
-    except Exception:  # pragma: no cover - logging is optional instrumentation
-        pass
+    request_id_var.set(request_id)
 
 
 # --------------------------------------------------------------------------------------- headers

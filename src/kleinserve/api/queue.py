@@ -17,9 +17,11 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.service import jobs as J
+from kleinserve.service import metrics
 from kleinserve.service.events import watch
 from kleinserve.service.jobs import Job, new_request_id
 from kleinserve.service.store import JobNotFound
+from kleinserve.service.webhooks import InvalidWebhookUrl, validate_webhook_url
 
 from . import deps
 from .endpoints import EndpointRegistry, EndpointSpec
@@ -28,22 +30,10 @@ log = logging.getLogger(__name__)
 
 SSE_PING_SECONDS = 5  # keep-alive comments (the JS client gives up after 15 s of silence)
 
-try:
-    from kleinserve.service import metrics as _metrics
-except Exception:  # pragma: no cover
-    _metrics = None
-
 
 def _validate_webhook(url: Optional[str]) -> Optional[str]:
     if url is None or url == "":
         return None
-    try:
-        from kleinserve.service.webhooks import InvalidWebhookUrl, validate_webhook_url
-    except ImportError:  # pragma: no cover - the webhook module ships with the service
-        if not url.startswith(("http://", "https://")):
-            raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": "must be an http(s) URL",
-                                       "type": "url_parsing"}])
-        return url
     try:
         return validate_webhook_url(url)
     except InvalidWebhookUrl as exc:
@@ -85,11 +75,7 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
     )
     deps.set_request_id(request, job.request_id)
     job = await run_in_threadpool(store.submit, job)
-    if _metrics is not None:
-        try:
-            _metrics.observe_job_submitted(spec.endpoint_id, priority)
-        except Exception:
-            pass
+    metrics.observe_job_submitted(spec.endpoint_id, priority)
     log.info("request %s submitted (%s, %s priority%s)", job.request_id, mode, priority,
              f", must start within {timeout:g}s" if timeout else "")
     return job

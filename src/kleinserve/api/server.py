@@ -15,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from kleinserve.service.auth import AuthConfigError
+from kleinserve.service.logging import configure_logging, uvicorn_log_config
 from kleinserve.service.settings import Settings, add_arguments
 
 log = logging.getLogger("kleinserve.server")
@@ -25,19 +26,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-def _configure_logging(settings: Settings) -> Optional[dict]:
-    """Configures our log format; returns a uvicorn log_config (or None for uvicorn's default)."""
-    try:
-        from kleinserve.service.logging import configure_logging, uvicorn_log_config
-    except ImportError:
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return None
+def _configure_logging(settings: Settings) -> dict:
+    """Configures our log format; returns the matching uvicorn log_config."""
     configure_logging(fmt=settings.log_format, level=settings.log_level.upper())
-    try:
-        return uvicorn_log_config(settings.log_format, settings.log_level.upper())
-    except Exception:
-        return None
+    return uvicorn_log_config(settings.log_format, settings.log_level.upper())
 
 
 def _banner(settings: Settings) -> str:
@@ -88,8 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
     kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
                   ssl_keyfile=settings.ssl_keyfile, proxy_headers=True, timeout_graceful_shutdown=30,
                   lifespan="on", log_level=settings.log_level.lower())
-    if log_config is not None:
-        kwargs["log_config"] = log_config
+    kwargs["log_config"] = log_config
     server = uvicorn.Server(uvicorn.Config(app, **kwargs))
     server.run()
     return 0 if server.started else 1

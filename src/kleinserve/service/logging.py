@@ -44,18 +44,6 @@ _STANDARD_ATTRS = frozenset(
 ) | {"message", "asctime", "request_id", "taskName"}
 
 
-def get_request_id() -> Optional[str]:
-    return request_id_var.get()
-
-
-def set_request_id(request_id: Optional[str]) -> contextvars.Token:
-    return request_id_var.set(request_id)
-
-
-def reset_request_id(token: contextvars.Token) -> None:
-    request_id_var.reset(token)
-
-
 @contextlib.contextmanager
 def request_context(request_id: Optional[str]) -> Iterator[None]:
     """Every log record inside the block carries `request_id`."""
