@@ -344,28 +344,26 @@ class Engine:
         """Packed (B, h16*w16, 4C) -> (B, C, h8, w8) VAE-grid latents (still BatchNorm-normalised)."""
         return cns.unpack_latents(packed, (h8, w8))
 
-    def _decode_to_tensor(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:
-        """Packed latents -> images in [-1, 1], (B, 3, H, W) float32 (what the VAE decoder outputs)."""
+    def _decode_float(self, packed: torch.Tensor, h16: int, w16: int) -> np.ndarray:
+        """Packed latents -> images as float32 numpy (B, H, W, 3) in [0, 1] (diffusers' postprocess)."""
         latents = self._unpack_patched(packed, h16, w16)
         bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
             latents.device, latents.dtype
         )
         latents = cns.flux2_pipeline_cls()._unpatchify_latents(latents * bn_std + bn_mean)
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+        return (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
 
     def decode_float(self, packed: torch.Tensor, request) -> np.ndarray:
         """Decoded images as float32 numpy (B, H, W, 3) in [0, 1], before 8-bit quantisation
         (what diffusers returns with output_type="np")."""
         h8, w8, _ = self.latent_grid(request)
         with self._lock, torch.inference_mode():
-            image = self._decode_to_tensor(packed, h8 // 2, w8 // 2)
-        return (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+            return self._decode_float(packed, h8 // 2, w8 // 2)
 
     def _decode(self, packed: torch.Tensor, plan: _Plan) -> list[Image.Image]:
-        image = self._decode_to_tensor(packed, plan.h16, plan.w16)
-        arr = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
-        arr = (arr * 255).round().astype("uint8")
+        arr = (self._decode_float(packed, plan.h16, plan.w16) * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
 
     def _preview(self, x0_hat: torch.Tensor, plan: _Plan) -> Image.Image:
