@@ -321,13 +321,11 @@ class Engine:
                 v = v_uncond + g * (v_cond - v_uncond)
             return v
 
-        noise = None
-        if plan.request.enable_cns:
-            noise = cns.make_step_noise(
-                plan.request, plan.sigmas, latent_hw=(plan.h8, plan.w8), channels=self.latent_channels,
-                generators=generators, device=self.device, guided=plan.guided,
-                matrix_override=self._cns_matrix,
-            )
+        noise = cns.make_step_noise(  # None unless request.enable_cns
+            plan.request, plan.sigmas, latent_hw=(plan.h8, plan.w8), channels=self.latent_channels,
+            generators=generators, device=self.device, guided=plan.guided, matrix_override=self._cns_matrix,
+        )
+        if noise is not None:
             logs.append(cns.describe(noise))
             techniques.append("cns")
         x = sampling.sample(model, x, plan.sigmas, noise=noise, callback=callback, should_cancel=should_cancel)
