@@ -14,7 +14,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from kleinserve.service import jobs as J
-from kleinserve.service.auth import Principal, authenticate_request_sync
+from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import Job, error_body, error_status
 from kleinserve.service.logging import request_id_var
 
@@ -27,13 +27,16 @@ PRIORITY_HEADER = "x-fal-queue-priority"
 
 
 def require_principal(request: Request) -> Principal:
-    """FastAPI dependency: the caller's principal, or 401 with a JSON detail."""
-    return authenticate_request_sync(request)
+    """FastAPI dependency: the caller's principal (the app's Authenticator), or 401 with a JSON detail."""
+    try:
+        return request.app.state.auth.authenticate(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise HTTPException(status_code=401, detail=exc.detail, headers={"WWW-Authenticate": "Key"}) from None
 
 
 def require_owner(request: Request) -> str:
     """FastAPI dependency: the caller's owner id (the API key's short sha256, or "anonymous")."""
-    return authenticate_request_sync(request).owner
+    return require_principal(request).owner
 
 
 def set_request_id(request: Request, request_id: str) -> None:

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from kleinserve.schema import IMAGE_SIZE_PRESETS
 from kleinserve.service import jobs as J
-from kleinserve.service.auth import AuthError, Authenticator, Principal
+from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,9 @@ class OpenAIError(Exception):
 
 
 def _authenticate(request: Request) -> Principal:
-    auth: Optional[Authenticator] = getattr(request.app.state, "auth", None)
-    if auth is None:
-        settings = getattr(request.app.state, "settings", None)
-        auth = Authenticator.from_settings(settings) if settings is not None else Authenticator(no_auth=True)
+    """The caller's principal (the app's Authenticator); a 401 in OpenAI's error shape."""
     try:
-        principal = auth.authenticate(request.headers.get("authorization"))
+        return request.app.state.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         missing = not (request.headers.get("authorization") or "").strip()
         raise OpenAIError(
@@ -87,11 +84,6 @@ def _authenticate(request: Request) -> Principal:
             ("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'." if missing else
              f"Incorrect API key provided. {exc.detail}"),
             type="invalid_request_error", code="invalid_api_key") from None
-    try:
-        request.state.owner = principal.owner
-    except Exception:
-        pass
-    return principal
 
 
 def _spec(request: Request) -> Any:

@@ -96,29 +96,3 @@ class Authenticator:
         if principal is None:
             raise AuthError("Invalid API key.")
         return principal
-
-
-async def authenticate_request(request: Any) -> Principal:
-    """For routes outside the core (files, OpenAI adapter): the principal of a Starlette request, using
-    the app's Authenticator (`app.state.auth`). Raises fastapi.HTTPException(401) on failure."""
-    return authenticate_request_sync(request)
-
-
-def authenticate_request_sync(request: Any) -> Principal:
-    auth: Optional[Authenticator] = getattr(request.app.state, "auth", None)
-    if auth is None:
-        settings = getattr(request.app.state, "settings", None)
-        auth = Authenticator.from_settings(settings) if settings is not None else Authenticator(no_auth=True)
-        request.app.state.auth = auth
-    try:
-        principal = auth.authenticate(request.headers.get("authorization"))
-    except AuthError as exc:
-        from fastapi import HTTPException
-
-        raise HTTPException(status_code=401, detail=exc.detail,
-                            headers={"WWW-Authenticate": "Key"}) from None
-    try:
-        request.state.owner = principal.owner
-    except Exception:
-        pass
-    return principal
