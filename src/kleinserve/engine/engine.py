@@ -298,17 +298,17 @@ class Engine:
         else:
             logs.append(f"guidance {plan.request.guidance_scale:g} <= 1: single branch (batch {n})")
         g = float(plan.request.guidance_scale)
-        timesteps = plan.timesteps
+        # diffusers: t.expand(B).to(latents.dtype), passed as timestep / 1000 (latents are in self.dtype);
+        # elementwise, so cast and scaled once for all steps rather than per step.
+        model_timesteps = plan.timesteps.to(self.dtype) / 1000
 
         def model(x: torch.Tensor, i: int) -> torch.Tensor:
-            # diffusers: t.expand(B).to(latents.dtype), passed as timestep / 1000.
-            timestep = timesteps[i].expand(n).to(x.dtype)
             hidden = x.to(self.dtype)
             if branches == 2:
                 hidden = torch.cat([hidden, hidden], dim=0)
             v = forward(
                 hidden_states=hidden,
-                timestep=timestep / 1000,
+                timestep=model_timesteps[i].expand(n),
                 guidance=None,
                 encoder_hidden_states=context,
                 txt_ids=txt_ids,
