@@ -32,7 +32,8 @@ class StepNoise(Protocol):
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    # Same arithmetic as FlowMatchEulerDiscreteScheduler.step (float32 update, cast back).
+    # FlowMatchEulerDiscreteScheduler.step's update (float32 sample, cast back), except that the scheduler
+    # multiplies dt * v in v's dtype: identical in float32, within a bf16 rounding of dt * v otherwise.
     return (x.float() + (sigma_next - sigma) * v.float()).to(v.dtype)
 
 
