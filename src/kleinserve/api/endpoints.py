@@ -49,6 +49,13 @@ def split_endpoint_id(endpoint_id: str) -> tuple[Optional[str], str, str, Option
     return namespace, parts[0], parts[1], path
 
 
+def app_prefix(endpoint_id: str) -> str:
+    """`[namespace/]owner/alias` of an endpoint id: what the queue's per-request URLs are built on
+    (fal drops the path part for them)."""
+    namespace, owner, alias, _ = split_endpoint_id(endpoint_id)
+    return f"{namespace}/{owner}/{alias}" if namespace else f"{owner}/{alias}"
+
+
 def flux_klein_output(job: Any, request: BaseModel, result: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
     out = FluxKleinOutput.from_result(request, result, [(f["url"], f["file_name"]) for f in files])
     return out.model_dump(mode="json")
@@ -67,22 +74,12 @@ class EndpointSpec:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def namespace(self) -> Optional[str]:
-        return split_endpoint_id(self.endpoint_id)[0]
-
-    @property
-    def owner(self) -> str:
-        return split_endpoint_id(self.endpoint_id)[1]
-
-    @property
-    def alias(self) -> str:
-        return split_endpoint_id(self.endpoint_id)[2]
-
-    @property
     def app_prefix(self) -> str:
-        """`[namespace/]owner/alias`: what the queue's per-request URLs are built on."""
-        ns = f"{self.namespace}/" if self.namespace else ""
-        return f"{ns}{self.owner}/{self.alias}"
+        return app_prefix(self.endpoint_id)
+
+    def route_name(self, kind: str) -> str:
+        """The Python name of this endpoint's `kind` route handler (submit, run, stream)."""
+        return f"{kind}_{self.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
 
     def validate_input(self, data: Any) -> BaseModel:
         return self.input_model.model_validate(data)

@@ -24,7 +24,7 @@ from kleinserve.service.store import JobNotFound
 from kleinserve.service.webhooks import InvalidWebhookUrl, validate_webhook_url
 
 from . import deps
-from .endpoints import EndpointRegistry, EndpointSpec
+from .endpoints import EndpointRegistry, EndpointSpec, app_prefix
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
     return job
 
 
-async def load_job(request: Request, request_id: str, owner: str, app_prefix: Optional[str],
+async def load_job(request: Request, request_id: str, owner: str, prefix: Optional[str],
                    *, with_logs: bool = False) -> Job:
     store, _, registry = _services(request)
     deps.set_request_id(request, request_id)
@@ -89,30 +89,22 @@ async def load_job(request: Request, request_id: str, owner: str, app_prefix: Op
         job = await run_in_threadpool(lambda: store.get(request_id, owner, with_logs=with_logs))
     except JobNotFound:
         raise deps.not_found(request_id)
-    if app_prefix is not None:
+    if prefix is not None:
         try:
-            if registry.get(job.endpoint_id).app_prefix != app_prefix:
+            if registry.get(job.endpoint_id).app_prefix != prefix:
                 raise deps.not_found(request_id)
         except KeyError:
             pass  # an endpoint no longer declared: still let its owner read it
     return job
 
 
-def _app_prefix_of(registry: EndpointRegistry, job: Job) -> str:
-    try:
-        return registry.get(job.endpoint_id).app_prefix
-    except KeyError:
-        parts = job.endpoint_id.split("/")
-        return "/".join(parts[:2])
-
-
 async def status_payload(request: Request, job: Job, *, with_logs: bool) -> dict[str, Any]:
-    store, _, registry = _services(request)
+    store, _, _ = _services(request)
     position = None
     if job.status == J.IN_QUEUE:
         position = job.extra.get("queue_position") if "queue_position" in job.extra else \
             await run_in_threadpool(store.queue_position, job.request_id)
-    urls = deps.request_urls(request, _app_prefix_of(registry, job), job.request_id)
+    urls = deps.request_urls(request, app_prefix(job.endpoint_id), job.request_id)
     return deps.status_body(job, urls, position=position, with_logs=with_logs)
 
 
@@ -136,7 +128,7 @@ def _make_submit(spec: EndpointSpec):
                              "queue_position": int(position or 0)},
                             headers={deps.REQUEST_ID_HEADER: job.request_id})
 
-    submit.__name__ = f"submit_{spec.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
+    submit.__name__ = spec.route_name("submit")
     return submit
 
 

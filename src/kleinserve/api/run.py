@@ -74,10 +74,6 @@ async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, ow
     return store, hub, job, sub
 
 
-def _route_name(kind: str, spec: EndpointSpec) -> str:
-    return f"{kind}_{spec.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
-
-
 def _make_run(spec: EndpointSpec):
     Input = spec.input_model
 
@@ -93,7 +89,7 @@ def _make_run(spec: EndpointSpec):
             return JSONResponse({"detail": "client disconnected"}, status_code=499)
         return deps.result_response(done)
 
-    run.__name__ = _route_name("run", spec)
+    run.__name__ = spec.route_name("run")
     return run
 
 
@@ -146,7 +142,7 @@ def _make_stream(spec: EndpointSpec):
 
         return EventSourceResponse(events(), ping=SSE_PING_SECONDS, headers={deps.REQUEST_ID_HEADER: rid})
 
-    stream.__name__ = _route_name("stream", spec)
+    stream.__name__ = spec.route_name("stream")
     return stream
 
 

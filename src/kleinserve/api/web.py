@@ -30,8 +30,10 @@ from starlette.concurrency import run_in_threadpool
 
 from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, FluxKleinInput, FluxKleinOutput
 from kleinserve.service.auth import Principal
+from kleinserve.service.jobs import Job
 
-from .deps import require_principal
+from .deps import request_urls, require_principal
+from .endpoints import app_prefix
 
 log = logging.getLogger(__name__)
 
@@ -131,22 +133,8 @@ async def api_schema(request: Request) -> JSONResponse:
 
 # -------------------------------------------------------------------------------------- history
 
-def _public_base(request: Request) -> str:
-    settings = getattr(request.app.state, "settings", None)
-    public = getattr(settings, "public_url", None)
-    return (public or str(request.base_url)).rstrip("/")
-
-
-def _history_row(job: Any, base: str) -> dict[str, Any]:
-    from kleinserve.api.endpoints import split_endpoint_id  # local: keeps import order simple
-
+def _history_row(request: Request, job: Job) -> dict[str, Any]:
     inp = dict(job.input or {})
-    try:
-        ns, owner, alias, _ = split_endpoint_id(job.endpoint_id)
-        prefix = f"{ns + '/' if ns else ''}{owner}/{alias}"
-    except ValueError:
-        prefix = job.endpoint_id
-    req_url = f"{base}/queue/{prefix}/requests/{job.request_id}"
     row: dict[str, Any] = {
         "request_id": job.request_id,
         "endpoint_id": job.endpoint_id,
@@ -163,10 +151,8 @@ def _history_row(job: Any, base: str) -> dict[str, Any]:
         "error_type": (job.error or {}).get("error_type") if job.error else None,
         "inference_time": job.inference_time,
         "queue_time": job.queue_time,
-        "mode": getattr(job, "mode", None),
-        "status_url": f"{req_url}/status",
-        "response_url": req_url,
-        "cancel_url": f"{req_url}/cancel",
+        "mode": job.mode,
+        **request_urls(request, app_prefix(job.endpoint_id), job.request_id),
     }
     try:
         w, h = FluxKleinInput.model_validate(inp).resolved_size()
@@ -197,10 +183,9 @@ async def api_requests(
     if store is None:
         raise HTTPException(status_code=503, detail="The job store is not ready.")
     jobs = await run_in_threadpool(store.list_requests, principal.owner, limit)
-    base = _public_base(request)
     rows = []
     for job in jobs:
-        row = _history_row(job, base)
+        row = _history_row(request, job)
         if job.status == "IN_QUEUE":
             try:
                 row["queue_position"] = await run_in_threadpool(store.queue_position, job.request_id)
