@@ -271,8 +271,8 @@ def _eprint(*parts: Any) -> None:
 
 
 def _warn_if_tiny(engine) -> None:
-    info = getattr(engine, "info", None)
-    if info is not None and getattr(info, "is_tiny", False):
+    info = engine.info
+    if info.is_tiny:
         bar = "!" * 78
         _eprint(bar)
         _eprint("!! WARNING: running the TINY RANDOM-WEIGHT model, NOT FLUX.2 [klein] 9B.")
@@ -313,18 +313,7 @@ def _read_cns_matrix(path: str):
 
 def _install_cns_matrix(engine, matrix) -> str:
     """Make `matrix` the calibrated matrix that serves requests with cns_gamma_source=matrix."""
-    for setter in ("set_cns_matrix", "set_gamma_matrix"):
-        fn = getattr(engine, setter, None)
-        if callable(fn):
-            fn(matrix)
-            break
-    else:
-        for attr in ("cns_matrix", "_cns_matrix"):  # where the engine keeps the matrix of its model
-            if hasattr(engine, attr):
-                setattr(engine, attr, matrix)
-                break
-        else:
-            raise UsageError("--cns-matrix: this engine cannot take a calibrated matrix")
+    engine.set_cns_matrix(matrix)
     return f"CNS gamma matrix {matrix.name!r} ({matrix.num_rows} rows x {matrix.num_bins} bins)"
 
 
@@ -464,11 +453,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return EXIT_CANCELLED
 
     if not quiet:
-        for line in getattr(result, "logs", None) or []:
+        for line in result.logs:
             _eprint(f"note: {line}")
-        techniques = getattr(result, "techniques", None)
-        if techniques:
-            _eprint("note: acceleration: " + ", ".join(techniques))
+        if result.techniques:
+            _eprint("note: acceleration: " + ", ".join(result.techniques))
     output = build_output(request, result, None if request.sync_mode else Path(args.out))
     if not quiet and any(output.has_nsfw_concepts):
         _eprint("note: the safety checker flagged an image; it was replaced by a black image")
@@ -570,7 +558,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     engine = _load_engine(args, "calibrate")
     if engine is None:
         return EXIT_FAILED
-    info = getattr(engine, "info", None)
+    info = engine.info
     total = len(prompts) * len(seeds)
     if not args.quiet:
         _eprint(f"calibrating: {len(prompts)} prompt(s) x {len(seeds)} seed(s) = {total} trajectories, "
@@ -610,9 +598,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return EXIT_CANCELLED
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    source = getattr(info, "source", args.model)
+    source = info.source
     comment = (f"calibrated by kleinserve {__version__} for model {source}"
-               f"{' (TINY RANDOM MODEL)' if getattr(info, 'is_tiny', False) else ''}: "
+               f"{' (TINY RANDOM MODEL)' if info.is_tiny else ''}: "
                f"{len(prompts)} prompts x {len(seeds)} seeds, guidance {args.guidance_scale}, "
                f"{args.width}x{args.height}, {args.steps} steps")
     matrix.save_csv(out, comment=comment)
@@ -622,7 +610,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     summary = {"path": str(out.resolve()), "rows": matrix.num_rows, "bins": matrix.num_bins,
                "prompts": len(prompts), "seeds": seeds, "num_inference_steps": args.steps,
                "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
-               "model": source, "is_tiny": bool(getattr(info, "is_tiny", False)),
+               "model": source, "is_tiny": info.is_tiny,
                "seconds": round(elapsed, 3)}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     sys.stdout.flush()
