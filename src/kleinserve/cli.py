@@ -421,7 +421,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not quiet:
             _eprint(f"note: --input key {key!r} is not a field of the endpoint's input; ignored")
 
-    from .engine import GenerationCancelled, ModelUnavailable
+    from .engine import GenerationCancelled
 
     cancel = threading.Event()
     engine = _load_engine(args, "generate")
@@ -443,10 +443,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress.close()
         _eprint("cancelled: nothing written")
         return EXIT_CANCELLED
-    except ModelUnavailable as exc:
-        progress.close()
-        _eprint(f"kleinserve generate: model unavailable: {exc}")
-        return EXIT_FAILED
     progress.close()
     if cancel.is_set():  # finished in the same instant as the Ctrl-C: honour the cancel
         _eprint("cancelled: nothing written")
@@ -551,8 +547,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _validate_calibration(args)
     prompts = _read_prompts(args.prompts)
     seeds = list(range(args.seed, args.seed + args.num_samples))
-    from .engine import GenerationCancelled, ModelUnavailable
-    from .engine import cns
+    from .engine import GenerationCancelled, cns
 
     cancel = threading.Event()
     engine = _load_engine(args, "calibrate")
@@ -587,9 +582,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except GenerationCancelled:
         _eprint("cancelled: nothing written")
         return EXIT_CANCELLED
-    except ModelUnavailable as exc:
-        _eprint(f"kleinserve calibrate: model unavailable: {exc}")
-        return EXIT_FAILED
     finally:
         if bar is not None:
             bar.close()
