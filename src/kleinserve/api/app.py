@@ -15,6 +15,7 @@ The engine runs in a worker thread (service/worker.py); the HTTP event loop neve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -306,10 +307,8 @@ class ServiceRuntime:
         worker_ok = self.worker is None or self.worker.alive
         body: dict[str, Any] = {"ready": False, "version": __version__}
         if info is not None:
-            body["model"] = {k: getattr(info, k, None) for k in
-                             ("spec", "source", "is_tiny", "device", "dtype", "load_seconds")}
-            body["model"]["warmup_seconds"] = self.warmup_seconds
-            body["is_tiny"] = bool(getattr(info, "is_tiny", False))
+            body["model"] = {**dataclasses.asdict(info), "warmup_seconds": self.warmup_seconds}
+            body["is_tiny"] = info.is_tiny
             if body["is_tiny"]:
                 body["warning"] = TINY_WARNING
         if self.engine is None:
@@ -382,7 +381,6 @@ def create_app(
     app.state.settings = settings
     app.state.auth = auth
     app.state.registry = registry
-    app.state.endpoints = registry
     app.state.runtime = runtime
     app.state.engine = engine
     app.state.store = store

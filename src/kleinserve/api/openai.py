@@ -38,7 +38,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from kleinserve.schema import IMAGE_SIZE_PRESETS
+from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
@@ -87,11 +87,7 @@ def _authenticate(request: Request) -> Principal:
 
 
 def _spec(request: Request) -> Any:
-    registry = getattr(request.app.state, "registry", None)
-    if registry is None:
-        raise OpenAIError(503, "The service is starting.", type="server_error", code="service_unavailable")
-    from kleinserve.schema import ENDPOINT_ID
-
+    registry = request.app.state.registry
     try:
         return registry.get(ENDPOINT_ID)
     except KeyError:
@@ -174,10 +170,7 @@ def _validation_error(exc: ValidationError) -> OpenAIError:
 def _error_from_job(job: Any) -> OpenAIError:
     err = job.error or {}
     etype = err.get("error_type", J.ERR_INTERNAL)
-    try:
-        status = int(err.get("status_code", 500))
-    except (TypeError, ValueError):
-        status = 500
+    status = J.error_status(job)
     message = str(err.get("error") or "Generation failed.")
     if etype == J.ERR_VALIDATION:
         return OpenAIError(400, message, code="invalid_value")
@@ -270,6 +263,6 @@ async def list_models(request: Request) -> JSONResponse:
         _authenticate(request)
     except OpenAIError as err:
         return err.response()
-    registry = getattr(request.app.state, "registry", None) or []
-    data = [{"id": s.endpoint_id, "object": "model", "created": 0, "owned_by": "kleinserve"} for s in registry]
+    data = [{"id": s.endpoint_id, "object": "model", "created": 0, "owned_by": "kleinserve"}
+            for s in request.app.state.registry]
     return JSONResponse({"object": "list", "data": data})

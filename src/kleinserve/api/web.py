@@ -17,6 +17,7 @@ sends as `Authorization: Key <key>` on the queue calls, exactly as the fal clien
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from functools import lru_cache
@@ -84,36 +85,10 @@ async def web_static(name: str) -> Response:
 
 # --------------------------------------------------------------------------------------- schema
 
-def _endpoint_spec(app: Any) -> Any:
-    """The first declared endpoint (the one the playground drives), or None without a registry."""
-    registry = getattr(app.state, "registry", None) or getattr(app.state, "endpoints", None)
-    if registry is None:
-        return None
-    try:
-        return next(iter(registry))
-    except (StopIteration, TypeError):
-        return None
-
-
-def _engine_info(app: Any) -> Optional[dict[str, Any]]:
-    engine = getattr(app.state, "engine", None)
-    info = getattr(engine, "info", None) if engine is not None else getattr(app.state, "model_info", None)
-    if info is None:
-        return None
-    return {k: getattr(info, k, None) for k in ("spec", "source", "is_tiny", "device", "dtype", "load_seconds")}
-
-
-def _auth_required(app: Any) -> bool:
-    auth = getattr(app.state, "auth", None)
-    if auth is not None:
-        return bool(getattr(auth, "enabled", True))
-    settings = getattr(app.state, "settings", None)
-    return not bool(getattr(settings, "no_auth", False))
-
-
 @router.get("/api/schema")
 async def api_schema(request: Request) -> JSONResponse:
-    spec = _endpoint_spec(request.app)
+    spec = next(iter(request.app.state.registry), None)  # the first declared: the one the page drives
+    engine = request.app.state.engine
     input_model = getattr(spec, "input_model", FluxKleinInput)
     output_model = getattr(spec, "output_model", FluxKleinOutput)
     endpoint_id = getattr(spec, "endpoint_id", ENDPOINT_ID)
@@ -125,8 +100,8 @@ async def api_schema(request: Request) -> JSONResponse:
         "image_size_presets": {k: list(v) for k, v in IMAGE_SIZE_PRESETS.items()},
         "queue_path": "/queue",
         "run_path": "",
-        "auth_required": _auth_required(request.app),
-        "model": _engine_info(request.app),
+        "auth_required": request.app.state.auth.enabled,
+        "model": dataclasses.asdict(engine.info) if engine is not None else None,
     }
     return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
