@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .text import OUT_LAYERS
+
 TINY_SEED = 20260115
 
-# Text encoder: the real depth (36 layers, read at 9/18/27), tiny width.
+# Text encoder: the real depth (36 layers, read at text.OUT_LAYERS = 9/18/27), tiny width.
 TEXT_LAYERS = 36
 TEXT_HIDDEN = 32
-TEXT_OUT_LAYERS = (9, 18, 27)
 # Transformer: real in/out channels (128 = 32 VAE channels x 2x2 patch), tiny width.
 TRANSFORMER_HEADS = 2
 TRANSFORMER_HEAD_DIM = 16
@@ -183,7 +184,7 @@ def build_transformer():
         num_single_layers=2,
         attention_head_dim=TRANSFORMER_HEAD_DIM,
         num_attention_heads=TRANSFORMER_HEADS,
-        joint_attention_dim=len(TEXT_OUT_LAYERS) * TEXT_HIDDEN,
+        joint_attention_dim=len(OUT_LAYERS) * TEXT_HIDDEN,
         timestep_guidance_channels=256,
         mlp_ratio=3.0,
         axes_dims_rope=(4, 4, 4, 4),
