@@ -258,11 +258,9 @@ def _flux2_forward_cached(model, cache: FirstBlockCache, hidden_states, encoder_
 class LevelForward:
     """What `Accelerator.forward(level)` returns: call it like the transformer (keyword arguments)."""
 
-    def __init__(self, level: str, model, techniques: list[str], *, stance: str = "default",
-                 sdpa_backends: Optional[list] = None, cache: Optional[FirstBlockCache] = None):
-        self.level = level
+    def __init__(self, model, *, stance: str = "default", sdpa_backends: Optional[list] = None,
+                 cache: Optional[FirstBlockCache] = None):
         self.model = model
-        self.techniques = techniques
         self.stance = stance
         self.sdpa_backends = sdpa_backends
         self.cache = cache
@@ -434,9 +432,7 @@ class Accelerator:
         if stance == "default" and level in self._warmed and self.compile:
             stance = "eager_on_recompile"
         cache = FirstBlockCache(**s.cache) if s.cache is not None else None
-        fn = LevelForward(level, s.model, list(s.techniques), stance=stance, sdpa_backends=s.sdpa_backends,
-                          cache=cache)
-        return fn, list(s.techniques)
+        return LevelForward(s.model, stance=stance, sdpa_backends=s.sdpa_backends, cache=cache), list(s.techniques)
 
     def dummy_inputs(self, batch: int, width: int, height: int, text_len: int = 512) -> dict:
         """Transformer kwargs of the shapes a (width, height) generation uses, random values (warm-up)."""
@@ -487,7 +483,6 @@ class Accelerator:
             with self._lock:
                 self._warmed.add(level)
         return report
-
 
     def warmup_presets(self, levels: Optional[Sequence[str]] = None, text_len: int = 512) -> dict[str, float]:
         """Startup warm-up: every preset size (schema.IMAGE_SIZE_PRESETS) at batches 2, 4, 1 for the
