@@ -560,20 +560,25 @@ def calibrate(
     seed_list = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
     if not prompts or not seed_list:
         raise ValueError("calibrate needs at least one prompt and one seed")
+
+    def make_request(prompt: str, seed: int) -> FluxKleinInput:
+        return FluxKleinInput(
+            prompt=prompt, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+            seed=seed, image_size={"width": width, "height": height}, num_images=1,
+            enable_cns=False, enable_safety_checker=False,
+        )
+
+    # Grid and schedule depend on size and steps only: the same for every trajectory.
+    first = make_request(prompts[0], seed_list[0])
+    h8, w8, _channels = engine.latent_grid(first)
+    sigmas = [float(s) for s in engine.sigmas(first)]
     total = len(prompts) * len(seed_list)
     acc: Optional[torch.Tensor] = None
     counts: Optional[torch.Tensor] = None
-    row_sigmas: Optional[list[float]] = None
     done = 0
     for prompt in prompts:
         for seed in seed_list:
-            request = FluxKleinInput(
-                prompt=prompt, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                seed=seed, image_size={"width": width, "height": height}, num_images=1,
-                enable_cns=False, enable_safety_checker=False,
-            )
-            h8, w8, _channels = engine.latent_grid(request)
-            sigmas = [float(s) for s in engine.sigmas(request)]
+            request = make_request(prompt, seed)
             estimates: dict[int, torch.Tensor] = {}
             final: dict[str, torch.Tensor] = {}
 
@@ -591,15 +596,14 @@ def calibrate(
             est_grid = unpack_latents(torch.cat([estimates[i] for i in steps]).to(x_final.device), (h8, w8))
             prog, cnt = step_progress(est_grid, xf_grid.expand_as(est_grid), bins, num_freq_bins)
             if acc is None:
-                acc, counts, row_sigmas = prog, cnt, sigmas[:-1]
+                acc, counts = prog, cnt
             else:
-                if len(sigmas) - 1 != acc.shape[0] or not torch.equal(cnt, counts):
-                    raise RuntimeError("calibration trajectories differ in schedule or grid")
                 acc += prog
             done += 1
             if on_sample is not None:
                 on_sample(done, total)
             logger.info("CNS calibration: sample %d/%d done", done, total)
-    assert acc is not None and counts is not None and row_sigmas is not None
+    assert acc is not None and counts is not None
+    row_sigmas = sigmas[:-1]
     values = normalise_progress(acc / total, row_sigmas, counts)
     return GammaMatrix(values=values, sigmas=torch.tensor(row_sigmas, dtype=torch.float64), name=name)
