@@ -115,7 +115,6 @@ class FirstBlockCache:
     taylor: bool = False
     forwards: int = 0
     skipped: int = 0
-    diffs: list = field(default_factory=list)
     _slots: list = field(default_factory=list)
     _slot: int = 0
     _step: int = -1
@@ -128,7 +127,6 @@ class FirstBlockCache:
 
     def reset(self) -> None:
         self.forwards = self.skipped = 0
-        self.diffs = []
         self._slots = []
         self._slot = 0
         self._step = -1
@@ -152,13 +150,13 @@ class FirstBlockCache:
         return self._slots[self._slot]
 
     def should_skip(self, slot: _CacheSlot, residual: torch.Tensor) -> bool:
+        # Decided without the residual first: the comparison below is a host sync (.item()) on CUDA.
         if slot.ref_residual is None or slot.tail is None:
+            return False
+        if self.threshold <= 0 or self._step < self.warmup_steps or slot.consecutive >= self.max_consecutive:
             return False
         ref = slot.ref_residual.float()
         diff = ((residual.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
-        self.diffs.append(diff)
-        if self.threshold <= 0 or self._step < self.warmup_steps or slot.consecutive >= self.max_consecutive:
-            return False
         return diff < self.threshold
 
     def cached_tail(self, slot: _CacheSlot) -> torch.Tensor:
