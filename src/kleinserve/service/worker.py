@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
+from kleinserve.engine.types import GenerationCancelled, ModelUnavailable
+
 from . import jobs as J
 from . import metrics
 from .events import EventHub
@@ -110,7 +112,7 @@ def classify_exception(exc: BaseException) -> dict[str, Any]:
     if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return job_error("The accelerator ran out of memory while generating this request; try a "
                          "smaller image size or fewer images.", J.ERR_MODEL, 500)
-    if name == "ModelUnavailable":
+    if isinstance(exc, ModelUnavailable):
         return job_error(f"The model is unavailable: {exc}", J.ERR_MODEL, 503)
     if isinstance(exc, (ValueError, TypeError)) and name not in ("JSONDecodeError",):
         # The engine raises ValueError for requests it cannot serve (e.g. an unsupported option).
@@ -222,7 +224,7 @@ class Worker:
                 self._wake.clear()
                 continue
             try:
-                job = self.store.claim_next(self.worker_id, endpoint_ids=self._endpoint_ids())
+                job = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids())
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 self._stop.wait(1.0)
@@ -250,12 +252,6 @@ class Worker:
                 except Exception:
                     log.debug("heartbeat failed", exc_info=True)
 
-    def _endpoint_ids(self) -> Optional[list[str]]:
-        try:
-            return [s.endpoint_id for s in self.registry]
-        except TypeError:
-            return None
-
     # ------------------------------------------------------------------ one job
     def _process(self, job: Job) -> None:
         rid = job.request_id
@@ -266,10 +262,8 @@ class Worker:
             spec = self.registry.get(job.endpoint_id)
             request = spec.validate_input(job.input)
             engine = self.engine
-            info = getattr(engine, "info", None)
-            source = getattr(info, "source", "?")
-            note = " (TINY RANDOM MODEL)" if getattr(info, "is_tiny", False) else ""
-            self.store.append_log(rid, f"Generating with {source}{note}, attempt {job.attempts}",
+            note = " (TINY RANDOM MODEL)" if engine.info.is_tiny else ""
+            self.store.append_log(rid, f"Generating with {engine.info.source}{note}, attempt {job.attempts}",
                                   source="service")
             last_check = [0.0]
             cancelled_cached = [False]
@@ -291,10 +285,9 @@ class Worker:
 
             def on_step(ev: Any) -> None:
                 event: dict[str, Any] = {"type": "step", "step": int(ev.step), "total": int(ev.total)}
-                preview = getattr(ev, "preview", None)
-                if preview is not None:
+                if ev.preview is not None:
                     try:
-                        event["preview"] = preview_data_uri(preview)
+                        event["preview"] = preview_data_uri(ev.preview)
                     except Exception:
                         log.debug("preview encoding failed", exc_info=True)
                 if self.hub is not None:
@@ -305,7 +298,7 @@ class Worker:
             result = engine.generate(request, on_step=on_step, should_cancel=should_cancel,
                                      preview_every=self.preview_every,
                                      wants_preview=self._has_listeners(rid))
-            for line in getattr(result, "logs", None) or []:
+            for line in result.logs:
                 self.store.append_log(rid, str(line), source="engine")
             files = self._store_images(job, request, result)
             output = spec.build_output(job, request, result, files)
@@ -327,8 +320,7 @@ class Worker:
 
     def _fail(self, job: Job, exc: BaseException, why: Optional[str]) -> Optional[Job]:
         rid = job.request_id
-        name = type(exc).__name__
-        if name == "GenerationCancelled" or why in ("shutdown", "timeout", "cancel"):
+        if isinstance(exc, GenerationCancelled) or why in ("shutdown", "timeout", "cancel"):
             if why == "shutdown":
                 try:
                     self.store.release(rid)
@@ -388,9 +380,8 @@ class Worker:
                               "file_size": len(im.data)})
                 continue
             stored = self.storage.put(im.data, im.content_type, file_name, owner=job.owner)
-            url = stored.url(self._public_base(job)) if hasattr(stored, "url") else \
-                f"{self._public_base(job)}/files/{stored.id}/{stored.file_name}"
-            files.append({"url": url, "file_name": stored.file_name, "file_size": int(stored.size)})
+            files.append({"url": stored.url(self._public_base(job)), "file_name": stored.file_name,
+                          "file_size": stored.size})
         return files
 
 
