@@ -33,7 +33,6 @@ from typing import Any, Optional
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
 COMPLETED = "COMPLETED"
-STATUSES = (IN_QUEUE, IN_PROGRESS, COMPLETED)
 
 PRIORITY_NORMAL = "normal"
 PRIORITY_LOW = "low"
@@ -128,10 +127,6 @@ class Job:
         return self.status == COMPLETED and self.error is None
 
     @property
-    def failed(self) -> bool:
-        return self.status == COMPLETED and self.error is not None
-
-    @property
     def error_type(self) -> Optional[str]:
         return self.error.get("error_type") if self.error else None
 
@@ -198,15 +193,10 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (IN_PROGRESS, "complete_ok"): COMPLETED,
     (IN_PROGRESS, "complete_error"): COMPLETED,
     (IN_PROGRESS, "request_cancel"): IN_PROGRESS,
-    (IN_PROGRESS, "heartbeat"): IN_PROGRESS,
     (IN_PROGRESS, "requeue"): IN_QUEUE,
     (IN_PROGRESS, "release"): IN_QUEUE,
     (IN_PROGRESS, "crash_fail"): COMPLETED,
 }
-
-
-def can(job: Job, event: str) -> bool:
-    return (job.status, event) in TRANSITIONS
 
 
 def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Job:
@@ -216,7 +206,7 @@ def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Jo
       claim: worker_id
       complete_ok: result
       complete_error: error (a job_error dict)
-      cancel / expire / crash_fail / requeue / release / request_cancel / heartbeat: none needed
+      cancel / expire / crash_fail / requeue / release / request_cancel: none needed
         (crash_fail accepts `reason`)
     """
     key = (job.status, event)
@@ -253,8 +243,6 @@ def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Jo
         _finish(j, now, error=error)
     elif event == "request_cancel":
         j.cancel_requested = True
-    elif event == "heartbeat":
-        j.heartbeat_at = now
     elif event in ("requeue", "release"):
         if event == "release":
             j.attempts = max(0, j.attempts - 1)

@@ -157,10 +157,6 @@ class Settings:
     def tls(self) -> bool:
         return bool(self.ssl_certfile and self.ssl_keyfile)
 
-    @property
-    def auth_enabled(self) -> bool:
-        return not self.no_auth
-
     @classmethod
     def from_sources(cls, values: Optional[Mapping[str, Any]] = None,
                      env: Optional[Mapping[str, str]] = None) -> "Settings":

@@ -43,10 +43,6 @@ class CancelOutcome:
     outcome: str
     job: Job
 
-    @property
-    def accepted(self) -> bool:
-        return self.outcome in ("cancelled", "cancel_requested", "already_requested")
-
 
 class JobStore(ABC):
     """Abstract store. Times are unix seconds (float). `owner=None` means "any owner" (internal use)."""
