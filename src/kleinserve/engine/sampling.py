@@ -60,17 +60,15 @@ def sample(
         s = 0.0
         if noise is not None and i < n - 1 and sigma_next > 0:
             s = noise.churn(i, sigma, sigma_next)
+        xf, vf = x.float(), v.float()
+        x0_hat = xf - sigma * vf
         if s > 0:
-            xf, vf = x.float(), v.float()
-            x0_hat = xf - sigma * vf
             eps_hat = xf + (1.0 - sigma) * vf
             det = max(sigma_next**2 - s**2, 0.0) ** 0.5
             x_new = (1.0 - sigma_next) * x0_hat + det * eps_hat + s * noise.draw(i, xf)
-            x_new = x_new.to(v.dtype)
         else:
-            x0_hat = x.float() - sigma * v.float()
-            x_new = euler_step(x, v, sigma, sigma_next)
-        x = x_new
+            x_new = euler_step(xf, vf, sigma, sigma_next)  # float32 in, float32 out
+        x = x_new.to(v.dtype)
         if callback is not None:
             callback(i, x, x0_hat)
     return x
