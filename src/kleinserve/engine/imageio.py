@@ -46,10 +46,6 @@ def normalize_format(fmt: str) -> str:
     return key
 
 
-def content_type_for(fmt: str) -> str:
-    return CONTENT_TYPES[normalize_format(fmt)]
-
-
 def _recipe_json(recipe: Mapping[str, Any]) -> str:
     # ensure_ascii: EXIF ASCII fields cannot hold anything else; JSON escapes keep it lossless.
     return json.dumps(dict(recipe), ensure_ascii=True, separators=(",", ":"), default=str)
@@ -205,7 +201,6 @@ __all__ = [
     "CONTENT_TYPES",
     "PARAMETERS_KEY",
     "RECIPE_KEY",
-    "content_type_for",
     "data_uri",
     "encode_image",
     "format_parameters",
