@@ -98,12 +98,12 @@ async def load_job(request: Request, request_id: str, owner: str, prefix: Option
     return job
 
 
-async def status_payload(request: Request, job: Job, *, with_logs: bool) -> dict[str, Any]:
+async def status_payload(request: Request, job: Job, *, with_logs: bool,
+                         position: Optional[int] = None) -> dict[str, Any]:
+    """The status body of `job`; a queued job's `position` is read from the store unless given."""
     store, _, _ = _services(request)
-    position = None
-    if job.status == J.IN_QUEUE:
-        position = job.extra.get("queue_position") if "queue_position" in job.extra else \
-            await run_in_threadpool(store.queue_position, job.request_id)
+    if job.status == J.IN_QUEUE and position is None:
+        position = await run_in_threadpool(store.queue_position, job.request_id)
     urls = deps.request_urls(request, app_prefix(job.endpoint_id), job.request_id)
     return deps.status_body(job, urls, position=position, with_logs=with_logs)
 
@@ -150,7 +150,7 @@ def _make_request_routes(prefix: str):
         async def events():
             async for ev in watch(store, hub, request_id, owner, with_logs=with_logs, steps=False):
                 if ev.kind == "status" and ev.job is not None:
-                    body = await status_payload(request, ev.job, with_logs=with_logs)
+                    body = await status_payload(request, ev.job, with_logs=with_logs, position=ev.position)
                     yield {"data": json.dumps(body)}
 
         return EventSourceResponse(events(), ping=SSE_PING_SECONDS,

@@ -119,7 +119,7 @@ def _make_stream(spec: EndpointSpec):
                         continue
                     if job.status == J.IN_QUEUE:
                         yield {"data": json.dumps({"status": J.IN_QUEUE, "request_id": rid,
-                                                   "queue_position": int(job.extra.get("queue_position") or 0)})}
+                                                   "queue_position": int(ev.position or 0)})}
                     elif job.status == J.IN_PROGRESS and not announced_progress:
                         announced_progress = True
                         yield {"data": json.dumps({"status": J.IN_PROGRESS, "request_id": rid, "step": 0,

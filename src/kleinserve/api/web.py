@@ -195,7 +195,7 @@ async def api_request_progress(
                     payload["preview"] = ev.data["preview"]
                 yield {"data": json.dumps(payload)}
             elif ev.kind == "status" and ev.job is not None:
-                body = await status_payload(request, ev.job, with_logs=False)
+                body = await status_payload(request, ev.job, with_logs=False, position=ev.position)
                 if step is not None and ev.job.status == "IN_PROGRESS":
                     body["progress"] = step
                 yield {"data": json.dumps(body)}

@@ -104,6 +104,7 @@ class WatchEvent:
     kind: str  # "status" (job: the current Job) | "step" (data: {step, total, preview?})
     job: Optional[Job] = None
     data: Optional[dict[str, Any]] = None
+    position: Optional[int] = None  # a status event's queue position (None unless queued)
 
 
 async def watch(
@@ -141,12 +142,10 @@ async def watch(
                             last_step = int(m.group(1))
                             yield WatchEvent("step", data={"step": last_step, "total": int(m.group(2))})
             job.logs = list(logs) if with_logs else []
-            job.extra = dict(job.extra)
-            job.extra["queue_position"] = position
             sig = (job.status, position, log_count if with_logs else 0, job.cancel_requested)
             if sig != last_sig:
                 last_sig = sig
-                yield WatchEvent("status", job=job)
+                yield WatchEvent("status", job=job, position=position)
             if job.is_terminal:
                 return
             # wait for something to happen (or the poll interval)
