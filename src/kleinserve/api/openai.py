@@ -34,7 +34,7 @@ import re
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -42,6 +42,9 @@ from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
+
+from .queue import _services
+from .run import submit_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +200,6 @@ def _image_item(image: dict[str, Any], response_format: str, revised_prompt: str
 
 @router.post("/images/generations", summary="OpenAI-compatible image generation")
 async def images_generations(request: Request) -> JSONResponse:
-    from .queue import _services, submit_job
-    from .run import wait_until_done
-
     rid = new_request_id()
     try:
         principal = _authenticate(request)
@@ -215,28 +215,20 @@ async def images_generations(request: Request) -> JSONResponse:
         except ValidationError as exc:
             raise _validation_error(exc) from None
         try:
-            store, hub, _ = _services(request)
-        except Exception:
+            _services(request)
+        except HTTPException:
             raise OpenAIError(503, "The service is starting; try again shortly.", type="server_error",
                               code="service_unavailable") from None
-        sub = hub.subscribe(rid) if hub is not None else None
         try:
-            try:
-                job = await submit_job(request, spec, validated, principal.owner, mode=J.MODE_RUN,
-                                       request_id=rid)
-            except Exception as exc:
-                detail = getattr(exc, "detail", None)
-                status = getattr(exc, "status_code", None)
-                if status and 400 <= int(status) < 500:
-                    raise OpenAIError(400, f"Invalid request: {detail}") from None
-                raise
-            job = await wait_until_done(request, store, job, sub, what="OpenAI request")
-            if job is None:
-                return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
-                                               "param": None, "code": None}}, status_code=499)
-        finally:
-            if sub is not None:
-                sub.close()
+            job = await submit_and_wait(request, spec, validated, principal.owner, request_id=rid,
+                                        what="OpenAI request")
+        except HTTPException as exc:  # the submit refused it (a header, or no model)
+            if 400 <= exc.status_code < 500:
+                raise OpenAIError(400, f"Invalid request: {exc.detail}") from None
+            raise
+        if job is None:
+            return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                           "param": None, "code": None}}, status_code=499)
         if job.error is not None:
             raise _error_from_job(job)
         result = job.result or {}

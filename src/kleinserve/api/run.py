@@ -57,13 +57,13 @@ async def wait_until_done(request: Request, store: Any, job: Job, subscription: 
     return job
 
 
-async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, owner: str,
-                             mode: str) -> tuple[Any, Any, Job, Any]:
-    """Submits with a fresh request id, subscribed to its events BEFORE the submit (so none is
-    missed); returns (store, hub, job, subscription), the caller closing the subscription. A failed
-    submit closes it and raises."""
+async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, owner: str, mode: str,
+                             request_id: Optional[str] = None) -> tuple[Any, Any, Job, Any]:
+    """Submits (with a fresh request id unless given), subscribed to its events BEFORE the submit
+    (so none is missed); returns (store, hub, job, subscription), the caller closing the
+    subscription. A failed submit closes it and raises."""
     store, hub, _ = _services(request)
-    rid = new_request_id()
+    rid = request_id or new_request_id()
     sub = hub.subscribe(rid) if hub is not None else None
     try:
         job = await submit_job(request, spec, body, owner, mode=mode, request_id=rid)
@@ -74,17 +74,24 @@ async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, ow
     return store, hub, job, sub
 
 
+async def submit_and_wait(request: Request, spec: EndpointSpec, body: Any, owner: str, *,
+                          request_id: Optional[str] = None, what: str = "sync run") -> Optional[Job]:
+    """Submits a run and waits for it (see wait_until_done): the completed job, or None when the
+    client disconnected first."""
+    store, _, job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_RUN, request_id)
+    try:
+        return await wait_until_done(request, store, job, sub, what=what)
+    finally:
+        if sub is not None:
+            sub.close()
+
+
 def _make_run(spec: EndpointSpec):
     Input = spec.input_model
 
     async def run(request: Request, body: Input = Body(...),  # type: ignore[valid-type]
                   owner: str = Depends(deps.require_owner)):
-        store, _, job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_RUN)
-        try:
-            done = await wait_until_done(request, store, job, sub)
-        finally:
-            if sub is not None:
-                sub.close()
+        done = await submit_and_wait(request, spec, body, owner)
         if done is None:
             return JSONResponse({"detail": "client disconnected"}, status_code=499)
         return deps.result_response(done)

@@ -31,10 +31,12 @@ from starlette.concurrency import run_in_threadpool
 
 from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, FluxKleinInput, FluxKleinOutput
 from kleinserve.service.auth import Principal
+from kleinserve.service.events import watch
 from kleinserve.service.jobs import Job
 
 from .deps import request_urls, require_principal
 from .endpoints import app_prefix
+from .queue import SSE_PING_SECONDS, load_job, status_payload
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +178,6 @@ async def api_request_progress(
     request_id: str,
     principal: Principal = Depends(require_principal),
 ) -> Response:
-    from kleinserve.service.events import watch
-
-    from .queue import SSE_PING_SECONDS, load_job, status_payload
-
     owner = principal.owner
     await load_job(request, request_id, owner, None)  # 404 as plain JSON before the stream starts
     store = request.app.state.store
