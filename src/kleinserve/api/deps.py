@@ -88,16 +88,13 @@ def parse_bool_param(value: Optional[str]) -> bool:
 
 def public_base(request: Request) -> str:
     """Base URL of the server as the client reached it (or --public-url)."""
-    settings = getattr(request.app.state, "settings", None)
-    public = getattr(settings, "public_url", None)
-    return (public or str(request.base_url)).rstrip("/")
+    return (request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
 
 
 def queue_base(request: Request) -> str:
     """Base of the queue API as the client reached it: `https://host/queue` (path prefix) or
     `https://queue.host` (host-based); --public-url (+ /queue) when configured."""
-    settings = getattr(request.app.state, "settings", None)
-    public = getattr(settings, "public_url", None)
+    public = request.app.state.settings.public_url
     if public:
         return public.rstrip("/") + "/queue"
     state_base = request.scope.get("state", {}).get("queue_base")

@@ -51,7 +51,7 @@ from kleinserve.service.storage import (
 )
 from kleinserve.service.webhooks import WebhookSigner
 
-from .deps import require_owner
+from .deps import public_base, require_owner
 
 log = logging.getLogger(__name__)
 
@@ -73,56 +73,27 @@ class StorageServices:
     storage: FileStorage
     tokens: UploadTokens
     signer: WebhookSigner
-    public_url: Optional[str] = None  # None: derived from each request's base URL
-
-
-def _settings(app: Any) -> Any:
-    return getattr(app.state, "settings", None)
 
 
 def storage_services(app: Any) -> StorageServices:
-    """The app's storage, upload-token signer and webhook signer. Uses `app.state.storage`,
-    `app.state.upload_tokens` and `app.state.webhook_signer` when the app set them, else creates them
-    from `app.state.settings` (data_dir, public_url, max_upload_bytes) and caches the result."""
+    """The app's storage, upload-token signer and webhook signer, created from `app.state.settings`
+    (data_dir, max_upload_bytes) on first use and kept on app.state."""
     svc = getattr(app.state, "storage_services", None)
-    if svc is not None:
-        return svc
-    settings = _settings(app)
-    data_dir = getattr(settings, "data_dir", None)
-    storage = getattr(app.state, "storage", None)
-    tokens = getattr(app.state, "upload_tokens", None)
-    signer = getattr(app.state, "webhook_signer", None)
-    if data_dir is None and (storage is None or tokens is None or signer is None):
-        raise RuntimeError("app.state.settings.data_dir is needed to create the file storage")
-    if storage is None:
-        max_bytes = getattr(settings, "max_upload_bytes", None) or DEFAULT_MAX_UPLOAD_BYTES
-        storage = LocalFileStorage.in_data_dir(Path(data_dir), max_upload_bytes=max_bytes)
-        app.state.storage = storage
-    if tokens is None:
-        tokens = UploadTokens.from_data_dir(Path(data_dir))
-        app.state.upload_tokens = tokens
-    if signer is None:
-        signer = WebhookSigner.from_data_dir(Path(data_dir))
-        app.state.webhook_signer = signer
-    public_url = getattr(settings, "public_url", None)
-    svc = StorageServices(
-        storage=storage,
-        tokens=tokens,
-        signer=signer,
-        public_url=str(public_url).rstrip("/") if public_url else None,
-    )
-    app.state.storage_services = svc
+    if svc is None:
+        settings = app.state.settings
+        data_dir = Path(settings.data_dir)
+        max_bytes = settings.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES
+        svc = StorageServices(
+            storage=LocalFileStorage.in_data_dir(data_dir, max_upload_bytes=max_bytes),
+            tokens=UploadTokens.from_data_dir(data_dir),
+            signer=WebhookSigner.from_data_dir(data_dir),
+        )
+        app.state.storage_services = svc
     return svc
 
 
 def _svc(request: Request) -> StorageServices:
     return storage_services(request.app)
-
-
-def _public_url(request: Request, svc: StorageServices) -> str:
-    if svc.public_url:
-        return svc.public_url
-    return str(request.base_url).rstrip("/")
 
 
 def _raise(exc: StorageError) -> None:
@@ -238,7 +209,7 @@ def _uploaded_body(request: Request, svc: StorageServices, stored: StoredFile, u
     """The answer to a finished single-request upload; the file's URL under `url_key` (the JS
     client reads `file_url`, the Python client `access_url`)."""
     return {
-        url_key: stored.url(_public_url(request, svc)),
+        url_key: stored.url(public_base(request)),
         "content_type": stored.content_type,
         "file_name": stored.file_name,
         "file_size": stored.size,
@@ -291,7 +262,7 @@ async def initiate_upload(
     if expires_in:
         claims["x"] = expires_in
     token, _ = svc.tokens.issue("put", UPLOAD_TOKEN_TTL, **claims)
-    base = _public_url(request, svc)
+    base = public_base(request)
     return {
         "upload_url": f"{base}/storage/upload/{file_id}?token={token}",
         "file_url": f"{base}/files/{file_id}/{name}",
@@ -330,7 +301,7 @@ async def initiate_multipart_upload(
     svc = _svc(request)
     mp = await _create_multipart(request, svc, body.content_type, body.file_name, owner)
     token, _ = svc.tokens.issue("mp", MULTIPART_TOKEN_TTL, u=mp.upload_id)
-    base = _public_url(request, svc)
+    base = public_base(request)
     return {
         "upload_url": f"{base}/storage/upload/multipart/{mp.upload_id}?token={token}",
         "file_url": mp.file.url(base),
@@ -400,7 +371,7 @@ async def complete_signed_multipart(
     svc = _svc(request)
     _check_mp_token(svc, token, upload_id)
     stored = await _complete(request, svc, upload_id)
-    return {"file_url": stored.url(_public_url(request, svc))}
+    return {"file_url": stored.url(public_base(request))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +391,7 @@ async def storage_auth_token(
     return {
         "token": token,
         "token_type": "Bearer",
-        "base_url": _public_url(request, svc),
+        "base_url": public_base(request),
         "expires_at": expires_at.isoformat(timespec="seconds"),
     }
 
@@ -447,7 +418,7 @@ async def cdn_multipart_create(
     mp = await _create_multipart(
         request, svc, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), owner
     )
-    return {"access_url": mp.file.url(_public_url(request, svc)), "uploadId": mp.upload_id}
+    return {"access_url": mp.file.url(public_base(request)), "uploadId": mp.upload_id}
 
 
 def _check_mp_file(svc: StorageServices, file_id: str, file_name: str, upload_id: str) -> None:
@@ -485,7 +456,7 @@ async def cdn_multipart_complete(
     svc = _svc(request)
     _check_mp_file(svc, file_id, file_name, upload_id)
     stored = await _complete(request, svc, upload_id)
-    return {"access_url": stored.url(_public_url(request, svc))}
+    return {"access_url": stored.url(public_base(request))}
 
 
 # --------------------------------------------------------------------------------------------------
