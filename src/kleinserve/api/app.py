@@ -200,9 +200,7 @@ class ServiceRuntime:
         if self.store is None:
             self.store = SQLiteJobStore.in_data_dir(s.data_dir)
         self.store.add_listener(self.hub.store_listener)
-        st = self.app.state
-        st.store = self.store
-        st.hub = self.hub
+        self.app.state.store = self.store
         self.storage = self._make_storage()
         self.maintenance = Maintenance(self.store, settings=s, storage=self.storage)
         recovered = self.maintenance.recover_now()  # a previous process died: its running jobs
@@ -213,7 +211,6 @@ class ServiceRuntime:
         if self.start_worker:
             self.worker = Worker(self.store, self.engine, registry=self.registry, storage=self.storage,
                                  hub=self.hub, settings=s, on_complete=self._on_complete)
-            st.worker = self.worker
             self.worker.start()
         self.maintenance.start()
         if self.dispatcher is not None:
@@ -246,10 +243,7 @@ class ServiceRuntime:
             return files.storage_services(self.app).storage
         except Exception:
             log.exception("could not set up the file storage via api.files")
-        storage = LocalFileStorage.in_data_dir(self.settings.data_dir,
-                                               max_upload_bytes=self.settings.max_upload_bytes)
-        self.app.state.storage = storage
-        return storage
+        return LocalFileStorage.in_data_dir(self.settings.data_dir, max_upload_bytes=self.settings.max_upload_bytes)
 
     def _make_dispatcher(self) -> Optional[WebhookDispatcher]:
         try:
@@ -289,12 +283,10 @@ class ServiceRuntime:
             self.worker.set_engine(engine)
 
     def _announce_engine(self, engine: Any) -> None:
-        info = getattr(engine, "info", None)
-        if info is None:
-            return
+        info = engine.info
         self.app.state.model_info = info
         metrics.observe_model_loaded(info)
-        if getattr(info, "is_tiny", False):
+        if info.is_tiny:
             for line in ("!" * 78, "!! " + TINY_WARNING, "!" * 78):
                 log.warning(line)
         else:
@@ -303,7 +295,7 @@ class ServiceRuntime:
 
     # -------------------------------------------------------------- readiness
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        info = getattr(self.engine, "info", None) if self.engine is not None else None
+        info = self.engine.info if self.engine is not None else None
         worker_ok = self.worker is None or self.worker.alive
         body: dict[str, Any] = {"ready": False, "version": __version__}
         if info is not None:
@@ -393,7 +385,7 @@ def create_app(
     @app.get("/health", tags=["service"], summary="Liveness (never waits on the model)")
     async def health():
         info = getattr(app.state, "model_info", None)
-        if info is not None and getattr(info, "is_tiny", False):  # never silent about random weights
+        if info is not None and info.is_tiny:  # never silent about random weights
             return {"status": "ok", "is_tiny": True, "warning": TINY_WARNING}
         return {"status": "ok"}
 
