@@ -41,15 +41,7 @@ class AuthConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Principal:
-    key_id: str  # the owner id (never the raw key)
-    anonymous: bool = False
-
-    @property
-    def owner(self) -> str:
-        return self.key_id
-
-    def __str__(self) -> str:
-        return self.key_id
+    owner: str  # the id the caller's jobs are stored under (owner_id(key), never the raw key)
 
 
 class Authenticator:
@@ -85,7 +77,7 @@ class Authenticator:
     def authenticate(self, authorization: Optional[str]) -> Principal:
         """The principal of an `Authorization` header value; raises AuthError (401)."""
         if self.no_auth:
-            return Principal(ANONYMOUS, anonymous=True)
+            return Principal(ANONYMOUS)
         if not authorization or not authorization.strip():
             raise AuthError("Missing API key: send 'Authorization: Key <your key>'.")
         scheme, _, value = authorization.strip().partition(" ")
