@@ -105,6 +105,12 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     return job
 
 
+def _insert_log(con: sqlite3.Connection, request_id: str, now: float, level: str, source: str,
+                message: str) -> None:
+    con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) VALUES (?, ?, ?, ?, ?)",
+                (request_id, now, level, source, message))
+
+
 def _job_values(job: Job) -> list[Any]:
     out: list[Any] = []
     for name in _COLUMNS:
@@ -322,8 +328,7 @@ class SQLiteJobStore(JobStore):
                    source: str = "worker", heartbeat: bool = True) -> None:
         now = time.time()
         with self._tx(fsync=False) as con:  # every denoising step: no fsync on the engine thread
-            con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) "
-                        "VALUES (?, ?, ?, ?, ?)", (request_id, now, level, source, str(message)))
+            _insert_log(con, request_id, now, level, source, str(message))
             if heartbeat:
                 con.execute("UPDATE jobs SET heartbeat_at=? WHERE request_id=? AND status=?",
                             (now, request_id, J.IN_PROGRESS))
@@ -394,10 +399,8 @@ class SQLiteJobStore(JobStore):
                 changed.append(new)
                 events.append(event)
                 if new.status == J.IN_QUEUE:
-                    con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) "
-                                "VALUES (?, ?, ?, ?, ?)", (new.request_id, now, "WARNING", "service",
-                                f"The worker running this request stopped (attempt {job.attempts}); "
-                                "re-queued."))
+                    _insert_log(con, new.request_id, now, "WARNING", "service",
+                                f"The worker running this request stopped (attempt {job.attempts}); re-queued.")
         for j, event in zip(changed, events):
             self._notify(j, event)
         return changed
