@@ -35,6 +35,7 @@ from kleinserve import __version__
 from kleinserve.service import metrics
 from kleinserve.service.auth import Authenticator
 from kleinserve.service.events import EventHub
+from kleinserve.service.jobs import validation_detail
 from kleinserve.service.logging import install_access_log_redaction, request_id_var
 from kleinserve.service.settings import Settings
 from kleinserve.service.sqlite_store import SQLiteJobStore
@@ -405,11 +406,7 @@ def create_app(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        detail = []
-        for e in exc.errors():
-            detail.append({"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
-                           "type": str(e.get("type", ""))})
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -26,7 +26,7 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 # --------------------------------------------------------------------------------------- statuses
 
@@ -163,6 +163,12 @@ class Job:
 
 
 # ------------------------------------------------------------------------------ a failed job's answer
+
+def validation_detail(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic/FastAPI validation errors as the 422 `detail` list: [{"loc", "msg", "type"}]."""
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors]
+
 
 def error_status(job: Job) -> int:
     """The HTTP status a failed request's result answers with (500 when its error has none)."""

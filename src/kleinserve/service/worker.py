@@ -108,7 +108,7 @@ def classify_exception(exc: BaseException) -> dict[str, Any]:
     name = type(exc).__name__
     if isinstance(exc, ValidationError):
         return job_error(f"Invalid input: {exc.errors(include_url=False)}", J.ERR_VALIDATION, 422,
-                         detail=_jsonable_errors(exc))
+                         detail=J.validation_detail(exc.errors()))
     if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return job_error("The accelerator ran out of memory while generating this request; try a "
                          "smaller image size or fewer images.", J.ERR_MODEL, 500)
@@ -118,13 +118,6 @@ def classify_exception(exc: BaseException) -> dict[str, Any]:
         # The engine raises ValueError for requests it cannot serve (e.g. an unsupported option).
         return job_error(f"Generation failed: {name}: {exc}", J.ERR_MODEL, 500)
     return job_error(f"Generation failed: {name}: {exc}", J.ERR_INTERNAL, 500)
-
-
-def _jsonable_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    out = []
-    for e in exc.errors(include_url=False):
-        out.append({"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
-    return out
 
 
 # ------------------------------------------------------------------------------ the worker
