@@ -120,3 +120,20 @@ def test_error_shape_on_the_wire(server):
 def test_models_list(client):
     ids = [m.id for m in client.models.list()]
     assert "fal-ai/flux-2/klein/9b/base" in ids
+
+
+def test_model_that_failed_to_load_answers_in_openai_shape(tmp_path):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    settings = Settings(data_dir=tmp_path / "data", api_keys=[KEY], model=str(tmp_path / "no-such-model"))
+    with TestClient(create_app(settings, load_engine=True)) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/ready").json().get("status") == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 503
+    assert set(r.json()) == {"error"} and r.json()["error"]["type"] == "server_error"
+    assert "failed to load" in r.json()["error"]["message"]

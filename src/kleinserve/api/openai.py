@@ -225,7 +225,8 @@ async def images_generations(request: Request) -> JSONResponse:
         except HTTPException as exc:  # the submit refused it (a header, or no model)
             if 400 <= exc.status_code < 500:
                 raise OpenAIError(400, f"Invalid request: {exc.detail}") from None
-            raise
+            raise OpenAIError(exc.status_code, str(exc.detail), type="server_error",
+                              code="service_unavailable" if exc.status_code == 503 else None) from None
         if job is None:
             return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                            "param": None, "code": None}}, status_code=499)
