@@ -321,3 +321,11 @@ def test_warmup_runs_before_ready_unless_disabled(tmp_path, tiny_model_dir, monk
         else:
             # CPU compiles nothing by default, so the warm-up is there but takes no time.
             assert calls == [str(tiny_model_dir)] and body["model"]["warmup_seconds"] == 0.0
+
+
+def test_no_retry_header_is_kept_with_the_job(client):
+    asked = submit(client, headers={**A, "x-fal-no-retry": "1"})
+    plain = submit(client)
+    store = client.app.state.store
+    assert store.get(asked["request_id"]).extra.get("no_retry") is True
+    assert not store.get(plain["request_id"]).extra.get("no_retry")

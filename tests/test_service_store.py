@@ -192,6 +192,20 @@ def test_recover_requeues_then_fails_after_max_attempts(store):
     assert any("re-queued" in l["message"] for l in store.get_logs(j.request_id))
 
 
+def test_recover_fails_a_no_retry_job_at_its_first_crash(store):
+    plain = store.submit(mk())
+    no_retry = store.submit(mk(extra={"no_retry": True}))
+    store.claim_next("host:1:dead:w0")
+    store.claim_next("host:1:dead:w0")
+    changed = {c.request_id: c for c in store.recover(max_attempts=3, stale_after=3600,
+                                                       is_worker_alive=lambda wid: False)}
+    assert changed[plain.request_id].status == J.IN_QUEUE
+    failed = changed[no_retry.request_id]
+    assert failed.status == J.COMPLETED and failed.error_type == J.ERR_CRASHED
+    assert "x-fal-no-retry" in failed.error["error"]
+    assert store.get(no_retry.request_id).extra == {"no_retry": True}  # persisted with the job
+
+
 def test_recover_leaves_live_workers_and_uses_heartbeat(store):
     j = store.submit(mk())
     store.claim_next("w-live")

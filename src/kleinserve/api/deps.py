@@ -77,6 +77,11 @@ def parse_priority_header(request: Request) -> str:
     return value
 
 
+def wants_no_retry(request: Request) -> bool:
+    """`x-fal-no-retry`: a request that was running when the server died is failed, not re-run."""
+    return parse_bool_param(request.headers.get("x-fal-no-retry"))
+
+
 def parse_bool_param(value: Optional[str]) -> bool:
     if value is None:
         return False

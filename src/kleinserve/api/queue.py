@@ -72,6 +72,7 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
         mode=mode,
         public_base=deps.public_base(request),
         webhook_url=webhook_url,
+        extra={"no_retry": True} if deps.wants_no_retry(request) else {},
     )
     deps.set_request_id(request, job.request_id)
     job = await run_in_threadpool(store.submit, job)

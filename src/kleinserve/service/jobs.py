@@ -122,6 +122,10 @@ class Job:
     def is_terminal(self) -> bool:
         return self.status == COMPLETED
 
+    def attempt_limit(self, max_attempts: int) -> int:
+        """How many runs a crash may cost this job: 1 when its client sent `x-fal-no-retry`."""
+        return 1 if self.extra.get("no_retry") else max_attempts
+
     @property
     def succeeded(self) -> bool:
         return self.status == COMPLETED and self.error is None

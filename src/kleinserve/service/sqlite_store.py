@@ -387,10 +387,13 @@ class SQLiteJobStore(JobStore):
                 stale = (job.heartbeat_at or job.started_at or 0.0) < now - stale_after
                 if alive is True or (alive is None and not stale):
                     continue
-                if job.attempts >= max_attempts:
+                limit = job.attempt_limit(max_attempts)
+                if job.attempts >= limit:
+                    why = ("the request asked not to be retried (x-fal-no-retry)" if limit < max_attempts
+                           else f"the limit is {limit}")
                     new = J.apply(job, "crash_fail", now=now, reason=(
                         f"The server stopped while this request was running, {job.attempts} time(s) "
-                        f"(the limit is {max_attempts}); giving up so it cannot crash the service again."))
+                        f"({why}); giving up so it cannot crash the service again."))
                     event = "crash_fail"
                 else:
                     new = J.apply(job, "requeue", now=now)
