@@ -12,9 +12,7 @@ THAT job with a clear error and the worker goes on with the next one.
 
 from __future__ import annotations
 
-import base64
 import gc
-import io
 import logging
 import os
 import socket
@@ -30,6 +28,7 @@ from kleinserve.engine.types import GenerationCancelled, ModelUnavailable
 
 from . import jobs as J
 from . import metrics
+from ..engine.imageio import data_uri, preview_data_uri
 from .events import EventHub
 from .jobs import Job, job_error
 from .logging import request_context
@@ -76,21 +75,6 @@ def is_worker_alive(worker_id: Optional[str]) -> Optional[bool]:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def preview_data_uri(image: Any, max_side: int = 256, quality: int = 70) -> str:
-    """A small JPEG data URI of a PIL image."""
-    im = image.convert("RGB")
-    if max(im.size) > max_side:
-        im = im.copy()
-        im.thumbnail((max_side, max_side))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def data_uri(data: bytes, content_type: str) -> str:
-    return f"data:{content_type};base64," + base64.b64encode(data).decode("ascii")
-
 
 def _free_accelerator_memory() -> None:
     gc.collect()
@@ -280,7 +264,7 @@ class Worker:
                 event: dict[str, Any] = {"type": "step", "step": int(ev.step), "total": int(ev.total)}
                 if ev.preview is not None:
                     try:
-                        event["preview"] = preview_data_uri(ev.preview)
+                        event["preview"] = preview_data_uri(ev.preview, max_side=256)
                     except Exception:
                         log.debug("preview encoding failed", exc_info=True)
                 if self.hub is not None:
