@@ -1,13 +1,16 @@
 """Tensors only: model loading, prompt encoding, the denoising loop, safety checking, encoding.
 
 Public interface (used by service/ and cli.py): `load_engine(spec, ...) -> Engine` and
-`Engine.generate(request, on_step=..., should_cancel=..., preview_every=...) -> GenerationResult`.
+`Engine.generate(request, on_step=..., should_cancel=..., preview_every=...) -> GenerationResult`, and
+`Engine.generate_batch([GenerationTask, ...])` for requests with equal `Engine.batch_key` that share
+every transformer forward.
 """
 
 from .types import (
     EncodedImage,
     GenerationCancelled,
     GenerationResult,
+    GenerationTask,
     ModelInfo,
     ModelUnavailable,
     StepEvent,
@@ -18,6 +21,7 @@ __all__ = [
     "Engine",
     "GenerationCancelled",
     "GenerationResult",
+    "GenerationTask",
     "ModelInfo",
     "ModelUnavailable",
     "StepEvent",

@@ -23,7 +23,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ from .text import OUT_LAYERS, PromptEncoder
 from .types import (
     CancelCheck,
     EncodedImage,
+    GenerationCancelled,
     GenerationResult,
+    GenerationTask,
     ModelInfo,
     StepCallback,
     StepEvent,
@@ -61,19 +63,26 @@ def random_seed() -> int:
 
 
 class _Plan:
-    """Everything fixed by a request before the first step: sizes, seeds, schedule.
-    The seed is request.seed, or a random one when it is None."""
+    """Everything fixed by one request before the first step: sizes, seeds, schedule; and the notes
+    (logs, techniques) its result will carry. The seed is request.seed, or a random one when it is None.
+    `rows`: its images' rows in the latent batch (all of it for a request that runs alone)."""
 
-    def __init__(self, engine: "Engine", request):
+    def __init__(self, engine: "Engine", request, first_row: int = 0):
         self.request = request
         self.seed = int(request.seed) if request.seed is not None else random_seed()
         self.width, self.height = request.resolved_size()
         self.h8, self.w8 = engine.latent_hw(self.width, self.height)
         self.h16, self.w16 = self.h8 // 2, self.w8 // 2
         self.num_images = int(request.num_images)
+        self.rows = range(first_row, first_row + self.num_images)
         self.steps = int(request.num_inference_steps)
         self.guided = request.uses_cfg
+        self.guidance = float(request.guidance_scale)
         self.timesteps, self.sigmas = engine._schedule(self.h16 * self.w16, self.steps)
+        self.logs: list[str] = []
+        self.techniques: list[str] = []
+        if engine.info.is_tiny:
+            self.logs.append("model: tiny (random weights, NOT FLUX.2 [klein]; for tests only)")
 
 
 class Engine:
@@ -161,6 +170,18 @@ class Engine:
             log.info("warm-up: %d shapes in %.1fs", len(report), sum(report.values()))
         return report
 
+    def batch_key(self, request) -> Optional[tuple]:
+        """Requests with equal keys can share every transformer forward (`generate_batch`); None: this
+        one runs alone. Equal keys mean the same latent shape and schedule (size, steps), the same
+        branches (CFG on or off), level and CNS settings; prompts, seeds, guidance scales, image counts,
+        formats and the safety checker may differ. `high` always runs alone: its block cache decides
+        per forward whether to skip, so a neighbour would change its images."""
+        if request.acceleration == "high":
+            return None
+        cns_params = cns.CNSParams.from_request(request) if request.enable_cns else None
+        return (request.resolved_size(), int(request.num_inference_steps), request.uses_cfg,
+                request.acceleration, cns_params)
+
     def generate(
         self,
         request,
@@ -171,66 +192,117 @@ class Engine:
         wants_preview: Optional[Callable[[], bool]] = None,
     ) -> GenerationResult:
         """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so."""
+        task = GenerationTask(request, on_step=on_step, should_cancel=should_cancel, wants_preview=wants_preview)
+        outcome = self.generate_batch([task], preview_every=preview_every)[0]
+        if isinstance(outcome, GenerationCancelled):
+            raise outcome
+        return outcome
+
+    def generate_batch(
+        self, tasks: Sequence[GenerationTask], *, preview_every: int = 0
+    ) -> list[Union[GenerationResult, GenerationCancelled]]:
+        """Run requests through one denoising loop: each step is ONE transformer forward over all their
+        images (and negative branches). Their `batch_key`s must be equal (ValueError otherwise). Every
+        image is the one its request gives alone, up to the batch-shape noise of GEMMs (docs/ENGINE.md).
+
+        Returns one outcome per task, in order: its GenerationResult, or GenerationCancelled when its
+        should_cancel() said so; from then on its rows leave the forward and it gets no more callbacks.
+        The run stops when every task is cancelled. Any other failure raises (it concerns them all)."""
+        if not tasks:
+            return []
+        if len(tasks) > 1:
+            keys = {self.batch_key(t.request) for t in tasks}
+            if None in keys or len(keys) > 1:
+                raise ValueError("these requests cannot share a batch: their Engine.batch_key differs")
         with self._lock, torch.inference_mode():
             t_start = time.perf_counter()
-            plan = _Plan(self, request)
-            logs: list[str] = []
-            techniques: list[str] = []
-            if self.info.is_tiny:
-                logs.append("model: tiny (random weights, NOT FLUX.2 [klein]; for tests only)")
+            plans: list[_Plan] = []
+            for task in tasks:
+                plans.append(_Plan(self, task.request, first_row=plans[-1].rows.stop if plans else 0))
+            encode_seconds, embeddings = [], []
+            for plan in plans:
+                t0 = time.perf_counter()
+                embeddings.append(self._encode(plan))
+                encode_seconds.append(self._sync_time(t0))
+            if len(plans) > 1:
+                for plan in plans:
+                    plan.techniques.append("request_batching")
+                    plan.logs.append(f"batched with {len(plans) - 1} other request(s): "
+                                     f"{plans[-1].rows.stop} images share each forward")
 
-            t0 = time.perf_counter()
-            cond, uncond = self._encode(plan, logs, techniques)
-            t_encode = self._sync_time(t0)
+            outcomes: list[Union[GenerationResult, GenerationCancelled, None]] = [None] * len(tasks)
+            steps_done = [0]
+            steps = plans[0].steps
 
-            t0 = time.perf_counter()
+            def live() -> list[int]:
+                return [k for k, o in enumerate(outcomes) if o is None]
 
             def step_callback(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
-                if on_step is None:
-                    return
-                preview = None
-                # A preview is a VAE decode: make it only when someone is there to see it.
-                if preview_every > 0 and (i + 1) % preview_every == 0 and (
-                        wants_preview is None or wants_preview()):
-                    preview = self._preview(x0_hat[:1], plan)
-                on_step(StepEvent(step=i + 1, total=plan.steps, sigma=plan.sigmas[i + 1], preview=preview))
+                steps_done[0] = i + 1
+                for k in live():
+                    task, plan = tasks[k], plans[k]
+                    if task.on_step is None:
+                        continue
+                    preview = None
+                    # A preview is a VAE decode: make it only when someone is there to see it.
+                    if preview_every > 0 and (i + 1) % preview_every == 0 and (
+                            task.wants_preview is None or task.wants_preview()):
+                        first = plan.rows.start
+                        preview = self._preview(x0_hat[first: first + 1], plan)
+                    task.on_step(StepEvent(step=i + 1, total=steps, sigma=plan.sigmas[i + 1], preview=preview))
 
-            latents = self._denoise(plan, cond, uncond, step_callback, should_cancel, logs, techniques)
+            def everyone_cancelled() -> bool:
+                for k in live():
+                    if tasks[k].should_cancel is not None and tasks[k].should_cancel():
+                        outcomes[k] = GenerationCancelled(f"cancelled before step {steps_done[0] + 1}/{steps}")
+                return not live()
+
+            def live_rows() -> list[int]:
+                return [r for k in live() for r in plans[k].rows]
+
+            t0 = time.perf_counter()
+            try:
+                latents = self._denoise(plans, embeddings, step_callback, everyone_cancelled, live_rows)
+            except GenerationCancelled:
+                if any(o is None for o in outcomes):  # not ours: a real failure
+                    raise
+                return outcomes
             t_denoise = self._sync_time(t0)
 
-            t0 = time.perf_counter()
-            images = [self._decode(latents[k : k + 1], plan)[0] for k in range(plan.num_images)]
-            t_decode = self._sync_time(t0)
+            for k in live():
+                outcomes[k] = self._finish(plans[k], latents, t_start, {"encode": encode_seconds[k],
+                                                                         "denoise": t_denoise})
+            return outcomes
 
-            t0 = time.perf_counter()
-            flags = [False] * len(images)
-            if request.enable_safety_checker:
-                images, flags = self._check_safety(images, logs)
-            t_safety = time.perf_counter() - t0
+    def _finish(self, plan: _Plan, latents: torch.Tensor, t_start: float,
+                timings: dict[str, float]) -> GenerationResult:
+        """Decode, safety-check and encode the images of one request from its rows of the latents."""
+        t0 = time.perf_counter()
+        images = [self._decode(latents[r: r + 1], plan)[0] for r in plan.rows]
+        timings["decode"] = self._sync_time(t0)
 
-            encoded = [self._encode_image(im, plan, k, flag) for k, (im, flag) in enumerate(zip(images, flags))]
-            timings = {
-                "encode": t_encode,
-                "denoise": t_denoise,
-                "decode": t_decode,
-                "safety": t_safety,
-                "total": time.perf_counter() - t_start,
-            }
-            logs.append(
-                f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {plan.seed}; "
-                + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items())
-            )
-            log.info(logs[-1])
-            return GenerationResult(images=encoded, seed=plan.seed, timings=timings,
-                                    techniques=_unique(techniques), logs=logs)
+        t0 = time.perf_counter()
+        flags = [False] * len(images)
+        if plan.request.enable_safety_checker:
+            images, flags = self._check_safety(images, plan.logs)
+        timings["safety"] = time.perf_counter() - t0
+
+        encoded = [self._encode_image(im, plan, k, flag) for k, (im, flag) in enumerate(zip(images, flags))]
+        timings["total"] = time.perf_counter() - t_start
+        plan.logs.append(
+            f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {plan.seed}; "
+            + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items())
+        )
+        log.info(plan.logs[-1])
+        return GenerationResult(images=encoded, seed=plan.seed, timings=timings,
+                                techniques=_unique(plan.techniques), logs=plan.logs)
 
     def sample_latents(self, request, callback: Optional[sampling.SamplerCallback] = None) -> torch.Tensor:
         """The final packed latents (B, seq, 4C) of a request (no decode); `callback(i, x, x0_hat)`
         after each step. For CNS calibration. Uses request.seed (random when None)."""
         with self._lock, torch.inference_mode():
             plan = _Plan(self, request)
-            cond, uncond = self._encode(plan, [], [])
-            return self._denoise(plan, cond, uncond, callback, None, [], [])
+            return self._denoise([plan], [self._encode(plan)], callback)
 
     # ------------------------------------------------------------------ stages
 
@@ -239,7 +311,8 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def _encode(self, plan: _Plan, logs: list[str], techniques: list[str]):
+    def _encode(self, plan: _Plan) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(prompt embedding, negative prompt embedding or None without CFG), each (1, 512, D)."""
         texts = [("prompt", plan.request.prompt)]
         if plan.guided:
             texts.append(("negative prompt", plan.request.negative_prompt))
@@ -247,89 +320,122 @@ class Engine:
         for label, text in texts:
             emb, hit = self.text.encode(text)
             if hit:
-                techniques.append("embedding_cache")
-                logs.append(f"text encoder: {label} from the embedding cache")
+                plan.techniques.append("embedding_cache")
+                plan.logs.append(f"text encoder: {label} from the embedding cache")
             ran = ran or not hit
             out.append(emb)
         if ran:
-            logs.append(f"text encoder: {self.text.num_layers_run} decoder layers run (hidden states "
-                        f"{','.join(map(str, OUT_LAYERS))}; later layers and the LM head skipped)")
+            plan.logs.append(f"text encoder: {self.text.num_layers_run} decoder layers run (hidden states "
+                             f"{','.join(map(str, OUT_LAYERS))}; later layers and the LM head skipped)")
         return out[0], (out[1] if plan.guided else None)
 
-    def _initial_latents(self, plan: _Plan) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Image k: N(0, I) of shape (1, 4C, h16, w16) from a CPU generator seeded seed + k, drawn
-        first (diffusers' randn_tensor with that generator), then packed to (1, h16*w16, 4C)."""
+    def _initial_latents(self, plans: Sequence[_Plan]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Image k of a request: N(0, I) of shape (1, 4C, h16, w16) from a CPU generator seeded seed + k,
+        drawn first (diffusers' randn_tensor with that generator), then packed to (1, h16*w16, 4C);
+        the rows of all requests concatenated in order."""
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe = cns.flux2_pipeline_cls()
         gens, parts = [], []
-        for k in range(plan.num_images):
-            g = torch.Generator(device="cpu").manual_seed(plan.seed + k)
-            z = randn_tensor((1, 4 * self.latent_channels, plan.h16, plan.w16), generator=g,
-                             device=self.device, dtype=self.dtype)
-            gens.append(g)
-            parts.append(pipe._pack_latents(z))
+        for plan in plans:
+            for k in range(plan.num_images):
+                g = torch.Generator(device="cpu").manual_seed(plan.seed + k)
+                z = randn_tensor((1, 4 * self.latent_channels, plan.h16, plan.w16), generator=g,
+                                 device=self.device, dtype=self.dtype)
+                gens.append(g)
+                parts.append(pipe._pack_latents(z))
         return torch.cat(parts, dim=0), gens
 
-    def _denoise(self, plan: _Plan, cond, uncond, callback, should_cancel, logs, techniques) -> torch.Tensor:
+    def _denoise(
+        self,
+        plans: Sequence[_Plan],
+        embeddings: Sequence[tuple[torch.Tensor, Optional[torch.Tensor]]],
+        callback: Optional[sampling.SamplerCallback],
+        should_cancel: Optional[CancelCheck] = None,
+        live_rows: Optional[Callable[[], list[int]]] = None,
+    ) -> torch.Tensor:
+        """The final packed latents of every plan's images (rows in plan order). The plans share size,
+        steps, branches, level and CNS settings (`batch_key`). `live_rows()`: the image rows still
+        wanted; the others leave the forward (their latents are then left as they were)."""
         pipe = cns.flux2_pipeline_cls()
-        x, generators = self._initial_latents(plan)
-        b = plan.num_images
-        grid = x.new_zeros(1, 1, plan.h16, plan.w16)
+        first = plans[0]
+        x, generators = self._initial_latents(plans)
+        rows = x.shape[0]
+        grid = x.new_zeros(1, 1, first.h16, first.w16)
         img_ids = pipe._prepare_latent_ids(grid).to(self.device)
-        txt_ids = pipe._prepare_text_ids(cond).to(self.device)  # (1, 512, 4), same for cond and uncond
-        if plan.guided:
-            branches = 2
-            context = torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)], dim=0)
-        else:
-            branches = 1
-            context = cond.expand(b, -1, -1)
-        n = branches * b
-        img_ids = img_ids.expand(n, -1, -1)
-        txt_ids = txt_ids.expand(n, -1, -1)
+        txt_ids = pipe._prepare_text_ids(embeddings[0][0]).to(self.device)  # (1, 512, 4): every prompt
+        # Per image row: its request's prompt (and negative prompt) embedding and guidance scale.
+        cond = torch.cat([c.expand(p.num_images, -1, -1) for p, (c, _) in zip(plans, embeddings)])
+        uncond = (torch.cat([u.expand(p.num_images, -1, -1) for p, (_, u) in zip(plans, embeddings)])
+                  if first.guided else None)
+        scales = [p.guidance for p in plans for _ in p.rows]
+        # One scale: a Python float, as diffusers has it; several: float32 per row, rounded once to v's dtype.
+        guidance: Union[float, torch.Tensor] = scales[0]
+        if len(set(scales)) > 1:
+            guidance = torch.tensor(scales, dtype=torch.float32, device=self.device).view(-1, 1, 1)
 
-        # The transformer call at the request's acceleration level (a fresh block cache per run).
-        forward, acc_techniques = self.accelerator.forward(plan.request.acceleration)
-        techniques.extend(acc_techniques)
-        if plan.guided:
-            techniques.append("cfg_batched")
-            logs.append(f"CFG {plan.request.guidance_scale:g}: cond + uncond in one batched forward "
-                        f"(batch {n}) per step")
-        else:
-            logs.append(f"guidance {plan.request.guidance_scale:g} <= 1: single branch (batch {n})")
-        g = float(plan.request.guidance_scale)
+        # The transformer call at the level of the requests (a fresh block cache per run).
+        forward, acc_techniques = self.accelerator.forward(first.request.acceleration)
+        branches = 2 if first.guided else 1
+        for plan in plans:
+            plan.techniques.extend(acc_techniques)
+            if plan.guided:
+                plan.techniques.append("cfg_batched")
+                plan.logs.append(f"CFG {plan.guidance:g}: cond + uncond in one batched forward "
+                                 f"(batch {branches * rows}) per step")
+            else:
+                plan.logs.append(f"guidance {plan.guidance:g} <= 1: single branch (batch {rows})")
         # diffusers: t.expand(B).to(latents.dtype), passed as timestep / 1000 (latents are in self.dtype);
         # elementwise, so cast and scaled once for all steps rather than per step.
-        model_timesteps = plan.timesteps.to(self.dtype) / 1000
+        model_timesteps = first.timesteps.to(self.dtype) / 1000
+        inputs: dict[tuple, tuple] = {}
+
+        def batch_inputs(live: tuple[int, ...]):
+            """(context, txt_ids, img_ids, guidance) for the live rows; built once per set of rows."""
+            if live not in inputs:
+                index = None if len(live) == rows else torch.tensor(live, device=self.device)
+                pick = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
+                context = torch.cat([pick(cond), pick(uncond)]) if first.guided else pick(cond)
+                n = context.shape[0]
+                g = guidance if isinstance(guidance, float) else pick(guidance)
+                inputs.clear()  # rows only ever leave: the previous set is not needed again
+                inputs[live] = (index, context, txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1), g)
+            return inputs[live]
 
         def model(x: torch.Tensor, i: int) -> torch.Tensor:
-            hidden = x.to(self.dtype)
+            live = tuple(live_rows()) if live_rows is not None else tuple(range(rows))
+            index, context, txt, img, g = batch_inputs(live)
+            hidden = (x if index is None else x.index_select(0, index)).to(self.dtype)
             if branches == 2:
                 hidden = torch.cat([hidden, hidden], dim=0)
             v = forward(
                 hidden_states=hidden,
-                timestep=model_timesteps[i].expand(n),
+                timestep=model_timesteps[i].expand(hidden.shape[0]),
                 guidance=None,
                 encoder_hidden_states=context,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
+                txt_ids=txt,
+                img_ids=img,
                 joint_attention_kwargs=None,
                 return_dict=False,
             )[0]
             if branches == 2:
                 v_cond, v_uncond = v.chunk(2, dim=0)
-                v = v_uncond + g * (v_cond - v_uncond)
+                v = (v_uncond + g * (v_cond - v_uncond)).to(v_cond.dtype)
+            if index is not None:  # rows that left: zero velocity, their latents stay put
+                v = v.new_zeros(x.shape).index_copy_(0, index, v)
             return v
 
-        noise = cns.make_step_noise(  # None unless request.enable_cns
-            plan.request, plan.sigmas, latent_hw=(plan.h8, plan.w8), channels=self.latent_channels,
-            generators=generators, device=self.device, guided=plan.guided, matrix_override=self._cns_matrix,
+        noise = cns.make_step_noise(  # None unless the requests enable CNS
+            first.request, first.sigmas, latent_hw=(first.h8, first.w8), channels=self.latent_channels,
+            generators=generators, device=self.device, guided=first.guided, matrix_override=self._cns_matrix,
         )
         if noise is not None:
-            logs.append(cns.describe(noise))
-            techniques.append("cns")
-        x = sampling.sample(model, x, plan.sigmas, noise=noise, callback=callback, should_cancel=should_cancel)
-        logs.extend(forward.notes())
+            for plan in plans:
+                plan.logs.append(cns.describe(noise))
+                plan.techniques.append("cns")
+        x = sampling.sample(model, x, first.sigmas, noise=noise, callback=callback, should_cancel=should_cancel)
+        for plan in plans:
+            plan.logs.extend(forward.notes())
         return x
 
     def _unpack_patched(self, packed: torch.Tensor, h16: int, w16: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ worker thread); progress goes out through `on_step`, cancellation comes in throu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from PIL import Image
 
@@ -61,3 +61,17 @@ class ModelInfo:
 
 StepCallback = Callable[[StepEvent], None]
 CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class GenerationTask:
+    """One request inside `Engine.generate_batch`, with its own progress and cancellation hooks.
+
+    should_cancel: polled before every step; once it returns True the task is out (its rows leave the
+    transformer batch, it gets GenerationCancelled) and it is not polled or called back again.
+    wants_preview: whether a preview is worth a VAE decode right now (someone is watching)."""
+
+    request: Any
+    on_step: Optional[StepCallback] = None
+    should_cancel: Optional[CancelCheck] = None
+    wants_preview: Optional[Callable[[], bool]] = None
