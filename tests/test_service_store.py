@@ -122,6 +122,29 @@ def test_claim_priority_then_fifo_and_positions(store):
     assert store.queue_depth() == {"IN_QUEUE": 0, "IN_PROGRESS": 4}
 
 
+def test_claim_with_match_passes_over_others_and_they_keep_their_place(store):
+    jobs = [store.submit(mk(priority=p, extra={"size": size}))
+            for p, size in [("normal", 64), ("normal", 96), ("low", 64), ("normal", 64)]]
+    wants_64 = lambda job: job.extra["size"] == 64  # noqa: E731
+    got = [store.claim_next("w", match=wants_64).request_id for _ in range(3)]
+    assert got == [jobs[0].request_id, jobs[3].request_id, jobs[2].request_id]  # priority, then FIFO
+    assert store.claim_next("w", match=wants_64) is None
+    assert store.queue_position(jobs[1].request_id) == 0 and store.get(jobs[1].request_id).status == J.IN_QUEUE
+    assert store.claim_next("w").request_id == jobs[1].request_id
+
+
+def test_claim_with_match_looks_only_so_far_and_survives_a_failing_predicate(store):
+    first, second = store.submit(mk()), store.submit(mk())
+    assert store.claim_next("w", match=lambda job: job.request_id == second.request_id, lookahead=1) is None
+    def broken(job):
+        raise KeyError("no such field")
+    assert store.claim_next("w", match=broken) is None
+    assert store.queue_depth() == {"IN_QUEUE": 2, "IN_PROGRESS": 0}
+    got = store.claim_next("w", match=lambda job: job.request_id == second.request_id, lookahead=2)
+    assert got.request_id == second.request_id and got.status == J.IN_PROGRESS
+    assert store.queue_position(first.request_id) == 0
+
+
 def test_claim_skips_and_expires_past_deadline(store):
     expired = store.submit(mk(deadline=time.time() - 1))
     ok = store.submit(mk(deadline=time.time() + 60))

@@ -10,6 +10,7 @@ the label sets stay consistent and this module stays the one place to read what 
     record_http_request(endpoint, method, status, seconds)   # the HTTP middleware
     observe_job_submitted(endpoint_id, priority)             # submit (queue, run, stream, openai)
     observe_job_started(wait_seconds)                        # the worker claimed a job
+    observe_batch(requests)                                  # the worker started an engine run
     observe_job_completed(timings, images, nsfw, ...)        # the worker finished a generation
     observe_job_failed(error_type)                           # failed / cancelled / timed out
     observe_model_loaded(info)                               # after load_engine
@@ -94,6 +95,12 @@ INFERENCE_TIME = Histogram(
     buckets=_LONG_BUCKETS,
     registry=REGISTRY,
 )
+BATCH_SIZE = Histogram(
+    "kleinserve_batch_requests",
+    "Requests per engine run (1: alone; more when --batch-images lets queued requests share forwards).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+    registry=REGISTRY,
+)
 STEPS = Counter(
     "kleinserve_denoising_steps",
     "Denoising steps run.",
@@ -159,6 +166,11 @@ def observe_job_started(wait_seconds: Optional[float] = None) -> None:
     JOBS_IN_PROGRESS.inc()
     if wait_seconds is not None:
         QUEUE_WAIT.observe(max(0.0, float(wait_seconds)))
+
+
+def observe_batch(requests: int) -> None:
+    """The worker started one engine run for `requests` jobs."""
+    BATCH_SIZE.observe(requests)
 
 
 def observe_job_finished_running() -> None:

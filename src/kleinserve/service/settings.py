@@ -131,6 +131,7 @@ class Settings:
     max_request_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
     preview_every: int = 4
+    batch_images: int = 1
     max_run_seconds: float = 1800.0
     worker_stale_after: float = 120.0
     webhook_max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -144,6 +145,8 @@ class Settings:
             self.public_url = str(self.public_url).rstrip("/")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
+        if self.batch_images < 1:
+            raise ValueError("batch images must be >= 1 (1: every request runs alone)")
         if self.max_attempts < 1:
             raise ValueError("max attempts must be >= 1")
         if self.webhook_max_attempts < 1:
@@ -224,6 +227,10 @@ OPTIONS: list[Option] = [
            "Largest file accepted by the storage upload routes (413 beyond).", metavar="SIZE"),
     Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", int,
            "Send a preview image every N denoising steps on /stream (0: never)."),
+    Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", int,
+           "Up to this many images of queued requests that can share a forward (same size, steps, CFG on "
+           "or off, CNS settings; acceleration none or regular) run together (1: each request alone). "
+           "More throughput under load, a later first result; see BENCHMARKS.md."),
     Option("max_run_seconds", ("--max-run-seconds",), "KLEINSERVE_MAX_RUN_SECONDS", parse_duration,
            "Longest a single generation may run before it is stopped as a timeout (0: no limit).",
            metavar="DURATION"),

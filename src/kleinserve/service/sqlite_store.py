@@ -91,6 +91,14 @@ def iso_timestamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _matches(match: Callable[[Job], bool], job: Job) -> bool:
+    try:
+        return bool(match(job))
+    except Exception:  # a predicate that cannot judge a job passes it over
+        log.debug("claim predicate failed on %s", job.request_id, exc_info=True)
+        return False
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     kw: dict[str, Any] = {}
     for name in _COLUMNS:
@@ -289,7 +297,8 @@ class SQLiteJobStore(JobStore):
 
     # ------------------------------------------------------------------ worker side
     def claim_next(self, worker_id: str, *, now: Optional[float] = None,
-                   endpoint_ids: Optional[Iterable[str]] = None) -> Optional[Job]:
+                   endpoint_ids: Optional[Iterable[str]] = None,
+                   match: Optional[Callable[[Job], bool]] = None, lookahead: int = 32) -> Optional[Job]:
         now = time.time() if now is None else now
         endpoint_ids = list(endpoint_ids) if endpoint_ids is not None else None
         claimed: Optional[Job] = None
@@ -302,10 +311,13 @@ class SQLiteJobStore(JobStore):
                     return None
                 sql += " AND endpoint_id IN (" + ", ".join("?" for _ in endpoint_ids) + ")"
                 args += endpoint_ids
-            row = con.execute(sql + " ORDER BY prio, seq LIMIT 1", args).fetchone()
-            if row is not None:
-                claimed = J.apply(_row_to_job(row), "claim", now=now, worker_id=worker_id)
-                self._save(con, claimed)
+            limit = max(1, lookahead) if match is not None else 1
+            for row in con.execute(sql + " ORDER BY prio, seq LIMIT ?", [*args, limit]).fetchall():
+                job = _row_to_job(row)
+                if match is None or _matches(match, job):
+                    claimed = J.apply(job, "claim", now=now, worker_id=worker_id)
+                    self._save(con, claimed)
+                    break
         self._notify_all(expired, "expire")
         if claimed is not None:
             self._notify(claimed, "claim")

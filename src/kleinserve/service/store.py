@@ -107,10 +107,15 @@ class JobStore(ABC):
     # ------------------------------------------------------------------ worker side
     @abstractmethod
     def claim_next(self, worker_id: str, *, now: Optional[float] = None,
-                   endpoint_ids: Optional[Iterable[str]] = None) -> Optional[Job]:
+                   endpoint_ids: Optional[Iterable[str]] = None,
+                   match: Optional[Callable[[Job], bool]] = None, lookahead: int = 32) -> Optional[Job]:
         """Atomically claims the next queued job (normal before low priority, then FIFO), expiring
         on the way any whose time-to-start deadline has passed (COMPLETED, timeout 504). Returns the
-        claimed IN_PROGRESS job, or None when nothing is runnable."""
+        claimed IN_PROGRESS job, or None when nothing is runnable.
+
+        With `match`: the first of the next `lookahead` queued jobs for which `match(job)` is true
+        (the worker filling a batch with requests that can share a forward); the jobs passed over
+        keep their places. `match` runs inside the claim: keep it cheap and free of store calls."""
 
     @abstractmethod
     def expire_due(self, *, now: Optional[float] = None) -> list[Job]:

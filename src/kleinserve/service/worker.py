@@ -12,6 +12,7 @@ THAT job with a clear error and the worker goes on with the next one.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from kleinserve.engine.types import GenerationCancelled, ModelUnavailable
+from kleinserve.engine.types import GenerationCancelled, GenerationTask, ModelUnavailable
 
 from . import jobs as J
 from . import metrics
@@ -35,6 +36,8 @@ from .logging import request_context
 from .store import JobStore
 
 log = logging.getLogger(__name__)
+
+BATCH_LOOKAHEAD = 32  # queued jobs looked at for ones that can join a batch (the rest keep their place)
 
 
 # ------------------------------------------------------------------------------ worker identity
@@ -136,7 +139,8 @@ class Worker:
         self.heartbeat_every = heartbeat_every
         self.preview_every = int(getattr(settings, "preview_every", 4) or 0)
         self.max_run_seconds = float(getattr(settings, "max_run_seconds", 0) or 0)
-        self.current: Optional[str] = None
+        self.batch_images = int(getattr(settings, "batch_images", 1) or 1)
+        self.running: list[str] = []  # request ids of the jobs being run
         self.jobs_done = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -202,93 +206,133 @@ class Worker:
                 continue
             try:
                 job = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids())
+                batch = self._fill_batch(job) if job is not None else []
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 self._stop.wait(1.0)
                 continue
-            if job is None:
+            if not batch:
                 self._wake.wait(self.idle_poll)
                 self._wake.clear()
                 continue
-            self.current = job.request_id
+            self.running = [j.request_id for j in batch]
             try:
-                with request_context(job.request_id):
-                    self._process(job)
+                self._process([_Run(self, j) for j in batch])
             except BaseException:  # absolutely never let the loop die
-                log.exception("worker crashed while finishing %s", job.request_id)
+                log.exception("worker crashed while finishing %s", ", ".join(self.running))
             finally:
-                self.current = None
-                self.jobs_done += 1
+                self.running = []
+                self.jobs_done += len(batch)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
-            rid = self.current
-            if rid:
+            for rid in list(self.running):
                 try:
                     self.store.heartbeat(rid, self.worker_id)
                 except Exception:
                     log.debug("heartbeat failed", exc_info=True)
 
-    # ------------------------------------------------------------------ one job
-    def _process(self, job: Job) -> None:
-        rid = job.request_id
-        started = time.monotonic()
-        metrics.observe_job_started(job.queue_time)
-        reason: dict[str, str] = {}
+    # ------------------------------------------------------------------ batches
+    def _batch_key(self, job: Job) -> tuple[Optional[tuple], int]:
+        """(the engine's batch key of the job's request or None, its number of images)."""
         try:
-            spec = self.registry.get(job.endpoint_id)
-            request = spec.validate_input(job.input)
-            engine = self.engine
-            note = " (TINY RANDOM MODEL)" if engine.info.is_tiny else ""
-            self.store.append_log(rid, f"Generating with {engine.info.source}{note}, attempt {job.attempts}",
-                                  source="service")
-            last_check = [0.0]
-            cancelled_cached = [False]
+            request = self.registry.get(job.endpoint_id).validate_input(job.input)
+        except Exception:  # invalid input: it runs (and fails) alone
+            return None, 0
+        return self.engine.batch_key(request), int(getattr(request, "num_images", 1))
 
-            def should_cancel() -> bool:
-                if self._abort.is_set():
-                    reason["why"] = "shutdown"
-                    return True
-                if self.max_run_seconds and time.monotonic() - started > self.max_run_seconds:
-                    reason["why"] = "timeout"
-                    return True
-                now = time.monotonic()
-                if not cancelled_cached[0] and now - last_check[0] >= 0.05:
-                    last_check[0] = now
-                    cancelled_cached[0] = self.store.is_cancel_requested(rid)
-                if cancelled_cached[0]:
-                    reason["why"] = "cancel"
-                return cancelled_cached[0]
+    def _fill_batch(self, first: Job) -> list[Job]:
+        """`first` plus queued jobs that can share its forwards, up to `batch_images` images in all."""
+        if self.batch_images <= 1:
+            return [first]
+        key, images = self._batch_key(first)
+        batch = [first]
+        while key is not None and images < self.batch_images:
+            room = self.batch_images - images
 
-            def on_step(ev: Any) -> None:
-                event: dict[str, Any] = {"type": "step", "step": int(ev.step), "total": int(ev.total)}
-                if ev.preview is not None:
-                    try:
-                        event["preview"] = preview_data_uri(ev.preview, max_side=256)
-                    except Exception:
-                        log.debug("preview encoding failed", exc_info=True)
-                if self.hub is not None:
-                    self.hub.publish(rid, event)
-                self.store.append_log(rid, f"step {int(ev.step)}/{int(ev.total)}")
-                metrics.observe_step()
+            def fits(job: Job) -> bool:
+                other, n = self._batch_key(job)
+                return other == key and n <= room
 
-            result = engine.generate(request, on_step=on_step, should_cancel=should_cancel,
-                                     preview_every=self.preview_every,
-                                     wants_preview=self._has_listeners(rid))
-            for line in result.logs:
-                self.store.append_log(rid, str(line), source="engine")
-            files = self._store_images(job, request, result)
-            output = spec.build_output(job, request, result, files)
-            # Metrics first: once the job reads COMPLETED, /metrics already counts it.
-            metrics.observe_result(result, getattr(request, "output_format", "png"))
-            done = self.store.complete_ok(rid, output)
-            log.info("request completed in %.2fs", time.monotonic() - started)
-        except BaseException as exc:  # noqa: BLE001 - every failure completes the job
-            done = self._fail(job, exc, reason.get("why"))
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+            more = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(), match=fits,
+                                         lookahead=BATCH_LOOKAHEAD)
+            if more is None:
+                break
+            batch.append(more)
+            images += self._batch_key(more)[1]
+        return batch
+
+    # ------------------------------------------------------------------ running jobs
+    def _process(self, runs: list["_Run"]) -> None:
+        """Runs claimed jobs through one `engine.generate_batch` and completes each of them."""
+        for run in runs:
+            metrics.observe_job_started(run.job.queue_time)
+        metrics.observe_batch(len(runs))
+        try:
+            ready = [run for run in runs if run.prepare()]
+            if ready:
+                self._generate(ready)
         finally:
-            metrics.observe_job_finished_running()
+            for run in runs:
+                metrics.observe_job_finished_running()
+                if not run.finished:  # never leave a claimed job behind
+                    self._complete(run, error=RuntimeError("the worker lost track of this request"))
+
+    def _generate(self, runs: list["_Run"]) -> None:
+        engine = self.engine
+        tasks = [GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
+                                wants_preview=self._has_listeners(run.rid)) for run in runs]
+        # Engine log lines carry the request id when there is one request to name.
+        context = request_context(runs[0].rid) if len(runs) == 1 else contextlib.nullcontext()
+        try:
+            with context:
+                outcomes = engine.generate_batch(tasks, preview_every=self.preview_every)
+        except BaseException as exc:  # noqa: BLE001 - every failure completes the job(s)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                for run in runs:
+                    self._complete(run, error=exc)
+                raise
+            live = [run for run in runs if not run.finished]
+            if len(live) > 1 and not self._abort.is_set():
+                # A failure of the shared run (most likely memory): each request gets its own chance.
+                log.warning("a batch of %d requests failed (%s: %s); running them one by one",
+                            len(live), type(exc).__name__, exc)
+                _free_accelerator_memory()
+                for run in live:
+                    run.restart("the batch it ran in failed; running it alone")
+                    self._generate([run])
+                return
+            for run in live:
+                self._complete(run, error=exc)
+            return
+        for run, outcome in zip(runs, outcomes):
+            if not run.finished:
+                self._complete(run, result=outcome)
+
+    def _complete(self, run: "_Run", *, result: Any = None, error: Optional[BaseException] = None) -> None:
+        """Completes one job with its result (or cancellation outcome) or error, then calls on_complete."""
+        if run.finished:
+            return
+        run.finished = True
+        job, rid = run.job, run.rid
+        done: Optional[Job] = None
+        with request_context(rid):
+            if isinstance(result, GenerationCancelled):
+                error = result
+            try:
+                if error is not None:
+                    done = self._fail(job, error, run.why)
+                else:
+                    for line in result.logs:
+                        self.store.append_log(rid, str(line), source="engine")
+                    files = self._store_images(job, run.request, result)
+                    output = run.spec.build_output(job, run.request, result, files)
+                    # Metrics first: once the job reads COMPLETED, /metrics already counts it.
+                    metrics.observe_result(result, getattr(run.request, "output_format", "png"))
+                    done = self.store.complete_ok(rid, output)
+                    log.info("request completed in %.2fs", time.monotonic() - run.started)
+            except Exception as exc:  # storing or building the output failed
+                done = self._fail(job, exc, None)
         if done is not None and self.on_complete is not None:
             try:
                 self.on_complete(done)
@@ -360,6 +404,76 @@ class Worker:
             files.append({"url": stored.url(self._public_base(job)), "file_name": stored.file_name,
                           "file_size": stored.size})
         return files
+
+
+class _Run:
+    """One claimed job on its way through the engine: its validated request, its progress and
+    cancellation hooks (the engine calls them between steps), and whether it is finished."""
+
+    def __init__(self, worker: Worker, job: Job):
+        self.worker = worker
+        self.job = job
+        self.rid = job.request_id
+        self.started = time.monotonic()
+        self.spec: Any = None
+        self.request: Any = None
+        self.why: Optional[str] = None  # why it was stopped: shutdown | timeout | cancel
+        self.finished = False
+        self._last_check = 0.0
+        self._cancel_seen = False
+
+    def prepare(self) -> bool:
+        """Validates the input and logs the start; False (and the job failed) when it cannot run."""
+        w = self.worker
+        with request_context(self.rid):
+            try:
+                self.spec = w.registry.get(self.job.endpoint_id)
+                self.request = self.spec.validate_input(self.job.input)
+                info = w.engine.info
+                note = " (TINY RANDOM MODEL)" if info.is_tiny else ""
+                w.store.append_log(self.rid, f"Generating with {info.source}{note}, attempt {self.job.attempts}",
+                                   source="service")
+            except Exception as exc:
+                w._complete(self, error=exc)
+                return False
+        return True
+
+    def restart(self, why: str) -> None:
+        self.worker.store.append_log(self.rid, f"Restarting: {why}", level="WARNING", source="service")
+
+    def should_cancel(self) -> bool:
+        """Polled by the engine before each step. Once True the engine drops this request, so it is
+        completed here and now (cancelled, timed out, or released on shutdown) rather than when the
+        requests it shares the run with finish."""
+        w = self.worker
+        if w._abort.is_set():
+            self.why = "shutdown"
+        elif w.max_run_seconds and time.monotonic() - self.started > w.max_run_seconds:
+            self.why = "timeout"
+        else:
+            now = time.monotonic()
+            if not self._cancel_seen and now - self._last_check >= 0.05:
+                self._last_check = now
+                self._cancel_seen = w.store.is_cancel_requested(self.rid)
+            if self._cancel_seen:
+                self.why = "cancel"
+        if self.why is None:
+            return False
+        w._complete(self, error=GenerationCancelled(f"stopped: {self.why}"))
+        return True
+
+    def on_step(self, ev: Any) -> None:
+        w = self.worker
+        event: dict[str, Any] = {"type": "step", "step": int(ev.step), "total": int(ev.total)}
+        if ev.preview is not None:
+            try:
+                event["preview"] = preview_data_uri(ev.preview, max_side=256)
+            except Exception:
+                log.debug("preview encoding failed", exc_info=True)
+        if w.hub is not None:
+            w.hub.publish(self.rid, event)
+        w.store.append_log(self.rid, f"step {int(ev.step)}/{int(ev.total)}")
+        metrics.observe_step()
 
 
 # ------------------------------------------------------------------------------ maintenance
