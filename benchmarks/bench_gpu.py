@@ -6,8 +6,8 @@ seconds per image, model FLOP utilisation (transformer FLOPs per image / time / 
 dense bf16 peak; 3.18 PFLOP per image at 1024x768), peak GPU memory, cold start (building the model on
 the GPU + compiling / quantizing at warm-up), and the image distance of each level to `none` (PSNR, SSIM)
 next to the bf16 noise floor (none vs diffusers: two eager bf16 implementations of the same math that
-differ only in how cond/uncond are batched). With --batching it also measures `regular` at 1, 2 and 4
-images per request (what the worker gains by putting requests that share a forward pass in one batch).
+differ only in how cond/uncond are batched). With --batching it also measures `regular` with 1, 2 and 4
+requests in one engine run (`Engine.generate_batch`, what the worker does with --batch-images).
 
 Weights are random (built directly on the GPU in bf16, nothing read from disk): timings match the real
 model (same shapes and kernels); images are noise. The text encoder is Qwen3-8B-sized.
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--levels", default="diffusers,none,regular,high",
                    help="comma-separated subset of diffusers,none,regular,high")
-    p.add_argument("--batching", action="store_true", help="also regular at 1/2/4 images per request")
+    p.add_argument("--batching", action="store_true", help="also regular with 1/2/4 requests per engine run")
     p.add_argument("--warm-presets", action="store_true",
                    help="also time the startup warm-up of all six preset sizes (regular and high)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with a tiny model (checks the script)")
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     components = None  # the engine truncated the text encoder in place; drop the pipeline's references
     gc.collect()
 
-    def request(level, num_images=1):
-        return FluxKleinInput(prompt=C_PROMPT, seed=args.seed, acceleration=level, num_images=num_images,
+    def request(level, num_images=1, seed=args.seed, prompt=C_PROMPT):
+        return FluxKleinInput(prompt=prompt, seed=seed, acceleration=level, num_images=num_images,
                               image_size={"width": args.width, "height": args.height},
                               num_inference_steps=args.steps, guidance_scale=args.cfg,
                               enable_safety_checker=False, output_format="png")
@@ -190,19 +190,24 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- batching
     if args.batching and "regular" in wanted:
+        from kleinserve.engine import GenerationTask
+
         batching = []
         per = 2 if args.cfg > 1 else 1
         # Compile the larger batches first: after warm-up, a shape not warmed would run eagerly.
         engine.accelerator.warmup([(args.width, args.height)], levels=("regular",), batch_sizes=(2 * per, 4 * per))
         for n in (1, 2, 4):
-            engine.generate(request("regular", n))
+            # n different requests (own prompt and seed) in one engine run, as the worker batches them.
+            tasks = [GenerationTask(request("regular", seed=args.seed + k, prompt=f"{C_PROMPT}, variant {k}"))
+                     for k in range(n)]
+            engine.generate_batch(tasks)
             seconds = []
             for _ in range(max(1, args.repeats - 1)):
                 with C.Timer(sync) as t:
-                    engine.generate(request("regular", n))
+                    engine.generate_batch(tasks)
                 seconds.append(t.seconds / n)
             p50 = C.summarize(seconds)["p50"]
-            batching.append({"images_per_request": n, "transformer_batch": n * per,
+            batching.append({"requests_per_run": n, "transformer_batch": n * per,
                              "s_per_image": p50, "mfu": flops / p50 / C.H100_BF16_PEAK})
         base = batching[0]["s_per_image"]
         for b in batching:
@@ -240,9 +245,9 @@ def main(argv=None) -> int:
           f"checkpoint from disk adds its I/O time) + warm-up: "
           + ", ".join(f"{k.removesuffix('_warmup_s')} {v:.1f} s" for k, v in cold.items() if k.endswith("_warmup_s")))
     if extra.get("batching"):
-        table += "\n" + C.print_table("regular: images per request (one batched forward per step)", extra["batching"], [
-            ("images_per_request", "images/request", ""), ("transformer_batch", "transformer batch", ""),
-            ("s_per_image", "s/image", ".3f"), ("speedup_vs_1", "vs 1 image", ".2f"), ("mfu", "MFU", ".1%")])
+        table += "\n" + C.print_table("regular: requests per engine run (worker --batch-images)", extra["batching"], [
+            ("requests_per_run", "requests/run", ""), ("transformer_batch", "transformer batch", ""),
+            ("s_per_image", "s/image", ".3f"), ("speedup_vs_1", "vs 1 request", ".2f"), ("mfu", "MFU", ".1%")])
     if extra.get("preset_warmup"):
         print(f"startup warm-up of the 6 presets x batches 2/4/1 ({', '.join(extra['preset_warmup']['levels'])}): "
               f"{extra['preset_warmup']['seconds']:.1f} s")

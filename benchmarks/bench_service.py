@@ -22,6 +22,7 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--stream", type=int, default=10, help="SSE /stream requests")
     p.add_argument("--burst", type=int, default=40, help="requests submitted at once (throughput)")
     p.add_argument("--clients", type=int, default=8, help="client threads")
+    p.add_argument("--batch-images", type=int, default=4,
+                   help="throughput again with the worker batching queued requests up to this many images")
     p.add_argument("--api-requests", type=int, default=400, help="submits and status reads (API alone)")
     p.add_argument("--json", help="output path (default benchmarks/results/service.json)")
     return p.parse_args(argv)
@@ -65,21 +68,24 @@ class TimedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, request, *, on_step=None, **kw):
-        prompt = request.prompt
+    def generate_batch(self, tasks, **kw):
+        """What the worker calls (a batch of one unless --batch-images lets requests share a run)."""
+        timed_tasks = []
+        for task in tasks:
+            def timed_step(ev, prompt=task.request.prompt, inner=task.on_step):
+                with self._lock:
+                    self.step_times[(prompt, int(ev.step))] = time.perf_counter()
+                if inner is not None:
+                    inner(ev)
 
-        def timed_step(ev):
-            with self._lock:
-                self.step_times[(prompt, int(ev.step))] = time.perf_counter()
-            if on_step is not None:
-                on_step(ev)
-
+            timed_tasks.append(dataclasses.replace(task, on_step=timed_step))
         t0 = time.perf_counter()
         try:
-            return self._engine.generate(request, on_step=timed_step, **kw)
+            return self._engine.generate_batch(timed_tasks, **kw)
         finally:
             with self._lock:
-                self.generate_seconds[prompt] = time.perf_counter() - t0
+                for task in tasks:
+                    self.generate_seconds[task.request.prompt] = time.perf_counter() - t0
 
 
 def sse_events(response):
@@ -92,6 +98,31 @@ def sse_events(response):
 def body(args, prompt: str) -> dict:
     return {"prompt": prompt, "image_size": {"width": args.size, "height": args.size},
             "num_inference_steps": args.steps, "seed": 1, "enable_safety_checker": False}
+
+
+def throughput(http, args, bare_p50: float) -> dict:
+    """`args.clients` client threads each submit and wait on the status stream (no polling load), so
+    that many requests are in flight at all times, `args.burst` in all. Requests/s and per-request latency."""
+    latencies: list[float] = []
+
+    def submit_and_wait(i):
+        t0 = time.perf_counter()
+        r = http.post(f"/queue/{EP}", json=body(args, PROMPT))
+        r.raise_for_status()
+        with http.stream("GET", r.json()["status_url"] + "/stream") as st:
+            for _, ev in sse_events(st):
+                if ev.get("status") == "COMPLETED":
+                    break
+        http.get(r.json()["response_url"]).raise_for_status()
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(submit_and_wait, range(args.burst)))
+    elapsed = time.perf_counter() - t0
+    return {"requests": args.burst, "seconds": elapsed, "req_per_s": args.burst / elapsed,
+            "engine_bound_req_per_s": 1 / bare_p50, "efficiency": (args.burst / elapsed) * bare_p50,
+            "latency": C.summarize(latencies)}
 
 
 def main(argv=None) -> int:
@@ -182,25 +213,17 @@ def main(argv=None) -> int:
         print(f"SSE: first event p50 {results['sse']['first_event']['p50'] * 1000:.1f} ms, step events "
               f"p50 {results['sse']['step_event_latency']['p50'] * 1000:.2f} ms ({len(step_lat)})", flush=True)
 
-        # ---- throughput: each client thread submits and waits on the status stream (no polling load),
-        # `clients` requests in flight at all times, `burst` in all
-        def submit_and_wait(i):
-            r = http.post(f"/queue/{EP}", json=body(args, PROMPT))
-            r.raise_for_status()
-            with http.stream("GET", r.json()["status_url"] + "/stream") as st:
-                for _, ev in sse_events(st):
-                    if ev.get("status") == "COMPLETED":
-                        break
-            http.get(r.json()["response_url"]).raise_for_status()
+        results["throughput"] = throughput(http, args, bare_p50)
+        print(f"throughput: {results['throughput']['req_per_s']:.2f} req/s (engine bound {1 / bare_p50:.2f})",
+              flush=True)
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(submit_and_wait, range(args.burst)))
-        elapsed = time.perf_counter() - t0
-        results["throughput"] = {"requests": args.burst, "seconds": elapsed, "req_per_s": args.burst / elapsed,
-                                 "engine_bound_req_per_s": 1 / bare_p50,
-                                 "efficiency": (args.burst / elapsed) * bare_p50}
-        print(f"throughput: {args.burst / elapsed:.2f} req/s (engine bound {1 / bare_p50:.2f})", flush=True)
+    # ---- the same burst with the worker batching queued requests (--batch-images)
+    settings_b = Settings(data_dir=Path(tmp.name) / "data-batched", api_keys=[KEY], batch_images=args.batch_images)
+    with serve_app(create_app(settings_b, engine=timed)) as server, \
+            httpx.Client(base_url=server.base_url, headers=HEADERS, timeout=120) as http:
+        results["throughput_batched"] = throughput(http, args, bare_p50)
+    print(f"throughput with --batch-images {args.batch_images}: "
+          f"{results['throughput_batched']['req_per_s']:.2f} req/s", flush=True)
 
     # ---- the API alone: no engine, nothing runs; submits and status reads per second
     settings2 = Settings(data_dir=Path(tmp.name) / "data2", api_keys=[KEY])
@@ -247,10 +270,14 @@ def main(argv=None) -> int:
     title = (f"Service overhead: tiny model, {args.size}x{args.size}, {args.steps} steps, CPU; "
              f"{args.sequential} sequential round trips, {args.stream} streams (milliseconds)")
     table = C.print_table(title, rows, [("what", "measure", ""), ("p50", "p50 ms", ".1f"), ("p99", "p99 ms", ".1f")])
-    tp, api = results["throughput"], results["api_only"]
+    tp, tpb, api = results["throughput"], results["throughput_batched"], results["api_only"]
     rows2 = [
         {"what": f"completed requests/s, {tp['requests']} requests, {args.clients} in flight",
          "value": tp["req_per_s"]},
+        {"what": "  latency p50 / p99 (s)", "value": f"{tp['latency']['p50']:.3f} / {tp['latency']['p99']:.3f}"},
+        {"what": f"  same with --batch-images {args.batch_images}: requests/s", "value": tpb["req_per_s"]},
+        {"what": "  latency p50 / p99 (s)", "value": f"{tpb['latency']['p50']:.3f} / {tpb['latency']['p99']:.3f}"},
+        {"what": "  batching gain (requests/s ratio)", "value": tpb["req_per_s"] / tp["req_per_s"]},
         {"what": "engine-bound requests/s (1 / bare p50)", "value": tp["engine_bound_req_per_s"]},
         {"what": "efficiency (achieved / engine-bound)", "value": tp["efficiency"]},
         {"what": f"API alone: submits/s ({args.clients} clients, no engine)", "value": api["submit_per_s"]},

@@ -1,0 +1,39 @@
+"""The benchmark scripts stay runnable: each runs end to end on the tiny model (tiny settings) and writes
+its JSON. These check that the scripts work, not the figures (those are BENCHMARKS.md's business)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=BENCHMARKS.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_gpu_benchmark_smoke_run_covers_every_configuration(tmp_path):
+    out = tmp_path / "gpu.json"
+    run_script("bench_gpu.py", "--tiny", "--batching", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert [row["config"].split()[0] for row in result["rows"]] == ["diffusers", "engine", "engine", "engine"]
+    assert [b["requests_per_run"] for b in result["extra"]["batching"]] == [1, 2, 4]
+    assert all(row["s_per_image"] > 0 for row in result["rows"])
+    assert result["quality"]["regular"]["psnr_vs_none"] > 60  # lossless level: same image
+
+
+def test_service_benchmark_smoke_run_measures_both_worker_modes(tmp_path):
+    out = tmp_path / "service.json"
+    run_script("bench_service.py", "--sequential", "2", "--stream", "1", "--burst", "6", "--clients", "3",
+               "--api-requests", "12", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    for mode in ("throughput", "throughput_batched"):
+        assert results[mode]["requests"] == 6 and results[mode]["req_per_s"] > 0
+    assert results["sse"]["step_event_latency"]["p50"] >= 0
