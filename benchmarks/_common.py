@@ -351,3 +351,31 @@ def quiet_logs() -> None:
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
+
+
+def measure_request_batching(engine, make_request: Callable[[int], Any], counts: Sequence[int] = (1, 2, 4),
+                             repeats: int = 2, sync: Optional[Callable[[], None]] = None) -> list[dict]:
+    """Seconds per image with n different requests (`make_request(k)`: own prompt and seed) in one
+    `engine.generate_batch` run, for each n in `counts` (what the worker does with --batch-images).
+    One untimed run per n first; rows carry the transformer batch and the speed-up over n = 1."""
+    from kleinserve.engine import GenerationTask
+
+    rows = []
+    for n in counts:
+        tasks = [GenerationTask(make_request(k)) for k in range(n)]
+        engine.generate_batch(tasks)
+        seconds = []
+        for _ in range(max(1, repeats)):
+            with Timer(sync) as t:
+                engine.generate_batch(tasks)
+            seconds.append(t.seconds / n)
+        branches = 2 if tasks[0].request.uses_cfg else 1
+        rows.append({"requests_per_run": n, "transformer_batch": n * branches,
+                     "s_per_image": summarize(seconds)["p50"]})
+    for row in rows:
+        row["speedup_vs_1"] = rows[0]["s_per_image"] / row["s_per_image"]
+    return rows
+
+
+BATCHING_COLUMNS = [("requests_per_run", "requests/run", ""), ("transformer_batch", "transformer batch", ""),
+                    ("s_per_image", "s/image", ".3f"), ("speedup_vs_1", "vs 1 request", ".2f")]

@@ -14,6 +14,9 @@ allocations and a shared process' high-water mark cannot be split between config
 
     python benchmarks/bench_engine_vs_diffusers.py            # ~3-5 min on 2 CPU cores
     python benchmarks/bench_engine_vs_diffusers.py --compile  # regular with inductor (adds compile time)
+
+Then, unless --no-batching: `regular` with 1, 2 and 4 different requests in one engine run (seconds per
+image), what the worker's --batch-images buys on this model.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", action="store_true", help="regular with torch.compile (KLEINSERVE_COMPILE=1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-batching", action="store_true",
+                   help="skip regular with 1/2/4 different requests per engine run (worker --batch-images)")
     p.add_argument("--folder", help="use/keep the model folder here instead of a temporary one")
     p.add_argument("--json", help="output path (default benchmarks/results/engine_vs_diffusers.json)")
     p.add_argument("--memory-child", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -220,9 +225,22 @@ def main(argv=None) -> int:
     for row in rows:
         if row.get("techniques"):
             print(f"  {row['config']}: {row['techniques']}")
+    batching = None
+    if not args.no_batching:
+        from kleinserve.schema import FluxKleinInput
+
+        def request(k):
+            return FluxKleinInput(prompt=f"{PROMPT}, batched {k}", seed=args.seed + k, acceleration="regular",
+                                  image_size={"width": args.width, "height": args.height},
+                                  num_inference_steps=args.steps, guidance_scale=args.cfg,
+                                  enable_safety_checker=False)
+
+        batching = C.measure_request_batching(runners.engine, request, repeats=args.repeats)
+        table += "\n" + C.print_table("engine regular: requests per engine run (worker --batch-images)", batching,
+                                      C.BATCHING_COLUMNS)
     payload = {"benchmark": "engine_vs_diffusers", "environment": env, "model": C.MID, "params": params,
                "settings": vars(args), "transformer_flops_per_image": flops, "load_seconds": runners.load_seconds,
-               "rows": rows, "samples": samples, "cpu_samples": cpu_samples, "memory": memory, "table": table,
+               "rows": rows, "samples": samples, "cpu_samples": cpu_samples, "memory": memory, "batching": batching, "table": table,
                "wall_seconds": time.perf_counter() - t_start}
     path = C.write_json("engine_vs_diffusers", payload, args.json)
     print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f} s in all)")

@@ -190,28 +190,14 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- batching
     if args.batching and "regular" in wanted:
-        from kleinserve.engine import GenerationTask
-
-        batching = []
         per = 2 if args.cfg > 1 else 1
         # Compile the larger batches first: after warm-up, a shape not warmed would run eagerly.
         engine.accelerator.warmup([(args.width, args.height)], levels=("regular",), batch_sizes=(2 * per, 4 * per))
-        for n in (1, 2, 4):
-            # n different requests (own prompt and seed) in one engine run, as the worker batches them.
-            tasks = [GenerationTask(request("regular", seed=args.seed + k, prompt=f"{C_PROMPT}, variant {k}"))
-                     for k in range(n)]
-            engine.generate_batch(tasks)
-            seconds = []
-            for _ in range(max(1, args.repeats - 1)):
-                with C.Timer(sync) as t:
-                    engine.generate_batch(tasks)
-                seconds.append(t.seconds / n)
-            p50 = C.summarize(seconds)["p50"]
-            batching.append({"requests_per_run": n, "transformer_batch": n * per,
-                             "s_per_image": p50, "mfu": flops / p50 / C.H100_BF16_PEAK})
-        base = batching[0]["s_per_image"]
+        batching = C.measure_request_batching(
+            engine, lambda k: request("regular", seed=args.seed + k, prompt=f"{C_PROMPT}, variant {k}"),
+            repeats=max(1, args.repeats - 1), sync=sync)
         for b in batching:
-            b["speedup_vs_1"] = base / b["s_per_image"]
+            b["mfu"] = flops / b["s_per_image"] / C.H100_BF16_PEAK
         extra["batching"] = batching
 
     # ---------------------------------------------------------------- startup warm-up of the presets
@@ -245,9 +231,8 @@ def main(argv=None) -> int:
           f"checkpoint from disk adds its I/O time) + warm-up: "
           + ", ".join(f"{k.removesuffix('_warmup_s')} {v:.1f} s" for k, v in cold.items() if k.endswith("_warmup_s")))
     if extra.get("batching"):
-        table += "\n" + C.print_table("regular: requests per engine run (worker --batch-images)", extra["batching"], [
-            ("requests_per_run", "requests/run", ""), ("transformer_batch", "transformer batch", ""),
-            ("s_per_image", "s/image", ".3f"), ("speedup_vs_1", "vs 1 request", ".2f"), ("mfu", "MFU", ".1%")])
+        table += "\n" + C.print_table("regular: requests per engine run (worker --batch-images)", extra["batching"],
+                                      C.BATCHING_COLUMNS + [("mfu", "MFU", ".1%")])
     if extra.get("preset_warmup"):
         print(f"startup warm-up of the 6 presets x batches 2/4/1 ({', '.join(extra['preset_warmup']['levels'])}): "
               f"{extra['preset_warmup']['seconds']:.1f} s")

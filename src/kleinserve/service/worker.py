@@ -1,10 +1,15 @@
-"""The worker: claims jobs from the store and runs them on the engine, one at a time per device.
+"""The worker: claims jobs from the store and runs them on the engine, one engine run at a time per device.
 
 It runs as a thread inside the server process (so /health answers during a generation) but relies on
 nothing in-process for correctness: the job comes from `store.claim_next`, cancellation is the store's
 flag (polled between steps), liveness is a heartbeat in the store. Any exception — a validation
 error, torch running out of memory, a decode crash, a cancellation, the run-time limit — completes
 THAT job with a clear error and the worker goes on with the next one.
+
+With `batch_images > 1` (`--batch-images`) one engine run may hold several jobs: after a claim the
+worker also claims queued jobs with the same `Engine.batch_key` (the store's `claim_next(match=...)`)
+and runs them through one `engine.generate_batch`; each job is still completed on its own (a cancelled
+one at once), and a batch whose shared run fails is re-run one job at a time.
 
 `Maintenance` is the companion thread: it expires queued jobs whose X-Fal-Request-Timeout passed
 (504), re-queues jobs whose worker died (heartbeat/pid), and purges old results.
@@ -206,15 +211,15 @@ class Worker:
                 continue
             try:
                 job = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids())
-                batch = self._fill_batch(job) if job is not None else []
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 self._stop.wait(1.0)
                 continue
-            if not batch:
+            if job is None:
                 self._wake.wait(self.idle_poll)
                 self._wake.clear()
                 continue
+            batch = self._fill_batch(job)
             self.running = [j.request_id for j in batch]
             try:
                 self._process([_Run(self, j) for j in batch])
@@ -237,9 +242,9 @@ class Worker:
         """(the engine's batch key of the job's request or None, its number of images)."""
         try:
             request = self.registry.get(job.endpoint_id).validate_input(job.input)
+            return self.engine.batch_key(request), int(getattr(request, "num_images", 1))
         except Exception:  # invalid input: it runs (and fails) alone
             return None, 0
-        return self.engine.batch_key(request), int(getattr(request, "num_images", 1))
 
     def _fill_batch(self, first: Job) -> list[Job]:
         """`first` plus queued jobs that can share its forwards, up to `batch_images` images in all."""
@@ -254,8 +259,12 @@ class Worker:
                 other, n = self._batch_key(job)
                 return other == key and n <= room
 
-            more = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(), match=fits,
-                                         lookahead=BATCH_LOOKAHEAD)
+            try:
+                more = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(), match=fits,
+                                             lookahead=BATCH_LOOKAHEAD)
+            except Exception:  # the jobs claimed so far are ours now: run them
+                log.exception("claiming more jobs for a batch failed; running %d", len(batch))
+                break
             if more is None:
                 break
             batch.append(more)
