@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kleinserve.engine import GenerationCancelled, GenerationResult, GenerationTask
 from kleinserve.engine.cns import CNSParams
+from kleinserve.engine.sampling import guided_velocity
 from kleinserve.schema import FluxKleinInput
 from test_engine import ForwardSpy, pixels, req
 
@@ -145,3 +147,27 @@ def test_generate_still_raises_on_cancel(tiny_engine):
 
 def test_generate_batch_of_nothing_is_nothing(tiny_engine):
     assert tiny_engine.generate_batch([]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_row_guidance_rounds_like_each_rows_own_scale(dtype):
+    g = torch.Generator().manual_seed(0)
+    v_cond, v_uncond = (torch.randn(3, 64, 128, generator=g).to(dtype) for _ in range(2))
+    scales = [4.3, 1.7, 6.05]  # not exact in bf16: a bf16 scale tensor would round them first
+    per_row = guided_velocity(v_cond, v_uncond, torch.tensor(scales).view(-1, 1, 1))
+    assert per_row.dtype == dtype
+    for k, scale in enumerate(scales):
+        alone = guided_velocity(v_cond[k:k + 1], v_uncond[k:k + 1], scale)
+        assert torch.equal(per_row[k:k + 1], alone), f"row {k}"
+
+
+def test_a_request_whose_own_encoding_fails_does_not_cost_the_others_their_images(tiny_engine):
+    good = req(prompt="a fox", seed=1, guidance_scale=3.0)
+    # Bypasses validation on purpose: a failure in one request's own finishing stage (here the encoder).
+    bad = variant(good, seed=2)
+    object.__setattr__(bad, "output_format", "tiff")
+    outcome_good, outcome_bad = tiny_engine.generate_batch([GenerationTask(good), GenerationTask(bad)])
+    assert isinstance(outcome_bad, ValueError) and "unsupported image format 'tiff'" in str(outcome_bad)
+    assert_same_images(outcome_good, tiny_engine.generate(good))
+    with pytest.raises(ValueError, match="tiff"):
+        tiny_engine.generate(bad)

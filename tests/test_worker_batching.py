@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sqlite3
 import time
 
 import numpy as np
@@ -113,6 +114,7 @@ def test_batching_is_off_by_default(store, tiny_engine):
 def test_cancelling_one_request_of_a_batch_completes_it_at_once_and_the_others_finish(store, tiny_engine):
     slow = {"image_size": {"width": 256, "height": 256}, "num_inference_steps": 40}
     rids = [submit(store, seed=k, **slow) for k in range(3)]
+    running_before = metrics.JOBS_IN_PROGRESS._value.get()
     settings = Settings(batch_images=4, preview_every=0)
     worker = Worker(store, tiny_engine, registry=default_registry(), settings=settings, idle_poll=0.05).start()
     try:
@@ -126,6 +128,7 @@ def test_cancelling_one_request_of_a_batch_completes_it_at_once_and_the_others_f
             assert time.monotonic() - cancelled_at < 30
             time.sleep(0.02)
         assert store.get(rids[0]).status == J.IN_PROGRESS  # the others are still running
+        assert metrics.JOBS_IN_PROGRESS._value.get() == running_before + 2
         jobs = wait_all(store, rids)
     finally:
         worker.stop()
@@ -177,3 +180,28 @@ def test_batch_sizes_are_a_metric(store, tiny_engine):
     alone, pairs = runs_of(1), runs_of(2)
     run_worker(store, tiny_engine, 4, [submit(store, seed=k) for k in range(2)])
     assert (runs_of(1), runs_of(2)) == (alone, pairs + 1)
+
+
+class _FlakyStore(SQLiteJobStore):
+    """The SQLite store, except that its first few cancel-flag reads fail as a locked database does."""
+
+    failures_left = 3
+
+    def is_cancel_requested(self, request_id: str) -> bool:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return super().is_cancel_requested(request_id)
+
+
+def test_a_failing_cancel_flag_read_neither_fails_nor_restarts_the_batch(tmp_path, tiny_engine):
+    store = _FlakyStore.in_data_dir(tmp_path)
+    try:
+        rids = [submit(store, seed=k) for k in range(2)]
+        jobs = run_worker(store, tiny_engine, 2, rids)
+    finally:
+        store.close()
+    assert store.failures_left == 0
+    for job in jobs:
+        assert job.succeeded and batched_with(job) == 1
+        assert [m for m in messages(job) if m.startswith(("step ", "Restarting"))] == [f"step {i}/4" for i in (1, 2, 3, 4)]

@@ -194,20 +194,21 @@ class Engine:
         """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so."""
         task = GenerationTask(request, on_step=on_step, should_cancel=should_cancel, wants_preview=wants_preview)
         outcome = self.generate_batch([task], preview_every=preview_every)[0]
-        if isinstance(outcome, GenerationCancelled):
+        if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     def generate_batch(
         self, tasks: Sequence[GenerationTask], *, preview_every: int = 0
-    ) -> list[Union[GenerationResult, GenerationCancelled]]:
+    ) -> list[Union[GenerationResult, Exception]]:
         """Run requests through one denoising loop: each step is ONE transformer forward over all their
         images (and negative branches). Their `batch_key`s must be equal (ValueError otherwise). Every
         image is the one its request gives alone, up to the batch-shape noise of GEMMs (docs/ENGINE.md).
 
-        Returns one outcome per task, in order: its GenerationResult, or GenerationCancelled when its
-        should_cancel() said so; from then on its rows leave the forward and it gets no more callbacks.
-        The run stops when every task is cancelled. Any other failure raises (it concerns them all)."""
+        Returns one outcome per task, in order: its GenerationResult; GenerationCancelled when its
+        should_cancel() said so (from then on its rows leave the forward and it gets no more callbacks;
+        the run stops when every task is cancelled); or the exception that failed its own decoding,
+        safety check or encoding. A failure of the shared part (encoding, denoising) raises."""
         if not tasks:
             return []
         if len(tasks) > 1:
@@ -230,7 +231,7 @@ class Engine:
                     plan.logs.append(f"batched with {len(plans) - 1} other request(s): "
                                      f"{plans[-1].rows.stop} images share each forward")
 
-            outcomes: list[Union[GenerationResult, GenerationCancelled, None]] = [None] * len(tasks)
+            outcomes: list[Union[GenerationResult, Exception, None]] = [None] * len(tasks)
             steps_done = [0]
             steps = plans[0].steps
 
@@ -270,8 +271,11 @@ class Engine:
             t_denoise = self._sync_time(t0)
 
             for k in live():
-                outcomes[k] = self._finish(plans[k], latents, t_start, {"encode": encode_seconds[k],
-                                                                         "denoise": t_denoise})
+                try:
+                    outcomes[k] = self._finish(plans[k], latents, t_start, {"encode": encode_seconds[k],
+                                                                             "denoise": t_denoise})
+                except Exception as exc:  # its own decode / safety check / encoding: the others keep theirs
+                    outcomes[k] = exc
             return outcomes
 
     def _finish(self, plan: _Plan, latents: torch.Tensor, t_start: float,
@@ -369,7 +373,7 @@ class Engine:
         uncond = (torch.cat([u.expand(p.num_images, -1, -1) for p, (_, u) in zip(plans, embeddings)])
                   if first.guided else None)
         scales = [p.guidance for p in plans for _ in p.rows]
-        # One scale: a Python float, as diffusers has it; several: float32 per row, rounded once to v's dtype.
+        # One scale: a Python float, as diffusers has it; several: float32 per row (see model below).
         guidance: Union[float, torch.Tensor] = scales[0]
         if len(set(scales)) > 1:
             guidance = torch.tensor(scales, dtype=torch.float32, device=self.device).view(-1, 1, 1)
@@ -419,8 +423,7 @@ class Engine:
                 return_dict=False,
             )[0]
             if branches == 2:
-                v_cond, v_uncond = v.chunk(2, dim=0)
-                v = (v_uncond + g * (v_cond - v_uncond)).to(v_cond.dtype)
+                v = sampling.guided_velocity(*v.chunk(2, dim=0), g)
             if index is not None:  # rows that left: zero velocity, their latents stay put
                 v = v.new_zeros(x.shape).index_copy_(0, index, v)
             return v

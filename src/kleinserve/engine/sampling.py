@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 
@@ -29,6 +29,15 @@ class StepNoise(Protocol):
         Called only on steps where `churn` returned s > 0, so no random numbers are drawn otherwise.
         Its scale is part of the noise (CNS: unit std per image times `cns_energy_scale`).
         """
+
+
+def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Classifier-free guidance: `v_uncond + scale * (v_cond - v_uncond)`, in v's dtype.
+
+    `scale` is a float (diffusers' form), or one float32 scale per row (B, 1, 1) when requests with
+    different guidance share a batch; the product is rounded to v's dtype before the add in both cases,
+    so a row gets exactly what its own float scale would give it."""
+    return v_uncond + (scale * (v_cond - v_uncond)).to(v_cond.dtype)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from typing import Any, Callable, Optional
 
@@ -283,50 +284,60 @@ class Worker:
                 self._generate(ready)
         finally:
             for run in runs:
-                metrics.observe_job_finished_running()
                 if not run.finished:  # never leave a claimed job behind
                     self._complete(run, error=RuntimeError("the worker lost track of this request"))
 
     def _generate(self, runs: list["_Run"]) -> None:
-        engine = self.engine
         tasks = [GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
                                 wants_preview=self._has_listeners(run.rid)) for run in runs]
         # Engine log lines carry the request id when there is one request to name.
         context = request_context(runs[0].rid) if len(runs) == 1 else contextlib.nullcontext()
+        failure: Optional[BaseException] = None
         try:
             with context:
-                outcomes = engine.generate_batch(tasks, preview_every=self.preview_every)
+                outcomes = self.engine.generate_batch(tasks, preview_every=self.preview_every)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            for run in runs:
+                self._complete(run, error=exc)
+            raise
         except BaseException as exc:  # noqa: BLE001 - every failure completes the job(s)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                for run in runs:
-                    self._complete(run, error=exc)
-                raise
-            live = [run for run in runs if not run.finished]
-            if len(live) > 1 and not self._abort.is_set():
-                # A failure of the shared run (most likely memory): each request gets its own chance.
-                log.warning("a batch of %d requests failed (%s: %s); running them one by one",
-                            len(live), type(exc).__name__, exc)
-                _free_accelerator_memory()
-                for run in live:
+            failure = exc
+            # Its traceback holds the failed run's frames and their tensors: free them before re-running.
+            traceback.clear_frames(exc.__traceback__)
+        if failure is None:
+            for run, outcome in zip(runs, outcomes):
+                self._complete(run, result=outcome)
+            return
+        live = [run for run in runs if not run.finished]
+        if len(live) > 1:
+            # A failure of the shared run (most likely memory): each request gets its own chance.
+            log.warning("a batch of %d requests failed (%s: %s); running them one by one",
+                        len(live), type(failure).__name__, failure)
+            failure = None
+            _free_accelerator_memory()
+            for run in live:
+                if self._abort.is_set():
+                    run.stop("shutdown")
+                else:
                     run.restart("the batch it ran in failed; running it alone")
                     self._generate([run])
-                return
-            for run in live:
-                self._complete(run, error=exc)
             return
-        for run, outcome in zip(runs, outcomes):
-            if not run.finished:
-                self._complete(run, result=outcome)
+        for run in live:
+            if self._abort.is_set():
+                run.stop("shutdown")
+            else:
+                self._complete(run, error=failure)
 
     def _complete(self, run: "_Run", *, result: Any = None, error: Optional[BaseException] = None) -> None:
         """Completes one job with its result (or cancellation outcome) or error, then calls on_complete."""
         if run.finished:
             return
         run.finished = True
+        metrics.observe_job_finished_running()
         job, rid = run.job, run.rid
         done: Optional[Job] = None
         with request_context(rid):
-            if isinstance(result, GenerationCancelled):
+            if isinstance(result, BaseException):  # cancelled, or its own decoding/encoding failed
                 error = result
             try:
                 if error is not None:
@@ -448,27 +459,40 @@ class _Run:
         return True
 
     def restart(self, why: str) -> None:
-        self.worker.store.append_log(self.rid, f"Restarting: {why}", level="WARNING", source="service")
+        """Before running this job again on its own: its run-time limit starts over."""
+        self.started = time.monotonic()
+        with contextlib.suppress(Exception):
+            self.worker.store.append_log(self.rid, f"Restarting: {why}", level="WARNING", source="service")
+
+    def stop(self, why: str) -> None:
+        """Completes the job as stopped: `cancel`, `timeout`, or `shutdown` (back to the queue)."""
+        self.why = why
+        self.worker._complete(self, error=GenerationCancelled(f"stopped: {why}"))
 
     def should_cancel(self) -> bool:
         """Polled by the engine before each step. Once True the engine drops this request, so it is
         completed here and now (cancelled, timed out, or released on shutdown) rather than when the
-        requests it shares the run with finish."""
+        requests it shares the run with finish. (`on_complete` then runs on the engine's thread, under
+        its lock: a hook must never wait for another generation.)"""
         w = self.worker
+        why = None
         if w._abort.is_set():
-            self.why = "shutdown"
+            why = "shutdown"
         elif w.max_run_seconds and time.monotonic() - self.started > w.max_run_seconds:
-            self.why = "timeout"
+            why = "timeout"
         else:
             now = time.monotonic()
             if not self._cancel_seen and now - self._last_check >= 0.05:
                 self._last_check = now
-                self._cancel_seen = w.store.is_cancel_requested(self.rid)
+                try:
+                    self._cancel_seen = w.store.is_cancel_requested(self.rid)
+                except Exception:  # a busy store must not fail the run: ask again at the next step
+                    log.warning("could not read the cancel flag of %s", self.rid, exc_info=True)
             if self._cancel_seen:
-                self.why = "cancel"
-        if self.why is None:
+                why = "cancel"
+        if why is None:
             return False
-        w._complete(self, error=GenerationCancelled(f"stopped: {self.why}"))
+        self.stop(why)
         return True
 
     def on_step(self, ev: Any) -> None:
@@ -481,7 +505,10 @@ class _Run:
                 log.debug("preview encoding failed", exc_info=True)
         if w.hub is not None:
             w.hub.publish(self.rid, event)
-        w.store.append_log(self.rid, f"step {int(ev.step)}/{int(ev.total)}")
+        try:
+            w.store.append_log(self.rid, f"step {int(ev.step)}/{int(ev.total)}")
+        except Exception:  # progress is best effort; the result is what must not be lost
+            log.warning("could not log step %d of %s", int(ev.step), self.rid, exc_info=True)
         metrics.observe_step()
 
 
