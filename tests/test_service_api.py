@@ -230,6 +230,15 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
     assert s.api_keys == ["f1", "f2"] and s.no_auth and s.port == 9001
     monkeypatch.setenv("KLEINSERVE_NO_AUTH", "1")
     assert Settings.from_args(p.parse_args([])).no_auth
+    assert Settings.from_args(p.parse_args(["--batch-images", " 4 "])).batch_images == 4
+    # A bad value names the flag (or the env var) it came from, in words a user reads.
+    with pytest.raises(ValueError, match=r"^--batch-images: not a whole number: 'four'$"):
+        Settings.from_args(p.parse_args(["--batch-images", "four"]))
+    with pytest.raises(ValueError, match="batch images must be >= 1"):
+        Settings.from_args(p.parse_args(["--batch-images", "0"]))
+    monkeypatch.setenv("KLEINSERVE_PORT", "eighty")
+    with pytest.raises(ValueError, match=r"^KLEINSERVE_PORT: not a whole number: 'eighty'$"):
+        Settings.from_args(p.parse_args([]))
 
 
 def test_webhook_settings_reach_the_dispatcher(monkeypatch, tmp_path):

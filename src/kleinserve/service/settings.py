@@ -29,6 +29,13 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def parse_int(value: Any) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {value!r}") from None
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
                "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
 
@@ -173,7 +180,10 @@ class Settings:
             if opt.kind == "append" and given == []:
                 given = None
             if given is not None and not (opt.kind == "flag" and given is False):
-                kw[opt.name] = opt.parse(given)
+                try:
+                    kw[opt.name] = opt.parse(given)
+                except ValueError as exc:
+                    raise ValueError(f"{opt.flags[0]}: {exc}") from None
             elif opt.env in env and str(env[opt.env]).strip() != "":
                 try:
                     kw[opt.name] = opt.parse(env[opt.env])
@@ -192,7 +202,7 @@ class Settings:
 
 OPTIONS: list[Option] = [
     Option("host", ("--host",), "KLEINSERVE_HOST", str, "Interface to listen on (0.0.0.0: all)."),
-    Option("port", ("--port",), "KLEINSERVE_PORT", int, "TCP port."),
+    Option("port", ("--port",), "KLEINSERVE_PORT", parse_int, "TCP port."),
     Option("ssl_certfile", ("--ssl-certfile",), "KLEINSERVE_SSL_CERTFILE", _opt_str,
            "TLS certificate (PEM). The fal clients speak https only: serve TLS, or put a TLS proxy in front.",
            metavar="PATH"),
@@ -219,15 +229,15 @@ OPTIONS: list[Option] = [
            metavar="URL"),
     Option("result_retention", ("--result-retention",), "KLEINSERVE_RESULT_RETENTION", parse_duration,
            "How long finished requests (and their results) are kept, e.g. 7d, 24h.", metavar="DURATION"),
-    Option("max_attempts", ("--max-attempts",), "KLEINSERVE_MAX_ATTEMPTS", int,
+    Option("max_attempts", ("--max-attempts",), "KLEINSERVE_MAX_ATTEMPTS", parse_int,
            "A request whose run was interrupted by a crash this many times fails as 'crashed'."),
     Option("max_request_bytes", ("--max-request-bytes",), "KLEINSERVE_MAX_REQUEST_BYTES", parse_size,
            "Largest request body on the API routes (413 beyond).", metavar="SIZE"),
     Option("max_upload_bytes", ("--max-upload-bytes",), "KLEINSERVE_MAX_UPLOAD_BYTES", parse_size,
            "Largest file accepted by the storage upload routes (413 beyond).", metavar="SIZE"),
-    Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", int,
+    Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", parse_int,
            "Send a preview image every N denoising steps on /stream (0: never)."),
-    Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", int,
+    Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", parse_int,
            "Up to this many images of queued requests that can share a forward (same size, steps, CFG on "
            "or off, CNS settings; acceleration none or regular) run together (1: each request alone). "
            "More throughput under load, a later first result; see BENCHMARKS.md."),
@@ -237,7 +247,7 @@ OPTIONS: list[Option] = [
     Option("worker_stale_after", ("--worker-stale-after",), "KLEINSERVE_WORKER_STALE_AFTER", parse_duration,
            "A running request whose worker showed no sign of life for this long is re-queued.",
            metavar="DURATION"),
-    Option("webhook_max_attempts", ("--webhook-max-attempts",), "KLEINSERVE_WEBHOOK_MAX_ATTEMPTS", int,
+    Option("webhook_max_attempts", ("--webhook-max-attempts",), "KLEINSERVE_WEBHOOK_MAX_ATTEMPTS", parse_int,
            "Delivery attempts of a webhook before it is given up."),
     Option("webhook_backoff_base", ("--webhook-backoff-base",), "KLEINSERVE_WEBHOOK_BACKOFF_BASE", parse_duration,
            "Wait after the first failed webhook delivery; it doubles after each further failure "
