@@ -115,8 +115,10 @@ def test_cancelling_one_request_of_a_batch_completes_it_at_once_and_the_others_f
     slow = {"image_size": {"width": 256, "height": 256}, "num_inference_steps": 40}
     rids = [submit(store, seed=k, **slow) for k in range(3)]
     running_before = metrics.JOBS_IN_PROGRESS._value.get()
+    completed: list[str] = []  # on_complete (webhooks hang off it): once per job, the cancelled one first
     settings = Settings(batch_images=4, preview_every=0)
-    worker = Worker(store, tiny_engine, registry=default_registry(), settings=settings, idle_poll=0.05).start()
+    worker = Worker(store, tiny_engine, registry=default_registry(), settings=settings, idle_poll=0.05,
+                    on_complete=lambda job: completed.append(job.request_id)).start()
     try:
         deadline = time.monotonic() + 60
         while "step 2/40" not in messages(store.get(rids[1], with_logs=True)):
@@ -129,9 +131,11 @@ def test_cancelling_one_request_of_a_batch_completes_it_at_once_and_the_others_f
             time.sleep(0.02)
         assert store.get(rids[0]).status == J.IN_PROGRESS  # the others are still running
         assert metrics.JOBS_IN_PROGRESS._value.get() == running_before + 2
+        assert completed == [rids[1]]
         jobs = wait_all(store, rids)
     finally:
         worker.stop()
+    assert sorted(completed) == sorted(rids) and completed[0] == rids[1]
     assert jobs[1].error_type == J.ERR_CANCELLED and jobs[1].finished_at < jobs[0].finished_at
     assert jobs[0].succeeded and jobs[2].succeeded
     assert [batched_with(j) for j in (jobs[0], jobs[2])] == [2, 2]
