@@ -1,6 +1,6 @@
 """The job record and its one state machine.
 
-Every store backend (SQLite now, Redis later) loads a `Job`, applies ONE of the transitions below and
+Every store backend (SQLite, PostgreSQL) loads a `Job`, applies ONE of the transitions below and
 writes the result back inside a single transaction, so the rules of the lifecycle live here and
 nowhere else:
 
@@ -103,6 +103,9 @@ class Job:
     cancel_requested: bool = False
     worker_id: Optional[str] = None
     heartbeat_at: Optional[float] = None  # last sign of life of the worker running it
+    lease_expires_at: Optional[float] = None  # database clock: past it, the sweeper takes the job back
+    progress_step: int = 0  # the last finished denoising step of the running attempt (typed progress)
+    progress_total: int = 0
     result: Optional[dict[str, Any]] = None
     error: Optional[dict[str, Any]] = None  # {error, error_type, status_code, ...}
     mode: str = MODE_QUEUE
@@ -213,7 +216,7 @@ def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Jo
     """Returns a NEW job: `job` after `event`. Raises InvalidTransition when not allowed.
 
     Keyword arguments per event:
-      claim: worker_id
+      claim: worker_id, lease_seconds (the lease runs to now + lease_seconds; `now` is the database clock)
       complete_ok: result
       complete_error: error (a job_error dict)
       cancel / expire / crash_fail / requeue / release / request_cancel: none needed
@@ -231,6 +234,8 @@ def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Jo
         j.worker_id = kw.get("worker_id")
         j.started_at = now
         j.heartbeat_at = now
+        j.lease_expires_at = now + float(kw.get("lease_seconds", 120.0))
+        j.progress_step = j.progress_total = 0
         j.cancel_requested = False
     elif event == "cancel":
         j.cancel_requested = True
@@ -245,7 +250,12 @@ def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Jo
         result = kw.get("result")
         if not isinstance(result, dict):
             raise ValueError("complete_ok needs result=<dict>")
-        _finish(j, now, result=result)
+        if j.cancel_requested:
+            # The cancel was recorded before this result was: the client was told it would stop.
+            _finish(j, now, error=job_error("Request was cancelled while running; its result was discarded.",
+                                            ERR_CANCELLED, CANCELLED_STATUS_CODE))
+        else:
+            _finish(j, now, result=result)
     elif event == "complete_error":
         error = kw.get("error")
         if not isinstance(error, dict) or "error_type" not in error:
@@ -258,6 +268,7 @@ def apply(job: Job, event: str, *, now: Optional[float] = None, **kw: Any) -> Jo
             j.attempts = max(0, j.attempts - 1)
         j.worker_id = None
         j.heartbeat_at = None
+        j.lease_expires_at = None
         j.started_at = None
         j.deadline = None  # it already started once within its time-to-start deadline
         if j.cancel_requested:
@@ -277,6 +288,7 @@ def _finish(j: Job, now: float, *, result: Optional[dict] = None, error: Optiona
     j.result = result
     j.error = error
     j.worker_id = None
+    j.lease_expires_at = None
     if j.webhook_url:
         j.webhook_state = WEBHOOK_PENDING
         j.webhook_next_at = now
