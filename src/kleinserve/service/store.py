@@ -27,6 +27,13 @@ Rules every backend keeps (the conformance suite in tests/test_store_conformance
 
 from __future__ import annotations
 
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from .jobs import Job
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 120.0  # --worker-stale-after: a worker silent this long loses its jobs
