@@ -664,6 +664,19 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return int(rc) if isinstance(rc, int) else EXIT_OK
 
 
+def add_worker_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("worker", help="run one worker process (claims jobs from --store, runs them on --device)",
+                       add_help=False, description="Run a worker process; see `kleinserve worker --help`.")
+    p.set_defaults(func=None, command="worker")
+    return p
+
+
+def cmd_worker(argv: Sequence[str]) -> int:
+    from .service.worker_process import run_worker
+
+    return run_worker(list(argv))
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -672,9 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kleinserve",
         description="Self-hosted, fal-compatible inference for FLUX.2 [klein] 9B base.")
     parser.add_argument("--version", action="version", version=f"kleinserve {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,calibrate}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,worker,calibrate}")
     add_generate_parser(sub)
     add_serve_parser(sub)
+    add_worker_parser(sub)
     add_calibrate_parser(sub)
     return parser
 
@@ -685,6 +699,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "serve":
         return cmd_serve(extra)
+    if args.command == "worker":
+        return cmd_worker(extra)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

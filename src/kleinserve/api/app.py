@@ -10,19 +10,19 @@
   model); `/docs` and `/openapi.json` from the endpoint schemas.
 - Then the storage/files routes, the OpenAI adapter, /metrics and the web playground.
 
-The engine runs in a worker thread (service/worker.py); the HTTP event loop never waits on it.
+The services come from the composition root (service/runtime.py); route handlers reach them through
+`deps.services(request)`. The engine runs in a worker thread or process (service/worker.py); the HTTP
+event loop never waits on it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,17 +32,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
 from kleinserve import __version__
+from kleinserve.engine.types import ModelInfo
 from kleinserve.service import metrics
 from kleinserve.service.auth import Authenticator
-from kleinserve.service.events import EventHub
 from kleinserve.service.jobs import validation_detail
 from kleinserve.service.logging import install_access_log_redaction, request_id_var
+from kleinserve.service.runtime import TINY_WARNING, Runtime, Services, build_services
 from kleinserve.service.settings import Settings
-from kleinserve.service.sqlite_store import SQLiteJobStore
-from kleinserve.service.storage import FileStorage, LocalFileStorage
-from kleinserve.service.store import JobStore
-from kleinserve.service.webhooks import WebhookDispatcher
-from kleinserve.service.worker import Maintenance, Worker
 
 from . import deps, files, openai, web
 from . import metrics as metrics_routes
@@ -50,13 +46,14 @@ from .endpoints import EndpointRegistry, default_registry
 from .queue import build_queue_router
 from .run import build_run_router
 
+if TYPE_CHECKING:
+    from kleinserve.engine.engine import Engine
+
 log = logging.getLogger(__name__)
 
 # Paths whose bodies are file uploads (limited by --max-upload-bytes instead of --max-request-bytes).
 UPLOAD_PATH_PREFIXES = ("/storage/", "/files/")
 
-TINY_WARNING = ("SERVING THE TINY RANDOM MODEL: outputs are noise, NOT FLUX.2 [klein]. "
-                "Start with --model auto (or a model folder / repo id) for real images.")
 
 
 # ------------------------------------------------------------------------------------ middleware
@@ -168,194 +165,49 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-# ------------------------------------------------------------------------------------ runtime
-
-class ServiceRuntime:
-    """The background parts of one app: store, event hub, worker, maintenance, webhook dispatcher,
-    engine (possibly loading in the background)."""
-
-    def __init__(self, app: FastAPI, settings: Settings, *, engine: Any, store: Optional[JobStore],
-                 registry: EndpointRegistry, load_engine: bool, start_worker: bool):
-        self.app = app
-        self.settings = settings
-        self.engine = engine
-        self.engine_error: Optional[str] = None
-        self.engine_loading = False
-        self.warmup_seconds: float | None = None  # compile time spent at startup (None: not warmed)
-        self.registry = registry
-        self._own_store = store is None
-        self.store: Optional[JobStore] = store
-        self.hub = EventHub()
-        self.worker: Optional[Worker] = None
-        self.maintenance: Optional[Maintenance] = None
-        self.dispatcher: Optional[WebhookDispatcher] = None
-        self.storage: Optional[FileStorage] = None
-        self.load_engine = load_engine
-        self.start_worker = start_worker
-        self._loader: Optional[threading.Thread] = None
-
-    # -------------------------------------------------------------- start / stop
-    def start(self) -> None:
-        s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.store is None:
-            self.store = SQLiteJobStore.in_data_dir(s.data_dir)
-        self.store.add_listener(self.hub.store_listener)
-        self.app.state.store = self.store
-        self.storage = self._make_storage()
-        self.maintenance = Maintenance(self.store, settings=s, storage=self.storage)
-        recovered = self.maintenance.recover_now()  # a previous process died: its running jobs
-        if recovered:
-            log.warning("recovered %d request(s) interrupted by a previous crash", len(recovered))
-        metrics.set_queue_depth_source(self.store.queue_depth)
-        self.dispatcher = self._make_dispatcher()
-        if self.start_worker:
-            self.worker = Worker(self.store, self.engine, registry=self.registry, storage=self.storage,
-                                 hub=self.hub, settings=s, on_complete=self._on_complete)
-            self.worker.start()
-        self.maintenance.start()
-        if self.dispatcher is not None:
-            self.dispatcher.start()
-        if self.engine is not None:
-            self._announce_engine(self.engine)
-        elif self.load_engine:
-            self.engine_loading = True
-            self._loader = threading.Thread(target=self._load_engine, name="kleinserve-engine-loader", daemon=True)
-            self._loader.start()
-
-    def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop(timeout=60.0, abort_running=True)
-        if self.maintenance is not None:
-            self.maintenance.stop()
-        if self.dispatcher is not None:
-            try:
-                self.dispatcher.stop()
-            except Exception:
-                log.exception("stopping the webhook dispatcher failed")
-        if self.store is not None:
-            self.store.remove_listener(self.hub.store_listener)
-            if self._own_store:
-                self.store.close()
-
-    # -------------------------------------------------------------- parts
-    def _make_storage(self) -> FileStorage:
-        try:
-            return files.storage_services(self.app).storage
-        except Exception:
-            log.exception("could not set up the file storage via api.files")
-        return LocalFileStorage.in_data_dir(self.settings.data_dir, max_upload_bytes=self.settings.max_upload_bytes)
-
-    def _make_dispatcher(self) -> Optional[WebhookDispatcher]:
-        try:
-            return WebhookDispatcher(self.store, files.storage_services(self.app).signer,
-                                     max_attempts=self.settings.webhook_max_attempts,
-                                     backoff_base=self.settings.webhook_backoff_base)
-        except Exception:
-            log.exception("could not set up webhook delivery")
-            return None
-
-    def _on_complete(self, job: Any) -> None:
-        if job.webhook_url and self.dispatcher is not None:
-            self.dispatcher.notify()
-
-    def _load_engine(self) -> None:
-        s = self.settings
-        try:
-            from kleinserve.engine import load_engine
-
-            log.info("loading model %r ...", s.model)
-            engine = load_engine(s.model, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
-            if not s.no_warmup:  # before /ready says yes: the first request must not be the one compiling
-                self.warmup_seconds = sum(engine.warmup().values())
-        except Exception as exc:
-            self.engine_error = f"{type(exc).__name__}: {exc}"
-            log.error("the model could not be loaded: %s", self.engine_error)
-        else:
-            self.set_engine(engine)
-        finally:
-            self.engine_loading = False
-
-    def set_engine(self, engine: Any) -> None:
-        self.engine = engine
-        self.app.state.engine = engine
-        self._announce_engine(engine)
-        if self.worker is not None:
-            self.worker.set_engine(engine)
-
-    def _announce_engine(self, engine: Any) -> None:
-        info = engine.info
-        self.app.state.model_info = info
-        metrics.observe_model_loaded(info)
-        if info.is_tiny:
-            for line in ("!" * 78, "!! " + TINY_WARNING, "!" * 78):
-                log.warning(line)
-        else:
-            log.info("model ready: %s on %s (%s), loaded in %.1fs", info.source, info.device, info.dtype,
-                     info.load_seconds)
-
-    # -------------------------------------------------------------- readiness
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        info = self.engine.info if self.engine is not None else None
-        worker_ok = self.worker is None or self.worker.alive
-        body: dict[str, Any] = {"ready": False, "version": __version__}
-        if info is not None:
-            body["model"] = {**dataclasses.asdict(info), "warmup_seconds": self.warmup_seconds}
-            body["is_tiny"] = info.is_tiny
-            if body["is_tiny"]:
-                body["warning"] = TINY_WARNING
-        if self.engine is None:
-            if self.engine_error:
-                body["status"] = "failed"
-                body["detail"] = f"The model failed to load: {self.engine_error}"
-            elif self.engine_loading:
-                body["status"] = "loading"
-                body["detail"] = f"The model {self.settings.model!r} is loading."
-            else:
-                body["status"] = "no_model"
-                body["detail"] = "No model is loaded."
-            return False, body
-        if not worker_ok:
-            body["status"] = "worker_stopped"
-            body["detail"] = "The worker thread is not running."
-            return False, body
-        body["ready"] = True
-        body["status"] = "ready"
-        return True, body
-
-
 # ------------------------------------------------------------------------------------ the app
 
 def create_app(
     settings: Optional[Settings] = None,
-    engine: Any = None,
+    engine: Optional[Engine] = None,
     *,
-    store: Optional[JobStore] = None,
+    services: Optional[Services] = None,
     registry: Optional[EndpointRegistry] = None,
     load_engine: bool = False,
     start_worker: bool = True,
 ) -> FastAPI:
-    """Builds the app. Background parts (worker, maintenance, webhooks) start with the app's lifespan
-    (uvicorn, or `with TestClient(app)`).
+    """Builds the app. Background parts (event feed, worker(s), maintenance, webhooks) start with the
+    app's lifespan (uvicorn, or `with TestClient(app)`) and the services are closed when it ends.
 
     engine: a loaded Engine; None with `load_engine=True` loads `settings.model` in the background
-      (/ready says 503 until it is up); None otherwise leaves jobs queued until `set_engine`.
-    store: a JobStore (default: SQLite under settings.data_dir).
+      (/ready says 503 until it is up); None otherwise leaves jobs queued until `runtime.set_engine`.
+    services: built by service.runtime.build_services (default: from `settings`, owned by the app).
+    Role (settings.role): "all" runs the worker(s) here, "api" runs none (workers are elsewhere).
     """
+    if services is not None:
+        settings = services.settings
+        registry = services.registry
     settings = settings or Settings.from_sources()
     registry = registry or default_registry()
     auth = Authenticator.from_settings(settings)  # refuses to build without keys or --no-auth
+    own_services = services is None
+    services = services or build_services(settings, registry)
 
-    runtime_holder: dict[str, ServiceRuntime] = {}
+    def on_model(info: ModelInfo) -> None:
+        app.state.model_info = info
+
+    runtime = Runtime(services, role=settings.role, engine=engine, load_engine=load_engine,
+                      start_worker=start_worker, on_model=on_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime = runtime_holder["rt"]
         await run_in_threadpool(runtime.start)
         try:
             yield
         finally:
             await run_in_threadpool(runtime.stop)
+            if own_services:
+                await run_in_threadpool(services.close)
 
     app = FastAPI(
         title="kleinserve",
@@ -368,31 +220,29 @@ def create_app(
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
-    runtime = ServiceRuntime(app, settings, engine=engine, store=store, registry=registry,
-                             load_engine=load_engine, start_worker=start_worker)
-    runtime_holder["rt"] = runtime
     app.state.settings = settings
     app.state.auth = auth
     app.state.registry = registry
+    app.state.services = services
     app.state.runtime = runtime
-    app.state.engine = engine
-    app.state.store = store
-    app.state.hub = runtime.hub
+    app.state.model_info = None
 
     _install_error_handlers(app)
     install_access_log_redaction()  # upload URLs carry their token in the query string
     app.add_middleware(FalProtocolMiddleware, registry=registry, settings=settings)
 
-    @app.get("/health", tags=["service"], summary="Liveness (never waits on the model)")
+    @app.get("/health", tags=["service"], summary="Liveness (never waits on the model or the store)")
     async def health():
-        info = getattr(app.state, "model_info", None)
+        info = app.state.model_info
         if info is not None and info.is_tiny:  # never silent about random weights
-            return {"status": "ok", "is_tiny": True, "warning": TINY_WARNING}
-        return {"status": "ok"}
+            return {"status": "ok", "role": settings.role, "is_tiny": True, "warning": TINY_WARNING}
+        return {"status": "ok", "role": settings.role}
 
-    @app.get("/ready", tags=["service"], summary="Readiness: the model is loaded and the worker runs")
+    @app.get("/ready", tags=["service"],
+             summary="Readiness: store and storage reachable, the model loaded (role all), live workers")
     async def ready():
-        ok, body = runtime.readiness()
+        ok, body = await run_in_threadpool(runtime.readiness)
+        body["version"] = __version__
         return JSONResponse(body, status_code=200 if ok else 503)
 
     app.include_router(build_queue_router(registry))

@@ -1,7 +1,7 @@
 """Shared pieces of the HTTP layer: auth dependency, request headers, URLs, status/error bodies.
 
-Routers outside the core (files, openai, web) may use `require_owner` / `require_principal` and the
-`app_services(request)` accessor.
+Every router reaches the service parts through `services(request)` (built once by the composition
+root, service/runtime.py) and the caller through `require_owner` / `require_principal`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,24 @@ from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import Job, error_body, error_status
 from kleinserve.service.logging import request_id_var
+from kleinserve.service.runtime import Runtime, Services
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 TIMEOUT_HEADER = "x-fal-request-timeout"
 TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
 PRIORITY_HEADER = "x-fal-queue-priority"
+
+# --------------------------------------------------------------------------------------- services
+
+
+def services(request: Request) -> Services:
+    """The process's services (store, storage, secrets, event feed, registry, settings)."""
+    return request.app.state.services
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
 
 # --------------------------------------------------------------------------------------- auth
 

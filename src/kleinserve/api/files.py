@@ -26,8 +26,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -36,21 +34,18 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.service.storage import (
-    DEFAULT_MAX_UPLOAD_BYTES,
-    FileStorage,
     InvalidToken,
-    LocalFileStorage,
     StorageError,
     StoredFile,
-    UploadTokens,
     ExpiredToken,
     is_valid_file_id,
     new_file_id,
     normalize_content_type,
     sanitize_file_name,
 )
-from kleinserve.service.webhooks import WebhookSigner
+from kleinserve.service.runtime import Services
 
+from . import deps
 from .deps import public_base, require_owner
 
 log = logging.getLogger(__name__)
@@ -68,32 +63,8 @@ WRITE_CHUNK = 1 << 20
 # the objects this router needs, kept on app.state
 
 
-@dataclass
-class StorageServices:
-    storage: FileStorage
-    tokens: UploadTokens
-    signer: WebhookSigner
-
-
-def storage_services(app: Any) -> StorageServices:
-    """The app's storage, upload-token signer and webhook signer, created from `app.state.settings`
-    (data_dir, max_upload_bytes) on first use and kept on app.state."""
-    svc = getattr(app.state, "storage_services", None)
-    if svc is None:
-        settings = app.state.settings
-        data_dir = Path(settings.data_dir)
-        max_bytes = settings.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES
-        svc = StorageServices(
-            storage=LocalFileStorage.in_data_dir(data_dir, max_upload_bytes=max_bytes),
-            tokens=UploadTokens.from_data_dir(data_dir),
-            signer=WebhookSigner.from_data_dir(data_dir),
-        )
-        app.state.storage_services = svc
-    return svc
-
-
-def _svc(request: Request) -> StorageServices:
-    return storage_services(request.app)
+def _svc(request: Request) -> Services:
+    return deps.services(request)
 
 
 def _raise(exc: StorageError) -> None:
@@ -186,7 +157,7 @@ async def _pump(request: Request, writer: Any) -> None:
 
 async def _store_body(
     request: Request,
-    svc: StorageServices,
+    svc: Services,
     *,
     content_type: Optional[str],
     file_name: Optional[str],
@@ -205,7 +176,7 @@ async def _store_body(
         _raise(exc)
 
 
-def _uploaded_body(request: Request, svc: StorageServices, stored: StoredFile, url_key: str) -> dict[str, Any]:
+def _uploaded_body(request: Request, svc: Services, stored: StoredFile, url_key: str) -> dict[str, Any]:
     """The answer to a finished single-request upload; the file's URL under `url_key` (the JS
     client reads `file_url`, the Python client `access_url`)."""
     return {
@@ -308,7 +279,7 @@ async def initiate_multipart_upload(
     }
 
 
-def _check_mp_token(svc: StorageServices, token: Optional[str], upload_id: str) -> None:
+def _check_mp_token(svc: Services, token: Optional[str], upload_id: str) -> None:
     try:
         claims = svc.tokens.verify(token, "mp")
     except StorageError as exc:
@@ -319,7 +290,7 @@ def _check_mp_token(svc: StorageServices, token: Optional[str], upload_id: str) 
 
 async def _create_multipart(
     request: Request,
-    svc: StorageServices,
+    svc: Services,
     content_type: Optional[str],
     file_name: Optional[str],
     owner: Optional[str],
@@ -336,7 +307,7 @@ async def _create_multipart(
         _raise(exc)
 
 
-async def _put_part(request: Request, svc: StorageServices, upload_id: str, part_number: int) -> str:
+async def _put_part(request: Request, svc: Services, upload_id: str, part_number: int) -> str:
     _check_declared_length(request, svc.storage.max_upload_bytes)
     try:
         writer = await run_in_threadpool(svc.storage.multipart_part_writer, upload_id, part_number)
@@ -346,7 +317,7 @@ async def _put_part(request: Request, svc: StorageServices, upload_id: str, part
         _raise(exc)
 
 
-async def _complete(request: Request, svc: StorageServices, upload_id: str):
+async def _complete(request: Request, svc: Services, upload_id: str):
     parts = _parts_from_body(await _json_body(request))
     try:
         return await run_in_threadpool(svc.storage.complete_multipart, upload_id, parts)
@@ -421,7 +392,7 @@ async def cdn_multipart_create(
     return {"access_url": mp.file.url(public_base(request)), "uploadId": mp.upload_id}
 
 
-def _check_mp_file(svc: StorageServices, file_id: str, file_name: str, upload_id: str) -> None:
+def _check_mp_file(svc: Services, file_id: str, file_name: str, upload_id: str) -> None:
     try:
         mp = svc.storage.get_multipart(upload_id)
     except StorageError as exc:

@@ -43,7 +43,6 @@ from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
 
-from .queue import _services
 from .run import submit_and_wait
 
 log = logging.getLogger(__name__)
@@ -214,11 +213,6 @@ async def images_generations(request: Request) -> JSONResponse:
             validated = spec.validate_input(inp)
         except ValidationError as exc:
             raise _validation_error(exc) from None
-        try:
-            _services(request)
-        except HTTPException:
-            raise OpenAIError(503, "The service is starting; try again shortly.", type="server_error",
-                              code="service_unavailable") from None
         try:
             job = await submit_and_wait(request, spec, validated, principal.owner, request_id=rid,
                                         what="OpenAI request")

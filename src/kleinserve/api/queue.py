@@ -40,19 +40,12 @@ def _validate_webhook(url: Optional[str]) -> Optional[str]:
         raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "url_parsing"}])
 
 
-def _services(request: Request):
-    st = request.app.state
-    if getattr(st, "store", None) is None:
-        raise HTTPException(503, "The service is starting; the job store is not open yet.")
-    return st.store, getattr(st, "hub", None), st.registry
-
-
 async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owner: str, *, mode: str,
                      webhook_url: Optional[str] = None, request_id: Optional[str] = None) -> Job:
     """Validated input -> a durable IN_QUEUE job (seed drawn now, so a re-run reproduces)."""
-    store, _, _ = _services(request)
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is not None and runtime.engine is None and runtime.engine_error:
+    store = deps.services(request).store
+    runtime = deps.runtime(request)
+    if runtime.engine is None and runtime.engine_error:
         # Queuing would wait forever: say why now (see /ready).
         raise HTTPException(503, f"The model failed to load, so no request can run: {runtime.engine_error}")
     timeout = deps.parse_timeout_header(request)
@@ -84,7 +77,8 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
 
 async def load_job(request: Request, request_id: str, owner: str, prefix: Optional[str],
                    *, with_logs: bool = False) -> Job:
-    store, _, registry = _services(request)
+    sv = deps.services(request)
+    store, registry = sv.store, sv.registry
     deps.set_request_id(request, request_id)
     try:
         job = await run_in_threadpool(lambda: store.get(request_id, owner, with_logs=with_logs))
@@ -102,7 +96,7 @@ async def load_job(request: Request, request_id: str, owner: str, prefix: Option
 async def status_payload(request: Request, job: Job, *, with_logs: bool,
                          position: Optional[int] = None) -> dict[str, Any]:
     """The status body of `job`; a queued job's `position` is read from the store unless given."""
-    store, _, _ = _services(request)
+    store = deps.services(request).store
     if job.status == J.IN_QUEUE and position is None:
         position = await run_in_threadpool(store.queue_position, job.request_id)
     urls = deps.request_urls(request, app_prefix(job.endpoint_id), job.request_id)
@@ -122,7 +116,7 @@ def _make_submit(spec: EndpointSpec):
     ):
         webhook = _validate_webhook(fal_webhook)
         job = await submit_job(request, spec, body, owner, mode=J.MODE_QUEUE, webhook_url=webhook)
-        store, _, _ = _services(request)
+        store = deps.services(request).store
         position = await run_in_threadpool(store.queue_position, job.request_id)
         urls = deps.request_urls(request, spec.app_prefix, job.request_id)
         return JSONResponse({"status": J.IN_QUEUE, "request_id": job.request_id, **urls,
@@ -146,10 +140,10 @@ def _make_request_routes(prefix: str):
                             owner: str = Depends(deps.require_owner)):
         with_logs = deps.parse_bool_param(logs)
         await load_job(request, request_id, owner, prefix)  # 404 as plain JSON before the stream starts
-        store, hub, _ = _services(request)
+        sv = deps.services(request)
 
         async def events():
-            async for ev in watch(store, hub, request_id, owner, with_logs=with_logs, steps=False):
+            async for ev in watch(sv.store, sv.feed, request_id, owner, with_logs=with_logs, steps=False):
                 if ev.kind == "status" and ev.job is not None:
                     body = await status_payload(request, ev.job, with_logs=with_logs, position=ev.position)
                     yield {"data": json.dumps(body)}
@@ -168,7 +162,7 @@ def _make_request_routes(prefix: str):
         return deps.result_response(job)
 
     async def cancel(request: Request, request_id: str, owner: str = Depends(deps.require_owner)):
-        store, _, _ = _services(request)
+        store = deps.services(request).store
         await load_job(request, request_id, owner, prefix)
         try:
             outcome = await run_in_threadpool(store.request_cancel, request_id, owner)
@@ -180,9 +174,11 @@ def _make_request_routes(prefix: str):
                                  "detail": "The request was still queued: it is cancelled and will not run."},
                                 status_code=202, headers=headers)
         if outcome.outcome in ("cancel_requested", "already_requested"):
-            detail = ("The request is running: it stops at its next step."
+            detail = ("The request is running: it stops at its next step, and ends cancelled unless its "
+                      "result was already recorded."
                       if outcome.outcome == "cancel_requested" else
-                      "Cancellation was already requested; the request stops at its next step.")
+                      "Cancellation was already requested; the request stops at its next step, and ends "
+                      "cancelled unless its result was already recorded.")
             return JSONResponse({"status": "CANCELLATION_REQUESTED", "request_id": request_id, "detail": detail},
                                 status_code=202, headers=headers)
         job = outcome.job

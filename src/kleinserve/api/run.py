@@ -12,7 +12,6 @@ An error after the stream started is one last event {"error", "error_type", "det
 "request_id"} and the stream closes.
 """
 
-import asyncio
 import json
 import logging
 from typing import Any, Optional
@@ -23,29 +22,27 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.service import jobs as J
-from kleinserve.service.events import watch
+from kleinserve.service.events import Subscription, watch
 from kleinserve.service.jobs import Job, new_request_id
+from kleinserve.service.store import JobStore
 
 from . import deps
 from .endpoints import EndpointRegistry, EndpointSpec
-from .queue import SSE_PING_SECONDS, _services, submit_job
+from .queue import SSE_PING_SECONDS, submit_job
 
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-async def wait_until_done(request: Request, store: Any, job: Job, subscription: Any, *,
+async def wait_until_done(request: Request, store: JobStore, job: Job, subscription: Subscription, *,
                           what: str = "sync run") -> Optional[Job]:
     """Waits for a submitted job to complete: woken by its events (`subscription`, from
-    hub.subscribe before the submit), else polling. Returns the completed job, or None when the client
+    feed.subscribe before the submit), else polling. Returns the completed job, or None when the client
     disconnected first: the job is then cancelled (no GPU time for nobody)."""
     rid = job.request_id
     while not job.is_terminal:
-        if subscription is not None:
-            await subscription.get(DISCONNECT_POLL_SECONDS)
-        else:
-            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        await subscription.get(DISCONNECT_POLL_SECONDS)
         job = await run_in_threadpool(store.get, rid)
         if not job.is_terminal and await request.is_disconnected():
             log.info("client of %s %s disconnected: cancelling it", what, rid)
@@ -58,32 +55,30 @@ async def wait_until_done(request: Request, store: Any, job: Job, subscription: 
 
 
 async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, owner: str, mode: str,
-                             request_id: Optional[str] = None) -> tuple[Any, Any, Job, Any]:
+                             request_id: Optional[str] = None) -> tuple[Job, Subscription]:
     """Submits (with a fresh request id unless given), subscribed to its events BEFORE the submit
-    (so none is missed); returns (store, hub, job, subscription), the caller closing the
-    subscription. A failed submit closes it and raises."""
-    store, hub, _ = _services(request)
+    (so none is missed); returns (job, subscription), the caller closing the subscription. A failed
+    submit closes it and raises."""
+    feed = deps.services(request).feed
     rid = request_id or new_request_id()
-    sub = hub.subscribe(rid) if hub is not None else None
+    sub = feed.subscribe(rid)
     try:
         job = await submit_job(request, spec, body, owner, mode=mode, request_id=rid)
     except BaseException:
-        if sub is not None:
-            sub.close()
+        sub.close()
         raise
-    return store, hub, job, sub
+    return job, sub
 
 
 async def submit_and_wait(request: Request, spec: EndpointSpec, body: Any, owner: str, *,
                           request_id: Optional[str] = None, what: str = "sync run") -> Optional[Job]:
     """Submits a run and waits for it (see wait_until_done): the completed job, or None when the
     client disconnected first."""
-    store, _, job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_RUN, request_id)
+    job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_RUN, request_id)
     try:
-        return await wait_until_done(request, store, job, sub, what=what)
+        return await wait_until_done(request, deps.services(request).store, job, sub, what=what)
     finally:
-        if sub is not None:
-            sub.close()
+        sub.close()
 
 
 def _make_run(spec: EndpointSpec):
@@ -105,20 +100,21 @@ def _make_stream(spec: EndpointSpec):
 
     async def stream(request: Request, body: Input = Body(...),  # type: ignore[valid-type]
                      owner: str = Depends(deps.require_owner)):
-        store, hub, job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_STREAM)
-        rid = job.request_id
+        job, sub = await _submit_subscribed(request, spec, body, owner, J.MODE_STREAM)
+        sv = deps.services(request)
+        store, rid = sv.store, job.request_id
 
         async def events():
             finished = False
             announced_progress = False
             try:
-                async for ev in watch(store, hub, rid, owner, steps=True, subscription=sub):
-                    if ev.kind == "step" and ev.data is not None:
+                async for ev in watch(store, sv.feed, rid, owner, steps=True, subscription=sub):
+                    if ev.kind == "progress" and ev.progress is not None:
                         announced_progress = True
-                        payload = {"status": J.IN_PROGRESS, "request_id": rid,
-                                   "step": ev.data.get("step"), "total": ev.data.get("total")}
-                        if ev.data.get("preview"):
-                            payload["preview"] = ev.data["preview"]
+                        payload: dict[str, Any] = {"status": J.IN_PROGRESS, "request_id": rid,
+                                                   "step": ev.progress.step, "total": ev.progress.total}
+                        if ev.progress.preview:
+                            payload["preview"] = ev.progress.preview
                         yield {"data": json.dumps(payload)}
                         continue
                     job = ev.job

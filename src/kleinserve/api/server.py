@@ -32,15 +32,37 @@ def _configure_logging(settings: Settings) -> dict:
     return uvicorn_log_config(settings.log_format, settings.log_level.upper())
 
 
+def _redact_url(url: str) -> str:
+    """A store URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 def _banner(settings: Settings) -> str:
     scheme = "https" if settings.tls else "http"
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     base = settings.public_url or f"{scheme}://{host}:{settings.port}"
+    if settings.role == "api":
+        workers = "none here (role api): run `kleinserve worker --store ...` on the GPU hosts"
+    elif settings.devices:
+        workers = f"one process per device: {', '.join(settings.devices)}"
+    else:
+        workers = "one, in this process"
     lines = [
         f"kleinserve: serving on {scheme}://{settings.host}:{settings.port}  (data: {settings.data_dir})",
         f"  queue API : {base}/queue/<endpoint id>     run API: {base}/<endpoint id>",
         f"  docs      : {base}/docs                    ready: {base}/ready",
-        f"  model     : {settings.model}" + (" (loading in the background)" if settings.model else ""),
+        f"  store     : {_redact_url(settings.store_url)}",
+        f"  workers   : {workers}",
+    ]
+    if settings.role != "api":
+        lines.append(f"  model     : {settings.model} (loading in the background)")
+    lines += [
         "  auth      : " + ("OFF (--no-auth): anyone who can reach this port can use it"
                             if settings.no_auth else f"{len(settings.api_keys)} API key(s)"),
     ]

@@ -34,6 +34,7 @@ from kleinserve.service.auth import Principal
 from kleinserve.service.events import watch
 from kleinserve.service.jobs import Job
 
+from . import deps
 from .deps import request_urls, require_principal
 from .endpoints import app_prefix
 from .queue import SSE_PING_SECONDS, load_job, status_payload
@@ -90,7 +91,7 @@ async def web_static(name: str) -> Response:
 @router.get("/api/schema")
 async def api_schema(request: Request) -> JSONResponse:
     spec = next(iter(request.app.state.registry), None)  # the first declared: the one the page drives
-    engine = request.app.state.engine
+    info = request.app.state.model_info
     input_model = getattr(spec, "input_model", FluxKleinInput)
     output_model = getattr(spec, "output_model", FluxKleinOutput)
     endpoint_id = getattr(spec, "endpoint_id", ENDPOINT_ID)
@@ -103,7 +104,7 @@ async def api_schema(request: Request) -> JSONResponse:
         "queue_path": "/queue",
         "run_path": "",
         "auth_required": request.app.state.auth.enabled,
-        "model": dataclasses.asdict(engine.info) if engine is not None else None,
+        "model": dataclasses.asdict(info) if info is not None else None,
     }
     return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
@@ -156,9 +157,7 @@ async def api_requests(
     limit: int = Query(20, ge=1, le=200),
     principal: Principal = Depends(require_principal),
 ) -> JSONResponse:
-    store = getattr(request.app.state, "store", None)
-    if store is None:
-        raise HTTPException(status_code=503, detail="The job store is not ready.")
+    store = deps.services(request).store
     jobs = await run_in_threadpool(store.list_requests, principal.owner, limit)
     rows = []
     for job in jobs:
@@ -180,17 +179,16 @@ async def api_request_progress(
 ) -> Response:
     owner = principal.owner
     await load_job(request, request_id, owner, None)  # 404 as plain JSON before the stream starts
-    store = request.app.state.store
-    hub = getattr(request.app.state, "hub", None)
+    sv = deps.services(request)
 
     async def events():
         step: Optional[dict[str, Any]] = None
-        async for ev in watch(store, hub, request_id, owner, with_logs=False, steps=True):
-            if ev.kind == "step" and ev.data is not None:
-                step = {"step": int(ev.data.get("step") or 0), "total": int(ev.data.get("total") or 0)}
+        async for ev in watch(sv.store, sv.feed, request_id, owner, with_logs=False, steps=True):
+            if ev.kind == "progress" and ev.progress is not None:
+                step = {"step": ev.progress.step, "total": ev.progress.total}
                 payload: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": request_id, "progress": step}
-                if ev.data.get("preview"):
-                    payload["preview"] = ev.data["preview"]
+                if ev.progress.preview:
+                    payload["preview"] = ev.progress.preview
                 yield {"data": json.dumps(payload)}
             elif ev.kind == "status" and ev.job is not None:
                 body = await status_payload(request, ev.job, with_logs=False, position=ev.position)

@@ -238,6 +238,11 @@ class Engine:
             def live() -> list[int]:
                 return [k for k, o in enumerate(outcomes) if o is None]
 
+            def settle(k: int, outcome: Union[GenerationResult, Exception]) -> None:
+                outcomes[k] = outcome
+                if tasks[k].on_done is not None:
+                    tasks[k].on_done(outcome)
+
             def step_callback(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
                 steps_done[0] = i + 1
                 for k in live():
@@ -255,7 +260,7 @@ class Engine:
             def everyone_cancelled() -> bool:
                 for k in live():
                     if tasks[k].should_cancel is not None and tasks[k].should_cancel():
-                        outcomes[k] = GenerationCancelled(f"cancelled before step {steps_done[0] + 1}/{steps}")
+                        settle(k, GenerationCancelled(f"cancelled before step {steps_done[0] + 1}/{steps}"))
                 return not live()
 
             def live_rows() -> list[int]:
@@ -272,10 +277,11 @@ class Engine:
 
             for k in live():
                 try:
-                    outcomes[k] = self._finish(plans[k], latents, t_start, {"encode": encode_seconds[k],
-                                                                             "denoise": t_denoise})
+                    outcome: Union[GenerationResult, Exception] = self._finish(
+                        plans[k], latents, t_start, {"encode": encode_seconds[k], "denoise": t_denoise})
                 except Exception as exc:  # its own decode / safety check / encoding: the others keep theirs
-                    outcomes[k] = exc
+                    outcome = exc
+                settle(k, outcome)
             return outcomes
 
     def _finish(self, plan: _Plan, latents: torch.Tensor, t_start: float,

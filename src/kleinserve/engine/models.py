@@ -63,6 +63,20 @@ class Components:
     extras: dict = field(default_factory=dict)
 
 
+def set_threads(n: int) -> None:
+    """CPU threads for this process's torch (several worker processes on one box share the cores)."""
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        torch.set_num_interop_threads(max(1, min(2, int(n))))
+    except RuntimeError:  # only settable before the first parallel work; harmless to keep the default
+        pass
+
+
+def cuda_device_count() -> int:
+    """How many CUDA devices this process sees (`serve --devices all` starts one worker per device)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -67,11 +67,15 @@ CancelCheck = Callable[[], bool]
 class GenerationTask:
     """One request inside `Engine.generate_batch`, with its own progress and cancellation hooks.
 
-    should_cancel: polled before every step; once it returns True the task is out (its rows leave the
-    transformer batch, it gets GenerationCancelled) and it is not polled or called back again.
-    wants_preview: whether a preview is worth a VAE decode right now (someone is watching)."""
+    should_cancel: polled before every step (a pure question: no side effects); once it returns True
+    the task is out (its rows leave the transformer batch, its outcome is GenerationCancelled) and it
+    is not polled or called back again.
+    wants_preview: whether a preview is worth a VAE decode right now (someone is watching).
+    on_done: called exactly once with the task's outcome as soon as it is known (a cancelled task at
+    once, while the others run on), unless the shared part of the run fails (generate_batch raises)."""
 
     request: Any
     on_step: Optional[StepCallback] = None
     should_cancel: Optional[CancelCheck] = None
     wants_preview: Optional[Callable[[], bool]] = None
+    on_done: Optional[Callable[["GenerationResult | Exception"], None]] = None

@@ -86,6 +86,17 @@ def format_duration(value: float) -> str:
     return f"{value:g}s"
 
 
+def parse_devices(value: Any) -> list[str]:
+    """`all`, or torch device names: cuda, cuda:N, cpu (each one worker process)."""
+    devices = parse_list(value)
+    if devices == ["all"]:
+        return devices
+    for d in devices:
+        if d != "cpu" and d != "cuda" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"not a device: {d!r} (use all, cuda:0,cuda:1 or cpu,cpu)")
+    return devices
+
+
 def parse_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         out: list[str] = []
@@ -104,6 +115,7 @@ class Option:
     help: str
     metavar: Optional[str] = None
     kind: str = "value"  # value | flag (store_true) | append
+    commands: tuple[str, ...] = ("serve", "worker")  # the subcommands that take it
 
     @property
     def default(self) -> Any:
@@ -145,9 +157,22 @@ class Settings:
     webhook_backoff_base: float = DEFAULT_BACKOFF_BASE
     log_format: str = "text"
     log_level: str = "info"
+    role: str = "all"
+    devices: list[str] = field(default_factory=list)
+    store: Optional[str] = None
+    threads: int = 0
+    shutdown_grace: float = 60.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.role not in ("all", "api"):
+            raise ValueError(f"role must be all or api, not {self.role!r}")
+        if self.role == "api" and self.devices:
+            raise ValueError("--devices starts worker processes: it needs --role all (an api replica runs none)")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: a share of the CPU cores per worker)")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown grace must be >= 0")
         if self.public_url:
             self.public_url = str(self.public_url).rstrip("/")
         if self.log_format not in ("text", "json"):
@@ -167,15 +192,22 @@ class Settings:
     def tls(self) -> bool:
         return bool(self.ssl_certfile and self.ssl_keyfile)
 
+    @property
+    def store_url(self) -> str:
+        """`--store`, or the embedded SQLite database under --data-dir."""
+        return self.store or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').resolve()}"
+
     @classmethod
     def from_sources(cls, values: Optional[Mapping[str, Any]] = None,
-                     env: Optional[Mapping[str, str]] = None) -> "Settings":
+                     env: Optional[Mapping[str, str]] = None, *, command: str = "serve") -> "Settings":
         """`values`: explicit values (e.g. parsed flags; None entries are "not given"); then the
-        environment; then the defaults."""
+        environment (the options of `command` only); then the defaults."""
         env = os.environ if env is None else env
         values = dict(values or {})
         kw: dict[str, Any] = {}
         for opt in OPTIONS:
+            if command not in opt.commands:
+                continue
             given = values.get(opt.name)
             if opt.kind == "append" and given == []:
                 given = None
@@ -196,18 +228,35 @@ class Settings:
         return cls(**kw)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> "Settings":
-        return cls.from_sources({o.name: getattr(args, o.name, None) for o in OPTIONS}, env)
+    def from_args(cls, args: argparse.Namespace, env: Optional[Mapping[str, str]] = None, *,
+                  command: str = "serve") -> "Settings":
+        return cls.from_sources({o.name: getattr(args, o.name, None) for o in OPTIONS}, env, command=command)
+
+    def to_env(self, command: str = "worker") -> dict[str, str]:
+        """The KLEINSERVE_* variables that give a `command` process these settings (the options it
+        takes that differ from their defaults): how the supervisor configures its worker processes."""
+        out: dict[str, str] = {}
+        for opt in OPTIONS:
+            value = getattr(self, opt.name)
+            if command not in opt.commands or value is None or value == opt.default:
+                continue
+            if isinstance(value, bool):
+                out[opt.env] = "1" if value else "0"
+            elif isinstance(value, (list, tuple)):
+                out[opt.env] = ",".join(str(v) for v in value)
+            else:
+                out[opt.env] = str(value)
+        return out
 
 
 OPTIONS: list[Option] = [
-    Option("host", ("--host",), "KLEINSERVE_HOST", str, "Interface to listen on (0.0.0.0: all)."),
-    Option("port", ("--port",), "KLEINSERVE_PORT", parse_int, "TCP port."),
+    Option("host", ("--host",), "KLEINSERVE_HOST", str, "Interface to listen on (0.0.0.0: all).", commands=("serve",)),
+    Option("port", ("--port",), "KLEINSERVE_PORT", parse_int, "TCP port.", commands=("serve",)),
     Option("ssl_certfile", ("--ssl-certfile",), "KLEINSERVE_SSL_CERTFILE", _opt_str,
            "TLS certificate (PEM). The fal clients speak https only: serve TLS, or put a TLS proxy in front.",
-           metavar="PATH"),
+           metavar="PATH", commands=("serve",)),
     Option("ssl_keyfile", ("--ssl-keyfile",), "KLEINSERVE_SSL_KEYFILE", _opt_str, "TLS private key (PEM).",
-           metavar="PATH"),
+           metavar="PATH", commands=("serve",)),
     Option("model", ("--model",), "KLEINSERVE_MODEL", str,
            "Model spec: auto | tiny | a local diffusers folder | a Hugging Face repo id.", metavar="SPEC"),
     Option("device", ("--device",), "KLEINSERVE_DEVICE", _opt_str, "Torch device (default: cuda if available)."),
@@ -221,9 +270,9 @@ OPTIONS: list[Option] = [
            "Where the job database, stored files and keys live.", metavar="DIR"),
     Option("api_keys", ("--api-key",), "KLEINSERVE_API_KEYS", parse_list,
            "An accepted API key (repeat the flag for several; the env var is comma-separated).",
-           metavar="KEY", kind="append"),
+           metavar="KEY", kind="append", commands=("serve",)),
     Option("no_auth", ("--no-auth",), "KLEINSERVE_NO_AUTH", parse_bool,
-           "Serve without API keys (anyone who can reach the port can use it).", kind="flag"),
+           "Serve without API keys (anyone who can reach the port can use it).", kind="flag", commands=("serve",)),
     Option("public_url", ("--public-url",), "KLEINSERVE_PUBLIC_URL", _opt_str,
            "Base URL clients reach us at, for file and queue URLs (default: the request's own host).",
            metavar="URL"),
@@ -232,7 +281,7 @@ OPTIONS: list[Option] = [
     Option("max_attempts", ("--max-attempts",), "KLEINSERVE_MAX_ATTEMPTS", parse_int,
            "A request whose run was interrupted by a crash this many times fails as 'crashed'."),
     Option("max_request_bytes", ("--max-request-bytes",), "KLEINSERVE_MAX_REQUEST_BYTES", parse_size,
-           "Largest request body on the API routes (413 beyond).", metavar="SIZE"),
+           "Largest request body on the API routes (413 beyond).", metavar="SIZE", commands=("serve",)),
     Option("max_upload_bytes", ("--max-upload-bytes",), "KLEINSERVE_MAX_UPLOAD_BYTES", parse_size,
            "Largest file accepted by the storage upload routes (413 beyond).", metavar="SIZE"),
     Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", parse_int,
@@ -252,6 +301,21 @@ OPTIONS: list[Option] = [
     Option("webhook_backoff_base", ("--webhook-backoff-base",), "KLEINSERVE_WEBHOOK_BACKOFF_BASE", parse_duration,
            "Wait after the first failed webhook delivery; it doubles after each further failure "
            f"(capped at {format_duration(DEFAULT_BACKOFF_MAX)}).", metavar="DURATION"),
+    Option("role", ("--role",), "KLEINSERVE_ROLE", str,
+           "all: the API and the worker(s) in one service; api: a stateless API replica that loads no model "
+           "(workers run as `kleinserve worker`, see docs/DEPLOY.md).", commands=("serve",)),
+    Option("devices", ("--devices",), "KLEINSERVE_DEVICES", parse_devices,
+           "One supervised worker process per device: all (every CUDA GPU), or a list like cuda:0,cuda:1 "
+           "or cpu,cpu (none: one worker thread in the server process).", metavar="LIST", commands=("serve",)),
+    Option("store", ("--store",), "KLEINSERVE_STORE", _opt_str,
+           "The job store: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: SQLite under --data-dir). "
+           "Every API replica and worker of one deployment names the same store.", metavar="URL"),
+    Option("threads", ("--threads",), "KLEINSERVE_THREADS", parse_int,
+           "CPU threads of each worker's torch (0: the cores divided among this box's worker processes).",
+           commands=("serve", "worker")),
+    Option("shutdown_grace", ("--shutdown-grace",), "KLEINSERVE_SHUTDOWN_GRACE", parse_duration,
+           "On SIGTERM, how long running requests may take to finish; past it they go back to the queue "
+           "(no attempt counted).", metavar="DURATION"),
     Option("log_format", ("--log-format",), "KLEINSERVE_LOG_FORMAT", str, "text | json (one object a line)."),
     Option("log_level", ("--log-level",), "KLEINSERVE_LOG_LEVEL", str, "debug | info | warning | error."),
 ]
@@ -271,10 +335,12 @@ def shown_default(opt: Option) -> str:
     return str(d)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds every option as a flag. Defaults are None (so env vars can fill in); the help shows the
-    env var and the real default."""
+def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
+    """Adds the options of `command` (serve | worker) as flags. Defaults are None (so env vars can fill
+    in); the help shows the env var and the real default."""
     for opt in OPTIONS:
+        if command not in opt.commands:
+            continue
         help_text = f"{opt.help} [env {opt.env}; default: {shown_default(opt)}]"
         if opt.kind == "flag":
             parser.add_argument(*opt.flags, dest=opt.name, action="store_true", default=None, help=help_text)

@@ -268,6 +268,10 @@ class FileStorage(ABC):
     def delete(self, file_id: str) -> bool: ...
 
     @abstractmethod
+    def ping(self) -> None:
+        """Raises when the storage cannot be reached (for /ready)."""
+
+    @abstractmethod
     def purge_older_than(self, seconds: float) -> int:
         """Deletes files created more than `seconds` ago (and any past their own expiry, and stale
         partial uploads). Returns the number of files deleted."""
@@ -497,6 +501,10 @@ class LocalFileStorage(FileStorage):
     def open(self, file_id: str) -> tuple[Path, str, str]:
         meta = self.get(file_id)
         return self._paths(file_id)[0], meta.content_type, meta.file_name
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
 
     def delete(self, file_id: str) -> bool:
         if not is_valid_file_id(file_id):

@@ -1,23 +1,33 @@
 """The worker: claims jobs from the store and runs them on the engine, one engine run at a time per device.
 
-It runs as a thread inside the server process (so /health answers during a generation) but relies on
-nothing in-process for correctness: the job comes from `store.claim_next`, cancellation is the store's
-flag (polled between steps), liveness is a heartbeat in the store. Any exception — a validation
-error, torch running out of memory, a decode crash, a cancellation, the run-time limit — completes
-THAT job with a clear error and the worker goes on with the next one.
+It runs as threads inside the server process (`kleinserve serve`) or in a worker process of its own
+(`kleinserve worker`, one per GPU, on any host) and relies on nothing in-process for correctness:
+- a job comes from `store.claim_next`, which takes a lease on the database clock; the monitor thread's
+  heartbeats extend it; every write about the job carries the lease (`Lease`), so a worker that lost
+  its job (its lease expired and the sweeper gave it to another worker) can change nothing;
+- cancellation is the store's flag: its event reaches the worker through the EventFeed before the
+  next step (the monitor also polls it);
+- progress is typed (`store.record_progress(step, total)`), previews only while someone watches.
+
+Every claimed job ends in `Worker._finish`, from one outcome value (the engine's result or an
+exception; GenerationCancelled with the run's `stop_reason`): complete_ok, complete_error or release.
+Any exception — a validation error, running out of memory, a decode crash, a cancellation, the
+run-time limit — ends THAT job with a clear error and the worker goes on with the next one.
 
 With `batch_images > 1` (`--batch-images`) one engine run may hold several jobs: after a claim the
 worker also claims queued jobs with the same `Engine.batch_key` (the store's `claim_next(match=...)`)
-and runs them through one `engine.generate_batch`; each job is still completed on its own (a cancelled
-one at once), and a batch whose shared run fails is re-run one job at a time.
+and runs them through one `engine.generate_batch`; each job still ends on its own (a cancelled one at
+once), and a batch whose shared run fails is re-run one job at a time.
 
-`Maintenance` is the companion thread: it expires queued jobs whose X-Fal-Request-Timeout passed
-(504), re-queues jobs whose worker died (heartbeat/pid), and purges old results.
+`Maintenance` is the companion loop any process may run (the store serialises it): it expires queued
+jobs whose X-Fal-Request-Timeout passed (504), sweeps jobs whose lease expired or whose worker died
+(re-queued, or failed as crashed after --max-attempts), and purges old results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -27,19 +37,28 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from kleinserve.engine.types import GenerationCancelled, GenerationTask, ModelUnavailable
+from kleinserve.engine.types import (GenerationCancelled, GenerationResult, GenerationTask, ModelUnavailable,
+                                     StepEvent)
 
+from ..engine.imageio import data_uri, preview_data_uri
 from . import jobs as J
 from . import metrics
-from ..engine.imageio import data_uri, preview_data_uri
-from .events import EventHub
+from .events import EventFeed
 from .jobs import Job, job_error
+from .lifecycle import Loop
 from .logging import request_context
-from .store import JobStore
+from .settings import Settings
+from .storage import FileStorage
+from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
+
+if TYPE_CHECKING:
+    from kleinserve.api.endpoints import EndpointRegistry
+    from kleinserve.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -116,131 +135,138 @@ def classify_exception(exc: BaseException) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the worker
 
 class Worker:
-    """One worker thread per engine/device."""
+    """Claims jobs and runs them on one engine (one device), one engine run at a time.
+
+    Threads: the claim loop (runs the engine), a monitor (heartbeats that extend the leases, the
+    worker's registration, whether someone watches a running request, a fallback poll of the cancel
+    flags), and the process's EventFeed, which wakes the claim loop on new work and relays cancels.
+    """
 
     def __init__(
         self,
         store: JobStore,
-        engine: Any = None,
+        engine: Optional["Engine"] = None,
         *,
-        registry: Any,
-        storage: Any = None,
-        hub: Optional[EventHub] = None,
-        settings: Any = None,
+        registry: "EndpointRegistry",
+        storage: Optional[FileStorage],
+        feed: Optional[EventFeed],
+        settings: Settings,
         name: str = "w0",
         on_complete: Optional[Callable[[Job], None]] = None,
         idle_poll: float = 0.5,
-        heartbeat_every: float = 10.0,
+        monitor_every: float = 0.25,
     ):
         self.store = store
         self.engine = engine
         self.registry = registry
         self.storage = storage
-        self.hub = hub
+        self.feed = feed
         self.settings = settings
         self.name = name
         self.worker_id = make_worker_id(name)
         self.on_complete = on_complete
-        self.idle_poll = idle_poll
-        self.heartbeat_every = heartbeat_every
-        self.preview_every = int(getattr(settings, "preview_every", 4) or 0)
-        self.max_run_seconds = float(getattr(settings, "max_run_seconds", 0) or 0)
-        self.batch_images = int(getattr(settings, "batch_images", 1) or 1)
-        self.running: list[str] = []  # request ids of the jobs being run
+        self.preview_every = int(settings.preview_every or 0)
+        self.max_run_seconds = float(settings.max_run_seconds or 0)
+        self.batch_images = int(settings.batch_images or 1)
+        self.lease_seconds = float(settings.worker_stale_after)
+        # Heartbeats well inside the lease: three can be lost before another worker may take over.
+        self.heartbeat_every = max(0.05, self.lease_seconds / 4)
+        self.running: list[_Run] = []
         self.jobs_done = 0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._abort = threading.Event()  # stop the running generation (shutdown)
-        self._thread: Optional[threading.Thread] = None
-        self._hb_thread: Optional[threading.Thread] = None
-        self._listener = self._on_store_change
         self.last_error: Optional[str] = None
+        self.draining = threading.Event()  # stop claiming (graceful shutdown)
+        self.abort = threading.Event()  # stop the running generation at its next step (released)
+        self._claims = Loop(f"worker-{name}", self._claim_pass, interval=idle_poll)
+        self._monitor = Loop(f"monitor-{name}", self._monitor_pass, interval=monitor_every)
+        self._next_registration = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Worker":
-        if self._thread is not None:
-            return self
         with _LIVE_LOCK:
             _LIVE_WORKERS.add(self.worker_id)
-        self.store.add_listener(self._listener)
-        self._stop.clear()
-        self._abort.clear()
-        self._thread = threading.Thread(target=self._run, name=f"kleinserve-worker-{self.name}", daemon=True)
-        self._thread.start()
-        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"kleinserve-heartbeat-{self.name}",
-                                           daemon=True)
-        self._hb_thread.start()
+        if self.feed is not None:
+            self.feed.add_listener(self._on_event)
+        self.draining.clear()
+        self.abort.clear()
+        self._monitor.start()
+        self._claims.start()
         return self
 
-    def stop(self, timeout: float = 30.0, *, abort_running: bool = True) -> None:
-        """Stops claiming. With `abort_running`, the running generation stops at its next step and
-        its job goes back to the queue (not counted as an attempt)."""
-        self._stop.set()
-        if abort_running:
-            self._abort.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("worker %s did not stop within %.0fs", self.name, timeout)
-        self._thread = None
-        self.store.remove_listener(self._listener)
+    def stop(self, grace: float = 0.0, timeout: float = 30.0) -> None:
+        """Stops claiming; gives running jobs `grace` seconds to finish, then stops them at their
+        next step and releases them to the queue (no attempt counted)."""
+        self.draining.set()
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.abort.set()
+        self._claims.stop(timeout)
+        self._monitor.stop(timeout)
+        if self.feed is not None:
+            self.feed.remove_listener(self._on_event)
+        with contextlib.suppress(Exception):
+            self.store.deregister_worker(self.worker_id)
         with _LIVE_LOCK:
             _LIVE_WORKERS.discard(self.worker_id)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._claims.alive
 
-    def set_engine(self, engine: Any) -> None:
+    def set_engine(self, engine: "Engine") -> None:
         self.engine = engine
-        self._wake.set()
+        self._next_registration = 0.0
+        self._claims.wake()
+        self._monitor.wake()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._claims.wake()
 
-    def _on_store_change(self, job: Job, event: str) -> None:
-        if event in ("submit", "requeue", "release"):
-            self._wake.set()
+    def _on_event(self, ev: JobEvent) -> None:
+        """On the feed's thread: new work wakes the claim loop; a cancel reaches the running job."""
+        if ev.kind != EV_STATUS:
+            return
+        if ev.event in ("submit", "requeue", "release"):
+            self._claims.wake()
+        elif ev.event == "request_cancel":
+            for run in list(self.running):
+                if run.rid == ev.request_id:
+                    run.cancel_seen.set()
 
     # ------------------------------------------------------------------ loops
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.engine is None:
-                self._wake.wait(self.idle_poll)
-                self._wake.clear()
-                continue
-            try:
-                job = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids())
-            except Exception:
-                log.exception("claiming a job failed; retrying")
-                self._stop.wait(1.0)
-                continue
-            if job is None:
-                self._wake.wait(self.idle_poll)
-                self._wake.clear()
-                continue
-            batch = self._fill_batch(job)
-            self.running = [j.request_id for j in batch]
-            try:
-                self._process([_Run(self, j) for j in batch])
-            except BaseException:  # absolutely never let the loop die
-                log.exception("worker crashed while finishing %s", ", ".join(self.running))
-            finally:
-                self.running = []
-                self.jobs_done += len(batch)
+    def _claim_pass(self) -> None:
+        if self.engine is None or self.draining.is_set():
+            return
+        job = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(),
+                                    lease_seconds=self.lease_seconds)
+        if job is None:
+            return
+        runs = [_Run(self, j) for j in self._fill_batch(job)]
+        self.running = runs
+        try:
+            self._process(runs)
+        finally:
+            self.running = []
+            self.jobs_done += len(runs)
+        self._claims.wake()  # look for the next job at once
 
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_every):
-            for rid in list(self.running):
-                try:
-                    self.store.heartbeat(rid, self.worker_id)
-                except Exception:
-                    log.debug("heartbeat failed", exc_info=True)
+    def _monitor_pass(self) -> None:
+        now = time.monotonic()
+        if self.engine is not None and now >= self._next_registration:
+            self._next_registration = now + self.lease_seconds / 3
+            try:
+                self.store.register_worker(self.worker_id, self.registry.ids(), ttl=self.lease_seconds,
+                                           info={"name": self.name, "device": self.engine.info.device,
+                                                 "model": self.engine.info.source})
+            except Exception:
+                log.warning("could not register worker %s in the store", self.worker_id, exc_info=True)
+        for run in list(self.running):
+            run.monitor(now)
 
     # ------------------------------------------------------------------ batches
     def _batch_key(self, job: Job) -> tuple[Optional[tuple], int]:
         """(the engine's batch key of the job's request or None, its number of images)."""
+        assert self.engine is not None
         try:
             request = self.registry.get(job.endpoint_id).validate_input(job.input)
             return self.engine.batch_key(request), int(getattr(request, "num_images", 1))
@@ -262,7 +288,7 @@ class Worker:
 
             try:
                 more = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(), match=fits,
-                                             lookahead=BATCH_LOOKAHEAD)
+                                             lookahead=BATCH_LOOKAHEAD, lease_seconds=self.lease_seconds)
             except Exception:  # the jobs claimed so far are ours now: run them
                 log.exception("claiming more jobs for a batch failed; running %d", len(batch))
                 break
@@ -274,7 +300,7 @@ class Worker:
 
     # ------------------------------------------------------------------ running jobs
     def _process(self, runs: list["_Run"]) -> None:
-        """Runs claimed jobs through one `engine.generate_batch` and completes each of them."""
+        """Runs claimed jobs through one `engine.generate_batch`; each ends in `_finish`."""
         for run in runs:
             metrics.observe_job_started(run.job.queue_time)
         metrics.observe_batch(len(runs))
@@ -285,166 +311,197 @@ class Worker:
         finally:
             for run in runs:
                 if not run.finished:  # never leave a claimed job behind
-                    self._complete(run, error=RuntimeError("the worker lost track of this request"))
+                    self._finish(run, RuntimeError("the worker lost track of this request"))
 
     def _generate(self, runs: list["_Run"]) -> None:
+        assert self.engine is not None
         tasks = [GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
-                                wants_preview=self._has_listeners(run.rid)) for run in runs]
+                                wants_preview=run.wants_preview, on_done=functools.partial(self._finish, run))
+                 for run in runs]
         # Engine log lines carry the request id when there is one request to name.
         context = request_context(runs[0].rid) if len(runs) == 1 else contextlib.nullcontext()
-        failure: Optional[BaseException] = None
         try:
             with context:
-                outcomes = self.engine.generate_batch(tasks, preview_every=self.preview_every)
+                self.engine.generate_batch(tasks, preview_every=self.preview_every)
+            return
         except (KeyboardInterrupt, SystemExit) as exc:
             for run in runs:
-                self._complete(run, error=exc)
+                self._finish(run, exc)
             raise
-        except BaseException as exc:  # noqa: BLE001 - every failure completes the job(s)
+        except BaseException as exc:  # noqa: BLE001 - every failure ends the job(s) in _finish
             failure = exc
             # Its traceback holds the failed run's frames and their tensors: free them before re-running.
             traceback.clear_frames(exc.__traceback__)
-        if failure is None:
-            for run, outcome in zip(runs, outcomes):
-                self._complete(run, result=outcome)
-            return
         live = [run for run in runs if not run.finished]
         if len(live) > 1:
             # A failure of the shared run (most likely memory): each request gets its own chance.
             log.warning("a batch of %d requests failed (%s: %s); running them one by one",
                         len(live), type(failure).__name__, failure)
-            failure = None
             _free_accelerator_memory()
             for run in live:
-                if self._abort.is_set():
-                    run.stop("shutdown")
+                if self.abort.is_set():
+                    self._finish(run, GenerationCancelled("stopped: shutdown"))
                 else:
                     run.restart("the batch it ran in failed; running it alone")
                     self._generate([run])
             return
         for run in live:
-            if self._abort.is_set():
-                run.stop("shutdown")
-            else:
-                self._complete(run, error=failure)
+            self._finish(run, GenerationCancelled("stopped: shutdown") if self.abort.is_set() else failure)
 
-    def _complete(self, run: "_Run", *, result: Any = None, error: Optional[BaseException] = None) -> None:
-        """Completes one job with its result (or cancellation outcome) or error, then calls on_complete."""
+    def _finish(self, run: "_Run", outcome: "GenerationResult | BaseException") -> None:
+        """THE place a claimed job ends: its outcome becomes one fenced store write (complete_ok,
+        complete_error or release). A write the store refuses (LeaseLost: the job was taken back
+        and is someone else's now) changes nothing, and this attempt's stored files are deleted."""
         if run.finished:
             return
         run.finished = True
         metrics.observe_job_finished_running()
-        job, rid = run.job, run.rid
+        stored: list[str] = []
         done: Optional[Job] = None
-        with request_context(rid):
-            if isinstance(result, BaseException):  # cancelled, or its own decoding/encoding failed
-                error = result
+        with request_context(run.rid):
             try:
-                if error is not None:
-                    done = self._fail(job, error, run.why)
-                else:
-                    for line in result.logs:
-                        self.store.append_log(rid, str(line), source="engine")
-                    files = self._store_images(job, run.request, result)
-                    output = run.spec.build_output(job, run.request, result, files)
-                    # Metrics first: once the job reads COMPLETED, /metrics already counts it.
-                    metrics.observe_result(result, getattr(run.request, "output_format", "png"))
-                    done = self.store.complete_ok(rid, output)
-                    log.info("request completed in %.2fs", time.monotonic() - run.started)
-            except Exception as exc:  # storing or building the output failed
-                done = self._fail(job, exc, None)
+                verdict = self._verdict(run, outcome, stored)
+                done = self._commit(run, verdict, stored)
+            except LeaseLost as exc:
+                log.warning("%s; its result is dropped", exc)
+                self._delete_files(stored)
+            except Exception:
+                log.exception("could not record the outcome of %s", run.rid)
         if done is not None and self.on_complete is not None:
             try:
                 self.on_complete(done)
             except Exception:
                 log.exception("on_complete hook failed")
 
-    def _fail(self, job: Job, exc: BaseException, why: Optional[str]) -> Optional[Job]:
-        rid = job.request_id
-        if isinstance(exc, GenerationCancelled) or why in ("shutdown", "timeout", "cancel"):
-            if why == "shutdown":
-                try:
-                    self.store.release(rid)
-                    log.info("request %s released back to the queue (shutdown)", rid)
-                except Exception:
-                    log.exception("could not release %s", rid)
-                return None
-            if why == "timeout":
-                error = job_error(f"Generation exceeded the server's run-time limit of "
-                                  f"{self.max_run_seconds:.0f}s and was stopped.", J.ERR_TIMEOUT, 504)
+    def _verdict(self, run: "_Run", outcome: "GenerationResult | BaseException", stored: list[str]) -> "_Verdict":
+        """What the outcome means for the job: its output, its error, a release, or nothing (lost)."""
+        if isinstance(outcome, GenerationCancelled):
+            reason = run.stop_reason() or "cancel"
+            if reason == "shutdown":
+                return _Verdict("release")
+            if reason == "lost":
+                return _Verdict("lost")
+            if reason == "timeout":
+                return _Verdict("error", error=job_error(
+                    f"Generation exceeded the server's run-time limit of {self.max_run_seconds:.0f}s and was "
+                    "stopped.", J.ERR_TIMEOUT, 504))
+            return _Verdict("error", error=job_error(
+                "Request was cancelled while running; it stopped at the next step.", J.ERR_CANCELLED,
+                J.CANCELLED_STATUS_CODE))
+        if isinstance(outcome, BaseException):
+            return _Verdict("error", error=self._classify(run, outcome))
+        try:
+            for line in outcome.logs:
+                self.store.append_log(run.rid, str(line), source="engine", lease=run.lease)
+            files = self._store_images(run.job, run.request, outcome, stored)
+            output = run.spec.build_output(run.job, run.request, outcome, files)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # storing or building the output failed
+            self._delete_files(stored)
+            return _Verdict("error", error=self._classify(run, exc))
+        # Metrics first: once the job reads COMPLETED, /metrics already counts it.
+        metrics.observe_result(outcome, getattr(run.request, "output_format", "png"))
+        return _Verdict("ok", output=output)
+
+    def _commit(self, run: "_Run", verdict: "_Verdict", stored: list[str]) -> Optional[Job]:
+        lease = run.lease
+        if verdict.kind == "ok":
+            assert verdict.output is not None
+            done = self.store.complete_ok(lease, verdict.output)
+            if done.error is not None:  # a cancel was recorded first: the result is not referenced
+                self._delete_files(stored)
+                log.info("request was cancelled before its result was recorded; result dropped")
             else:
-                error = job_error("Request was cancelled while running; it stopped at the next step.",
-                                  J.ERR_CANCELLED, J.CANCELLED_STATUS_CODE)
-        else:
-            error = classify_exception(exc)
-            if error["error_type"] in (J.ERR_INTERNAL, J.ERR_MODEL):
-                log.error("request %s failed: %s", rid, error["error"], exc_info=exc)
-            _free_accelerator_memory()
-        self.last_error = error["error"]
-        metrics.observe_job_failed(error["error_type"])
-        try:
-            self.store.append_log(rid, error["error"], level="ERROR", source="service")
-        except Exception:
-            pass
-        try:
-            return self.store.complete_error(rid, error)
-        except J.InvalidTransition:
-            log.warning("request %s was no longer ours to complete (recovered elsewhere?)", rid)
-        except Exception:
-            log.exception("could not record the failure of %s", rid)
+                log.info("request completed in %.2fs", time.monotonic() - run.started)
+            return done
+        if verdict.kind == "error":
+            assert verdict.error is not None
+            error = verdict.error
+            self.last_error = error["error"]
+            metrics.observe_job_failed(error["error_type"])
+            with contextlib.suppress(LeaseLost, Exception):
+                self.store.append_log(run.rid, error["error"], level="ERROR", source="service", lease=lease)
+            return self.store.complete_error(lease, error)
+        if verdict.kind == "release":
+            self.store.release(lease)
+            log.info("request %s released back to the queue (shutdown)", run.rid)
+            return None
+        log.warning("request %s: this worker's lease on attempt %d was lost; another worker owns it now",
+                    run.rid, lease.attempt)
         return None
+
+    def _classify(self, run: "_Run", exc: BaseException) -> dict[str, Any]:
+        error = classify_exception(exc)
+        if error["error_type"] in (J.ERR_INTERNAL, J.ERR_MODEL):
+            log.error("request %s failed: %s", run.rid, error["error"], exc_info=exc)
+            _free_accelerator_memory()
+        return error
 
     # ------------------------------------------------------------------ outputs
     def _public_base(self, job: Job) -> str:
-        base = getattr(self.settings, "public_url", None) or job.public_base
+        base = self.settings.public_url or job.public_base
         if not base:
-            host = getattr(self.settings, "host", "127.0.0.1")
-            port = getattr(self.settings, "port", 8000)
-            scheme = "https" if getattr(self.settings, "tls", False) else "http"
-            base = f"{scheme}://{host}:{port}"
+            scheme = "https" if self.settings.tls else "http"
+            base = f"{scheme}://{self.settings.host}:{self.settings.port}"
         return str(base).rstrip("/")
 
-    def _has_listeners(self, rid: str) -> Callable[[], bool]:
-        """Previews only go out over this process's event hub: skip them while nobody subscribes."""
-        hub = self.hub
-        return lambda: hub is not None and hub.subscriber_count(rid) > 0
-
-    def _store_images(self, job: Job, request: Any, result: Any) -> list[dict[str, Any]]:
+    def _store_images(self, job: Job, request: Any, result: "GenerationResult",
+                      stored: list[str]) -> list[dict[str, Any]]:
+        """The output's file entries; the ids of files written are appended to `stored` as they are."""
         files: list[dict[str, Any]] = []
         sync = bool(getattr(request, "sync_mode", False))
         for k, im in enumerate(result.images):
             file_name = f"{job.request_id[:8]}-{k}.{im.extension}"
             if sync or self.storage is None:
-                if not sync:
-                    log.warning("no file storage configured: returning data URIs")
                 files.append({"url": data_uri(im.data, im.content_type), "file_name": file_name,
                               "file_size": len(im.data)})
                 continue
-            stored = self.storage.put(im.data, im.content_type, file_name, owner=job.owner)
-            files.append({"url": stored.url(self._public_base(job)), "file_name": stored.file_name,
-                          "file_size": stored.size})
+            f = self.storage.put(im.data, im.content_type, file_name, owner=job.owner)
+            stored.append(f.id)
+            files.append({"url": f.url(self._public_base(job)), "file_name": f.file_name, "file_size": f.size})
         return files
+
+    def _delete_files(self, file_ids: list[str]) -> None:
+        if self.storage is None:
+            return
+        for fid in file_ids:
+            try:
+                self.storage.delete(fid)
+            except Exception:
+                log.debug("could not delete file %s", fid, exc_info=True)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    kind: str  # ok | error | release | lost
+    output: Optional[dict[str, Any]] = None
+    error: Optional[dict[str, Any]] = None
 
 
 class _Run:
-    """One claimed job on its way through the engine: its validated request, its progress and
-    cancellation hooks (the engine calls them between steps), and whether it is finished."""
+    """One claimed job on its way through the engine: its lease, validated request, progress hooks
+    and the flags that say whether (and why) it must stop."""
 
     def __init__(self, worker: Worker, job: Job):
         self.worker = worker
         self.job = job
         self.rid = job.request_id
+        self.lease = Lease.of(job)
         self.started = time.monotonic()
         self.spec: Any = None
         self.request: Any = None
-        self.why: Optional[str] = None  # why it was stopped: shutdown | timeout | cancel
         self.finished = False
-        self._last_check = 0.0
-        self._cancel_seen = False
+        self.cancel_seen = threading.Event()  # set by the event feed or the monitor's poll
+        self.lost = False  # the store refused our lease: someone else owns the job now
+        self.watched = False  # someone follows it (previews are worth making)
+        self._next_heartbeat = time.monotonic() + worker.heartbeat_every
+        self._next_poll = 0.0
 
     def prepare(self) -> bool:
-        """Validates the input and logs the start; False (and the job failed) when it cannot run."""
+        """Validates the input and logs the start; False (and the job ended) when it cannot run."""
         w = self.worker
+        assert w.engine is not None
         with request_context(self.rid):
             try:
                 self.spec = w.registry.get(self.job.endpoint_id)
@@ -452,9 +509,13 @@ class _Run:
                 info = w.engine.info
                 note = " (TINY RANDOM MODEL)" if info.is_tiny else ""
                 w.store.append_log(self.rid, f"Generating with {info.source}{note}, attempt {self.job.attempts}",
-                                   source="service")
+                                   source="service", lease=self.lease)
+            except LeaseLost:
+                self.lost = True
+                w._finish(self, GenerationCancelled("lost"))
+                return False
             except Exception as exc:
-                w._complete(self, error=exc)
+                w._finish(self, exc)
                 return False
         return True
 
@@ -462,79 +523,92 @@ class _Run:
         """Before running this job again on its own: its run-time limit starts over."""
         self.started = time.monotonic()
         with contextlib.suppress(Exception):
-            self.worker.store.append_log(self.rid, f"Restarting: {why}", level="WARNING", source="service")
+            self.worker.store.append_log(self.rid, f"Restarting: {why}", level="WARNING", source="service",
+                                         lease=self.lease)
 
-    def stop(self, why: str) -> None:
-        """Completes the job as stopped: `cancel`, `timeout`, or `shutdown` (back to the queue)."""
-        self.why = why
-        self.worker._complete(self, error=GenerationCancelled(f"stopped: {why}"))
+    # --------------------------------------------------------------- asked by the engine (pure)
+    def stop_reason(self) -> Optional[str]:
+        """Why this run must stop now, or None: shutdown | lost | timeout | cancel."""
+        w = self.worker
+        if w.abort.is_set():
+            return "shutdown"
+        if self.lost:
+            return "lost"
+        if w.max_run_seconds and time.monotonic() - self.started > w.max_run_seconds:
+            return "timeout"
+        if self.cancel_seen.is_set():
+            return "cancel"
+        return None
 
     def should_cancel(self) -> bool:
-        """Polled by the engine before each step. Once True the engine drops this request, so it is
-        completed here and now (cancelled, timed out, or released on shutdown) rather than when the
-        requests it shares the run with finish. (`on_complete` then runs on the engine's thread, under
-        its lock: a hook must never wait for another generation.)"""
-        w = self.worker
-        why = None
-        if w._abort.is_set():
-            why = "shutdown"
-        elif w.max_run_seconds and time.monotonic() - self.started > w.max_run_seconds:
-            why = "timeout"
-        else:
-            now = time.monotonic()
-            if not self._cancel_seen and now - self._last_check >= 0.05:
-                self._last_check = now
-                try:
-                    self._cancel_seen = w.store.is_cancel_requested(self.rid)
-                except Exception:  # a busy store must not fail the run: ask again at the next step
-                    log.warning("could not read the cancel flag of %s", self.rid, exc_info=True)
-            if self._cancel_seen:
-                why = "cancel"
-        if why is None:
-            return False
-        self.stop(why)
-        return True
+        return self.stop_reason() is not None
 
-    def on_step(self, ev: Any) -> None:
-        w = self.worker
-        event: dict[str, Any] = {"type": "step", "step": int(ev.step), "total": int(ev.total)}
+    def wants_preview(self) -> bool:
+        return self.watched
+
+    # --------------------------------------------------------------- the monitor's pass
+    def monitor(self, now: float) -> None:
+        """On the worker's monitor thread: extends the lease, reads whether someone watches, polls
+        the cancel flag (the event feed normally brings it first)."""
+        store = self.worker.store
+        if self.finished:
+            return
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.worker.heartbeat_every
+            try:
+                store.heartbeat(self.lease, self.worker.lease_seconds)
+            except LeaseLost as exc:
+                log.warning("%s: stopping it", exc)
+                self.lost = True
+            except Exception:
+                log.warning("heartbeat of %s failed; retrying", self.rid, exc_info=True)
+        if now >= self._next_poll:
+            self._next_poll = now + 0.5
+            try:
+                self.watched = store.is_watched(self.rid)
+                if store.is_cancel_requested(self.rid):
+                    self.cancel_seen.set()
+            except Exception:
+                log.debug("could not read the watch/cancel state of %s", self.rid, exc_info=True)
+
+    def on_step(self, ev: StepEvent) -> None:
+        preview = None
         if ev.preview is not None:
             try:
-                event["preview"] = preview_data_uri(ev.preview, max_side=256)
+                preview = preview_data_uri(ev.preview, max_side=256)
             except Exception:
                 log.debug("preview encoding failed", exc_info=True)
-        if w.hub is not None:
-            w.hub.publish(self.rid, event)
         try:
-            w.store.append_log(self.rid, f"step {int(ev.step)}/{int(ev.total)}")
+            self.worker.store.record_progress(self.lease, int(ev.step), int(ev.total), preview)
+        except LeaseLost as exc:
+            log.warning("%s: stopping it", exc)
+            self.lost = True
         except Exception:  # progress is best effort; the result is what must not be lost
-            log.warning("could not log step %d of %s", int(ev.step), self.rid, exc_info=True)
+            log.warning("could not record step %d of %s", int(ev.step), self.rid, exc_info=True)
         metrics.observe_step()
 
 
 # ------------------------------------------------------------------------------ maintenance
 
 class Maintenance:
-    """Background upkeep: deadline expiry (often), crash recovery (every `recover_every`), purge
-    (every `purge_every`)."""
+    """Background upkeep, safe to run in every process: deadline expiry (every `expire_every`), the
+    lease sweeper (every `recover_every`), purge (every `purge_every`)."""
 
-    def __init__(self, store: JobStore, *, settings: Any = None, storage: Any = None,
-                 expire_every: float = 0.25, recover_every: float = 15.0, purge_every: float = 3600.0):
+    def __init__(self, store: JobStore, *, settings: Settings, storage: Optional[FileStorage] = None,
+                 expire_every: float = 0.25, recover_every: float = 5.0, purge_every: float = 3600.0):
         self.store = store
         self.settings = settings
         self.storage = storage
-        self.expire_every = expire_every
         self.recover_every = recover_every
         self.purge_every = purge_every
-        self.max_attempts = int(getattr(settings, "max_attempts", 3) or 3)
-        self.stale_after = float(getattr(settings, "worker_stale_after", 120.0) or 120.0)
-        self.retention = float(getattr(settings, "result_retention", 7 * 86400.0) or 0)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.max_attempts = int(settings.max_attempts)
+        self.retention = float(settings.result_retention or 0)
+        self._next_recover = time.monotonic() + recover_every
+        self._next_purge = time.monotonic() + 5.0
+        self._loop = Loop("maintenance", self._pass, interval=expire_every)
 
     def recover_now(self) -> list[Job]:
-        changed = self.store.recover(max_attempts=self.max_attempts, stale_after=self.stale_after,
-                                     is_worker_alive=is_worker_alive)
+        changed = self.store.recover(max_attempts=self.max_attempts, is_worker_alive=is_worker_alive)
         for j in changed:
             if j.status == J.IN_QUEUE:
                 log.warning("request %s: its worker stopped; re-queued (attempt %d so far)", j.request_id, j.attempts)
@@ -565,36 +639,23 @@ class Maintenance:
         return purged
 
     def start(self) -> "Maintenance":
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="kleinserve-maintenance", daemon=True)
-            self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
+        self._loop.stop(timeout)
 
-    def _run(self) -> None:
-        next_recover = time.monotonic() + self.recover_every
-        next_purge = time.monotonic() + 5.0
-        while not self._stop.wait(self.expire_every):
-            try:
-                expired = self.store.expire_due()
-                for j in expired:
-                    log.info("request %s expired in the queue (X-Fal-Request-Timeout)", j.request_id)
-                    metrics.observe_job_failed(J.ERR_TIMEOUT)
-                now = time.monotonic()
-                if now >= next_recover:
-                    next_recover = now + self.recover_every
-                    self.recover_now()
-                if now >= next_purge:
-                    next_purge = now + self.purge_every
-                    self.purge_now()
-            except Exception:
-                log.exception("maintenance pass failed")
+    def _pass(self) -> None:
+        for j in self.store.expire_due():
+            log.info("request %s expired in the queue (X-Fal-Request-Timeout)", j.request_id)
+            metrics.observe_job_failed(J.ERR_TIMEOUT)
+        now = time.monotonic()
+        if now >= self._next_recover:
+            self._next_recover = now + self.recover_every
+            self.recover_now()
+        if now >= self._next_purge:
+            self._next_purge = now + self.purge_every
+            self.purge_now()
 
 
 def _stored_file_ids(job: Job) -> list[str]:

@@ -1,0 +1,67 @@
+"""One start/stop lifecycle for the service's background threads (worker, its monitor, maintenance,
+the event feed, the webhook dispatcher).
+
+A `Loop` runs `body()` every `interval` seconds (or sooner after `wake()`) on a daemon thread until
+`stop()`. A body that raises is logged and the loop goes on: a background part never dies of one
+bad pass (a store that is briefly unreachable, say).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
+
+
+class Loop:
+    def __init__(self, name: str, body: Callable[[], None], *, interval: float,
+                 error_backoff: float = 1.0):
+        self.name = name
+        self.body = body
+        self.interval = interval
+        self.error_backoff = error_backoff
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Loop":
+        if self._thread is None:
+            self.stopping.clear()
+            self._thread = threading.Thread(target=self._run, name=f"kleinserve-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Asks the loop to stop and waits up to `timeout`; False when it is still running then."""
+        self.stopping.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("%s did not stop within %.0fs", self.name, timeout)
+            return False
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            wait = self.interval
+            try:
+                self.body()
+            except Exception:
+                log.exception("%s: pass failed; retrying", self.name)
+                wait = max(wait, self.error_backoff)
+            if self.stopping.is_set():
+                break
+            self._wake.wait(wait)
+            self._wake.clear()

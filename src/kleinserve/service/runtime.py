@@ -1,0 +1,292 @@
+"""The composition root: builds the service's parts ONCE from the settings, and runs the background
+ones for a process's role.
+
+    services = build_services(settings, registry)      # store, storage, secrets, event feed
+    runtime = Runtime(services, role="all")             # + engine, worker(s), maintenance, webhooks
+    runtime.start(); ...; runtime.stop()
+
+`kleinserve serve` (roles "all" and "api"), `kleinserve worker` and the tests all go through here; the
+HTTP layer receives the `Services` and never assembles a part itself.
+
+Roles:
+- "all" (the default `serve`): the API, and workers: one in-process worker thread on one device, or
+  with `--devices` one supervised `kleinserve worker` process per device (service/supervisor.py).
+- "api": the API only; loads no model; every worker runs elsewhere (`kleinserve worker`).
+- "worker": a worker process: one engine on one device; no HTTP.
+Every role runs the maintenance loop (deadline expiry, the lease sweeper, purge) and the webhook
+dispatcher: the store makes them safe to run everywhere at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets as pysecrets
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import metrics
+from .events import EventFeed
+from .jobs import Job
+from .settings import Settings
+from .storage import FileStorage, LocalFileStorage, UploadTokens, load_or_create_secret
+from .store import JobStore, open_store
+from .webhooks import KEY_FILE_NAME, WebhookDispatcher, WebhookSigner, load_or_create_private_key
+from .worker import Maintenance, Worker
+
+if TYPE_CHECKING:
+    from kleinserve.api.endpoints import EndpointRegistry
+    from kleinserve.engine.engine import Engine
+    from kleinserve.engine.types import ModelInfo
+
+    from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+ROLES = ("all", "api", "worker")
+TINY_WARNING = ("SERVING THE TINY RANDOM MODEL: outputs are noise, NOT FLUX.2 [klein]. "
+                "Start with --model auto (or a model folder / repo id) for real images.")
+
+UPLOAD_SECRET = "upload-token"
+WEBHOOK_KEY = "webhook-ed25519"
+
+
+@dataclass
+class Services:
+    """What every part of a process shares: built once by `build_services`."""
+
+    settings: Settings
+    registry: "EndpointRegistry"
+    store: JobStore
+    storage: FileStorage
+    tokens: UploadTokens  # signs upload URLs: the same secret on every replica
+    signer: WebhookSigner  # signs webhooks: the same key (and JWKS) on every replica
+    feed: EventFeed  # this process's view of the store's event log
+    process_id: str  # this process, as a watcher / in logs
+
+    def close(self) -> None:
+        self.feed.stop()
+        self.store.close()
+
+
+def _existing_or_new_upload_secret(data_dir: Path) -> Callable[[], bytes]:
+    """A store's first upload secret: the one an older kleinserve kept in the data dir, if any."""
+    path = data_dir / "keys" / "upload-token.secret"
+
+    def create() -> bytes:
+        return load_or_create_secret(path) if path.exists() else pysecrets.token_bytes(32)
+    return create
+
+
+def _existing_or_new_webhook_key(data_dir: Path) -> Callable[[], bytes]:
+    """A store's first webhook key (raw Ed25519 private bytes): the data dir's, if an older
+    kleinserve made one, so receivers that pinned its JWKS keep verifying."""
+    path = data_dir / "keys" / KEY_FILE_NAME
+
+    def create() -> bytes:
+        key = load_or_create_private_key(path) if path.exists() else Ed25519PrivateKey.generate()
+        return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+    return create
+
+
+def build_storage(settings: Settings) -> FileStorage:
+    return LocalFileStorage.in_data_dir(settings.data_dir, max_upload_bytes=settings.max_upload_bytes)
+
+
+def build_services(settings: Settings, registry: "EndpointRegistry", *,
+                   store: Optional[JobStore] = None) -> Services:
+    """Opens the store (`--store`, default SQLite under --data-dir) and the storage, and reads the
+    shared secrets from the store (created by the first process that needs them)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = store if store is not None else open_store(settings.store_url)
+    try:
+        storage = build_storage(settings)
+        tokens = UploadTokens(store.shared_secret(UPLOAD_SECRET, _existing_or_new_upload_secret(settings.data_dir)))
+        key = store.shared_secret(WEBHOOK_KEY, _existing_or_new_webhook_key(settings.data_dir))
+        signer = WebhookSigner(Ed25519PrivateKey.from_private_bytes(key))
+    except BaseException:
+        store.close()
+        raise
+    process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return Services(settings=settings, registry=registry, store=store, storage=storage, tokens=tokens,
+                    signer=signer, feed=EventFeed(store, process_id), process_id=process_id)
+
+
+class Runtime:
+    """The background parts of one process for its role: event feed, maintenance, webhook dispatcher,
+    and (roles "all" and "worker") the engine and its worker, or the worker processes' supervisor."""
+
+    def __init__(self, services: Services, *, role: str = "all", engine: Optional["Engine"] = None,
+                 load_engine: bool = False, start_worker: bool = True, worker_name: str = "w0",
+                 on_model: Optional[Callable[["ModelInfo"], None]] = None):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        self.services = services
+        self.settings = services.settings
+        self.role = role
+        self.engine = engine
+        self.engine_error: Optional[str] = None
+        self.engine_loading = False
+        self.warmup_seconds: Optional[float] = None  # compile time spent at startup (None: not warmed)
+        self.load_engine = load_engine and role != "api"
+        self.on_model = on_model
+        self.worker: Optional[Worker] = None
+        self.supervisor: Optional["Supervisor"] = None
+        self.maintenance: Optional[Maintenance] = None
+        self.dispatcher: Optional[WebhookDispatcher] = None
+        self._start_worker = start_worker and role != "api"
+        self._worker_name = worker_name
+        self._loader: Optional[threading.Thread] = None
+
+    @property
+    def runs_workers_in_process(self) -> bool:
+        return self._start_worker and not self.settings.devices
+
+    # -------------------------------------------------------------- start / stop
+    def start(self) -> None:
+        sv, s = self.services, self.settings
+        sv.feed.start()
+        self.maintenance = Maintenance(sv.store, settings=s, storage=sv.storage)
+        recovered = self.maintenance.recover_now()  # a previous process died: its running jobs
+        if recovered:
+            log.warning("recovered %d request(s) interrupted by a crash", len(recovered))
+        metrics.set_queue_depth_source(sv.store.queue_depth)
+        self.dispatcher = WebhookDispatcher(sv.store, sv.signer, max_attempts=s.webhook_max_attempts,
+                                            backoff_base=s.webhook_backoff_base)
+        if self._start_worker and s.devices:
+            from .supervisor import Supervisor
+
+            self.supervisor = Supervisor(s, s.devices)
+            self.supervisor.start()
+        elif self._start_worker:
+            self.worker = Worker(sv.store, self.engine, registry=sv.registry, storage=sv.storage, feed=sv.feed,
+                                 settings=s, name=self._worker_name, on_complete=self._on_complete)
+            self.worker.start()
+        self.maintenance.start()
+        self.dispatcher.start()
+        if self.engine is not None:
+            self._announce_engine(self.engine)
+        elif self.load_engine and self.runs_workers_in_process:
+            self.engine_loading = True
+            self._loader = threading.Thread(target=self._load_engine, name="kleinserve-engine-loader", daemon=True)
+            self._loader.start()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop(grace=self.settings.shutdown_grace)
+        if self.supervisor is not None:
+            self.supervisor.stop(grace=self.settings.shutdown_grace)
+        if self.maintenance is not None:
+            self.maintenance.stop()
+        if self.dispatcher is not None:
+            try:
+                self.dispatcher.stop()
+            except Exception:
+                log.exception("stopping the webhook dispatcher failed")
+        self.services.feed.stop()
+
+    def _on_complete(self, job: Job) -> None:
+        if job.webhook_url and self.dispatcher is not None:
+            self.dispatcher.notify()
+
+    # -------------------------------------------------------------- the engine
+    def _load_engine(self) -> None:
+        s = self.settings
+        try:
+            from kleinserve.engine import load_engine
+
+            log.info("loading model %r ...", s.model)
+            engine = load_engine(s.model, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
+            if not s.no_warmup:  # before /ready says yes: the first request must not be the one compiling
+                self.warmup_seconds = sum(engine.warmup().values())
+        except Exception as exc:
+            self.engine_error = f"{type(exc).__name__}: {exc}"
+            log.error("the model could not be loaded: %s", self.engine_error)
+        else:
+            self.set_engine(engine)
+        finally:
+            self.engine_loading = False
+
+    def set_engine(self, engine: "Engine") -> None:
+        self.engine = engine
+        self._announce_engine(engine)
+        if self.worker is not None:
+            self.worker.set_engine(engine)
+
+    def _announce_engine(self, engine: "Engine") -> None:
+        info = engine.info
+        metrics.observe_model_loaded(info)
+        if self.on_model is not None:
+            self.on_model(info)
+        if info.is_tiny:
+            for line in ("!" * 78, "!! " + TINY_WARNING, "!" * 78):
+                log.warning(line)
+        else:
+            log.info("model ready: %s on %s (%s), loaded in %.1fs", info.source, info.device, info.dtype,
+                     info.load_seconds)
+
+    # -------------------------------------------------------------- readiness
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, body) for /ready: the store and storage answer, the model is loaded (roles that
+        run it here), and how many live workers serve each endpoint (the whole fleet)."""
+        sv = self.services
+        body: dict[str, Any] = {"ready": False, "role": self.role}
+        problems: list[str] = []
+        try:
+            sv.store.ping()
+            body["store"] = {"ok": True, "url": sv.store.describe()}
+        except Exception as exc:
+            body["store"] = {"ok": False, "url": sv.store.describe(), "error": f"{type(exc).__name__}: {exc}"}
+            problems.append("the job store cannot be reached")
+        try:
+            sv.storage.ping()
+            body["storage"] = {"ok": True}
+        except Exception as exc:
+            body["storage"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            problems.append("the file storage cannot be reached")
+        try:
+            workers = sv.store.live_workers() if body["store"]["ok"] else {}
+        except Exception:
+            workers = {}
+        body["workers"] = {eid: workers.get(eid, 0) for eid in sv.registry.ids()}
+        info = self.engine.info if self.engine is not None else None
+        if info is not None:
+            body["model"] = {**dataclasses.asdict(info), "warmup_seconds": self.warmup_seconds}
+            body["is_tiny"] = info.is_tiny
+            if info.is_tiny:
+                body["warning"] = TINY_WARNING
+        if self.runs_workers_in_process:
+            if self.engine is None:
+                if self.engine_error:
+                    body["status"] = "failed"
+                    body["detail"] = f"The model failed to load: {self.engine_error}"
+                elif self.engine_loading:
+                    body["status"] = "loading"
+                    body["detail"] = f"The model {self.settings.model!r} is loading."
+                else:
+                    body["status"] = "no_model"
+                    body["detail"] = "No model is loaded."
+                return False, body
+            if self.worker is not None and not self.worker.alive:
+                body["status"] = "worker_stopped"
+                body["detail"] = "The worker thread is not running."
+                return False, body
+        if problems:
+            body["status"] = "unavailable"
+            body["detail"] = "; ".join(problems).capitalize() + "."
+            return False, body
+        body["ready"] = True
+        body["status"] = "ready"
+        if not any(body["workers"].values()):
+            body["detail"] = ("No worker is serving yet: requests are accepted and wait in the queue "
+                              "until one starts (kleinserve worker).")
+        return True, body

@@ -1,0 +1,77 @@
+"""`kleinserve worker`: one worker process, one engine, one device — for a fleet, on any host.
+
+    kleinserve worker --store postgresql://ks@db:5432/ks --storage s3://bucket/prefix --device cuda:0
+
+It loads the model, registers in the store (so /ready of every API replica counts it), claims jobs of
+the endpoints it serves, and runs them; it serves no HTTP. `kleinserve serve --devices ...` starts
+these same processes as children (service/supervisor.py).
+
+SIGTERM or SIGINT: it stops claiming, lets the running request finish within --shutdown-grace, then
+releases it to the queue (no attempt counted) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+from .logging import configure_logging
+from .runtime import Runtime, build_services
+from .settings import Settings, add_arguments
+
+log = logging.getLogger("kleinserve.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kleinserve worker",
+                                     description="Run one worker process: claims jobs from --store and runs them "
+                                                 "on --device.")
+    add_arguments(parser, command="worker")
+    parser.add_argument("--name", default="w0", help="A name for this worker in logs and its worker id.")
+    return parser
+
+
+def run_worker(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_args(args, command="worker")
+    except ValueError as exc:
+        print(f"kleinserve worker: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(fmt=settings.log_format, level=settings.log_level.upper())
+    if settings.threads:
+        from kleinserve.engine.models import set_threads
+
+        set_threads(settings.threads)
+    from kleinserve.api.endpoints import default_registry
+
+    try:
+        services = build_services(settings, default_registry())
+    except Exception as exc:  # the store or storage cannot be opened: say which and why
+        print(f"kleinserve worker: cannot open the store or storage: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    runtime = Runtime(services, role="worker", load_engine=True, worker_name=args.name)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        log.info("worker %s: %s received, stopping", args.name, signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("worker %s: store %s, device %s, model %s", args.name, services.store.describe(),
+             settings.device or "auto", settings.model)
+    runtime.start()
+    try:
+        while not stop.wait(0.5):
+            if runtime.engine_error:
+                log.error("worker %s: the model could not be loaded: %s", args.name, runtime.engine_error)
+                return 1
+    finally:
+        runtime.stop()
+        services.close()
+    return 0
