@@ -26,3 +26,7 @@ def tiny_model_dir(tmp_path_factory):
     from kleinserve.engine.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "flux2-klein-tiny")
+
+
+# PostgreSQL: a throwaway cluster per session (`pg_cluster`) and a fresh database per test (`pg_url`).
+from pg_server import pg_cluster, pg_url  # noqa: E402,F401

@@ -1,37 +1,50 @@
 """The embedded JobStore: one SQLite database in WAL mode under the data directory.
 
 - Durable: `synchronous=FULL`; `submit` returns only after its transaction committed, so an id handed
-  to a client survives a SIGKILL (and a power cut) of the server. Log lines (one per denoising step,
-  appended on the engine thread) commit without the fsync (`synchronous=NORMAL`): they survive a
-  SIGKILL all the same, and the next durable commit (the job's completion) flushes them to disk.
+  to a client survives a SIGKILL (and a power cut) of the server. Log lines and progress (one per
+  denoising step, written on the engine thread) commit without the fsync (`synchronous=NORMAL`): they
+  survive a SIGKILL all the same, and the next durable commit (the job's completion) flushes them.
+- Private: jobs.sqlite3 (and its -wal/-shm, which SQLite creates with the database's mode) is 0600.
 - Thread-safe: one connection per thread (sqlite3 connections are not shared across threads).
-- Multi-process safe: every mutation is `BEGIN IMMEDIATE` (takes the write lock up front, so two
-  workers cannot claim the same job), then read -> `jobs.apply` (the one state machine) -> write ->
-  COMMIT. Readers never block writers in WAL mode. `busy_timeout` absorbs short lock waits.
+- Multi-process safe (one box, several worker processes): every mutation is `BEGIN IMMEDIATE` (takes
+  the write lock up front, so two workers cannot claim the same job), then read -> `jobs.apply` (the
+  one state machine) -> write -> COMMIT. Readers never block writers in WAL mode.
+- The clock is this machine's (`time.time()`): every process sharing the file is on this box.
+- Events: the `job_events` table, written in the same transaction as the change. `wait_events` wakes
+  at once on this process's commits (a Condition) and polls the table every ~20 ms for the others'.
+- Schema: versioned (`meta.schema_version`); older databases are migrated in one transaction, a newer
+  one is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from . import jobs as J
 from .jobs import Job
-from .store import CancelOutcome, JobNotFound, JobStore
+from .store import (EV_LOG, EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, DEFAULT_LEASE_SECONDS,
+                    CancelOutcome, JobEvent, JobNotFound, JobStore, Lease, Preview)
+from .store_rows import (COLUMNS, JSON_COLUMNS, check_lease, check_new, iso_timestamp, log_line, matches,
+                         requeue_note, row_to_job, sweep_decision)
+
+__all__ = ["SQLiteJobStore", "SCHEMA_VERSION", "iso_timestamp"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+POLL_SECONDS = 0.02  # how often wait_events looks for other processes' events
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+# Schema 1 (kleinserve before the fleet work): created as it was, then migrated.
+_SCHEMA_1 = [
+    """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL UNIQUE,
     endpoint_id TEXT NOT NULL,
@@ -58,72 +71,81 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_next_at REAL,
     webhook_last_error TEXT,
     extra TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, prio, seq);
-CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(status, deadline);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(status, finished_at);
-CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs(webhook_state, webhook_next_at);
-CREATE TABLE IF NOT EXISTS job_logs (
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, prio, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(status, deadline)",
+    "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(status, finished_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs(webhook_state, webhook_next_at)",
+    """CREATE TABLE IF NOT EXISTS job_logs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL,
     timestamp REAL NOT NULL,
     level TEXT NOT NULL,
     source TEXT NOT NULL,
     message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS job_logs_request ON job_logs(request_id, id);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-# Job fields stored as columns (seq is the primary key; logs live in job_logs).
-_COLUMNS = [
-    "request_id", "endpoint_id", "owner", "input", "status", "priority", "created_at", "started_at",
-    "finished_at", "deadline", "attempts", "cancel_requested", "worker_id", "heartbeat_at", "result",
-    "error", "mode", "public_base", "webhook_url", "webhook_state", "webhook_attempts",
-    "webhook_next_at", "webhook_last_error", "extra",
+)""",
+    "CREATE INDEX IF NOT EXISTS job_logs_request ON job_logs(request_id, id)",
 ]
-_JSON_COLUMNS = {"input", "result", "error", "extra"}
-_SELECT = "SELECT seq, " + ", ".join(_COLUMNS) + " FROM jobs"
 
+# MIGRATIONS[v] takes the schema from v to v + 1.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "ALTER TABLE jobs ADD COLUMN lease_expires_at REAL",
+        "ALTER TABLE jobs ADD COLUMN progress_step INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN progress_total INTEGER NOT NULL DEFAULT 0",
+        # a job running under schema 1 had no lease: it gets the default one from its last heartbeat
+        f"UPDATE jobs SET lease_expires_at = COALESCE(heartbeat_at, started_at, created_at) + "
+        f"{DEFAULT_LEASE_SECONDS} WHERE status = 'IN_PROGRESS'",
+        "CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(status, lease_expires_at)",
+        """CREATE TABLE job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    preview INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+)""",
+        "CREATE INDEX job_events_created ON job_events(created_at)",
+        """CREATE TABLE job_previews (
+    request_id TEXT PRIMARY KEY,
+    step INTEGER NOT NULL,
+    data_uri TEXT NOT NULL,
+    updated_at REAL NOT NULL
+)""",
+        """CREATE TABLE job_watchers (
+    request_id TEXT NOT NULL,
+    watcher_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (request_id, watcher_id)
+)""",
+        """CREATE TABLE workers (
+    worker_id TEXT PRIMARY KEY,
+    endpoint_ids TEXT NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}',
+    registered_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+)""",
+        "CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    ],
+}
+assert max(MIGRATIONS) + 1 == SCHEMA_VERSION
 
-def iso_timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _matches(match: Callable[[Job], bool], job: Job) -> bool:
-    try:
-        return bool(match(job))
-    except Exception:  # a predicate that cannot judge a job passes it over
-        log.debug("claim predicate failed on %s", job.request_id, exc_info=True)
-        return False
+_SELECT = "SELECT seq, " + ", ".join(COLUMNS) + " FROM jobs"
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
-    kw: dict[str, Any] = {}
-    for name in _COLUMNS:
-        value = row[name]
-        if name in _JSON_COLUMNS and value is not None:
-            value = json.loads(value)
-        kw[name] = value
-    kw["cancel_requested"] = bool(kw["cancel_requested"])
-    kw["extra"] = kw.get("extra") or {}
-    job = Job(**kw)
-    job.seq = row["seq"]
-    return job
-
-
-def _insert_log(con: sqlite3.Connection, request_id: str, now: float, level: str, source: str,
-                message: str) -> None:
-    con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) VALUES (?, ?, ?, ?, ?)",
-                (request_id, now, level, source, message))
+    return row_to_job(row, json_text=True)
 
 
 def _job_values(job: Job) -> list[Any]:
     out: list[Any] = []
-    for name in _COLUMNS:
+    for name in COLUMNS:
         value = getattr(job, name)
-        if name in _JSON_COLUMNS:
+        if name in JSON_COLUMNS:
             value = None if value is None else json.dumps(value, separators=(",", ":"))
         elif name == "cancel_requested":
             value = int(bool(value))
@@ -131,31 +153,71 @@ def _job_values(job: Job) -> list[Any]:
     return out
 
 
+def _create_private(path: Path) -> None:
+    """Creates the database file 0600 (SQLite gives its -wal/-shm the same mode); tightens an old one."""
+    try:
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+    except OSError:
+        return  # sqlite3.connect reports what is wrong with the path
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        try:
+            if p.exists() and p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except OSError:  # another user's file: SQLite will say so if it matters
+            pass
+
+
 class SQLiteJobStore(JobStore):
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0):
         super().__init__()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(self.path)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._all_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._closed = False
+        self._events_cond = threading.Condition()
+        self._local_commits = 0  # bumped (under _events_cond) after each commit that wrote an event
         con = self._conn()
         con.execute("PRAGMA journal_mode=WAL")
-        # executescript commits implicitly; run the schema outside an explicit transaction.
-        con.executescript(_SCHEMA)
-        with self._tx() as c:
-            row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                c.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} was written by a newer kleinserve (schema {row[0]} > {SCHEMA_VERSION})")
+        self._migrate()
 
     @classmethod
     def in_data_dir(cls, data_dir: Path | str) -> "SQLiteJobStore":
         return cls(Path(data_dir) / "jobs.sqlite3")
+
+    def describe(self) -> str:
+        return f"sqlite://{self.path.resolve()}" if self.path.is_absolute() else f"sqlite:{self.path}"
+
+    def ping(self) -> None:
+        self._conn().execute("SELECT 1").fetchone()
+
+    # ------------------------------------------------------------------ schema
+    def _migrate(self) -> None:
+        with self._tx() as con:  # BEGIN IMMEDIATE: one process migrates, the others then see it done
+            con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                for sql in _SCHEMA_1:
+                    con.execute(sql)
+                version = 1
+                con.execute("INSERT INTO meta(key, value) VALUES('schema_version', '1')")
+            else:
+                version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} was written by a newer kleinserve (schema {version}; this one knows "
+                    f"up to {SCHEMA_VERSION}): upgrade kleinserve, or point --store at another database")
+            while version < SCHEMA_VERSION:
+                for sql in MIGRATIONS[version]:
+                    con.execute(sql)
+                version += 1
+                log.info("%s: migrated the job store to schema %d", self.path, version)
+            con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
 
     # ------------------------------------------------------------------ connections
     def _conn(self) -> sqlite3.Connection:
@@ -182,6 +244,7 @@ class SQLiteJobStore(JobStore):
             con.execute("PRAGMA synchronous=NORMAL")
         try:
             con.execute("BEGIN IMMEDIATE")
+            changes_before = con.total_changes
             try:
                 yield con
             except BaseException:
@@ -189,9 +252,16 @@ class SQLiteJobStore(JobStore):
                 raise
             else:
                 con.execute("COMMIT")
+                if con.total_changes != changes_before:
+                    self._wake()
         finally:
             if not fsync:
                 con.execute("PRAGMA synchronous=FULL")
+
+    def _wake(self) -> None:
+        with self._events_cond:
+            self._local_commits += 1
+            self._events_cond.notify_all()
 
     def close(self) -> None:
         self._closed = True
@@ -203,28 +273,38 @@ class SQLiteJobStore(JobStore):
             except Exception:
                 pass
         self._local = threading.local()
+        self._wake()
 
     # ------------------------------------------------------------------ helpers
-    def _load(self, con: sqlite3.Connection, request_id: str, owner: Optional[str] = None) -> Job:
+    @staticmethod
+    def _find(con: sqlite3.Connection, request_id: str) -> Optional[Job]:
         row = con.execute(_SELECT + " WHERE request_id=?", (request_id,)).fetchone()
-        if row is None:
-            raise JobNotFound(request_id)
-        job = _row_to_job(row)
-        if owner is not None and job.owner != owner:
+        return None if row is None else _row_to_job(row)
+
+    def _load(self, con: sqlite3.Connection, request_id: str, owner: Optional[str] = None) -> Job:
+        job = self._find(con, request_id)
+        if job is None or (owner is not None and job.owner != owner):
             raise JobNotFound(request_id)
         return job
 
-    def _save(self, con: sqlite3.Connection, job: Job) -> None:
-        sets = ", ".join(f"{c}=?" for c in _COLUMNS[1:]) + ", prio=?"
+    @staticmethod
+    def _event(con: sqlite3.Connection, request_id: str, kind: str, now: float, *, event: str = "",
+               status: str = "", step: int = 0, total: int = 0, preview: bool = False) -> None:
+        con.execute("INSERT INTO job_events(request_id, kind, event, status, step, total, preview, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (request_id, kind, event, status, int(step), int(total), int(bool(preview)), now))
+
+    def _save(self, con: sqlite3.Connection, job: Job, event: str, now: float) -> None:
+        """Writes the job back and logs its status event (same transaction)."""
+        sets = ", ".join(f"{c}=?" for c in COLUMNS[1:]) + ", prio=?"
         values = _job_values(job)[1:] + [job.priority_rank, job.request_id]
         con.execute(f"UPDATE jobs SET {sets} WHERE request_id=?", values)
+        if job.status != J.IN_PROGRESS or event == "claim":  # a preview belongs to one running attempt
+            con.execute("DELETE FROM job_previews WHERE request_id=?", (job.request_id,))
+        self._event(con, job.request_id, EV_STATUS, now, event=event, status=job.status)
 
-    def _mutate(self, request_id: str, event: str, owner: Optional[str] = None, **kw: Any) -> Job:
-        with self._tx() as con:
-            job = J.apply(self._load(con, request_id, owner), event, **kw)
-            self._save(con, job)
-        self._notify(job, event)
-        return job
+    def _fenced(self, con: sqlite3.Connection, lease: Lease) -> Job:
+        return check_lease(self._find(con, lease.request_id), lease)
 
     def _expire_due(self, con: sqlite3.Connection, now: float) -> list[Job]:
         rows = con.execute(
@@ -233,29 +313,25 @@ class SQLiteJobStore(JobStore):
         out = []
         for row in rows:
             job = J.apply(_row_to_job(row), "expire", now=now)
-            self._save(con, job)
+            self._save(con, job, "expire", now)
             out.append(job)
         return out
 
     # ------------------------------------------------------------------ submit / read
     def submit(self, job: Job) -> Job:
-        if job.status != J.IN_QUEUE:
-            raise ValueError("a new job must be IN_QUEUE")
-        if job.priority not in J.PRIORITIES:
-            raise ValueError(f"unknown priority {job.priority!r}")
-        cols = ", ".join(_COLUMNS) + ", prio"
-        marks = ", ".join("?" for _ in range(len(_COLUMNS) + 1))
+        check_new(job)
+        cols = ", ".join(COLUMNS) + ", prio"
+        marks = ", ".join("?" for _ in range(len(COLUMNS) + 1))
         with self._tx() as con:
             cur = con.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})",
                               _job_values(job) + [job.priority_rank])
             job = job.copy()
             job.seq = int(cur.lastrowid)
-        self._notify(job, "submit")
+            self._event(con, job.request_id, EV_STATUS, time.time(), event="submit", status=job.status)
         return job
 
     def get(self, request_id: str, owner: Optional[str] = None, *, with_logs: bool = False) -> Job:
-        con = self._conn()
-        job = self._load(con, request_id, owner)
+        job = self._load(self._conn(), request_id, owner)
         if with_logs:
             job.logs = self.get_logs(request_id)
         return job
@@ -263,9 +339,8 @@ class SQLiteJobStore(JobStore):
     def get_logs(self, request_id: str, since: int = 0) -> list[dict[str, Any]]:
         rows = self._conn().execute(
             "SELECT timestamp, level, source, message FROM job_logs WHERE request_id=? ORDER BY id "
-            "LIMIT -1 OFFSET ?", (request_id, int(since))).fetchall()
-        return [{"message": r["message"], "level": r["level"], "source": r["source"],
-                 "timestamp": iso_timestamp(r["timestamp"])} for r in rows]
+            "LIMIT -1 OFFSET ?", (request_id, max(0, int(since)))).fetchall()
+        return [log_line(r["timestamp"], r["level"], r["source"], r["message"]) for r in rows]
 
     def queue_position(self, request_id: str) -> Optional[int]:
         con = self._conn()
@@ -286,6 +361,14 @@ class SQLiteJobStore(JobStore):
             out[r["status"]] = int(r["n"])
         return out
 
+    def queued_count(self, owner: Optional[str] = None) -> int:
+        if owner is None:
+            row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status=?", (J.IN_QUEUE,)).fetchone()
+        else:
+            row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status=? AND owner=?",
+                                       (J.IN_QUEUE, owner)).fetchone()
+        return int(row[0])
+
     def list_requests(self, owner: Optional[str], limit: int = 50) -> list[Job]:
         limit = max(1, min(int(limit), 1000))
         con = self._conn()
@@ -295,15 +378,16 @@ class SQLiteJobStore(JobStore):
             rows = con.execute(_SELECT + " WHERE owner=? ORDER BY seq DESC LIMIT ?", (owner, limit)).fetchall()
         return [_row_to_job(r) for r in rows]
 
-    # ------------------------------------------------------------------ worker side
+    # ------------------------------------------------------------------ worker side (fenced)
     def claim_next(self, worker_id: str, *, now: Optional[float] = None,
                    endpoint_ids: Optional[Iterable[str]] = None,
-                   match: Optional[Callable[[Job], bool]] = None, lookahead: int = 32) -> Optional[Job]:
+                   match: Optional[Callable[[Job], bool]] = None, lookahead: int = 32,
+                   lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Optional[Job]:
         now = time.time() if now is None else now
         endpoint_ids = list(endpoint_ids) if endpoint_ids is not None else None
         claimed: Optional[Job] = None
         with self._tx() as con:
-            expired = self._expire_due(con, now)
+            self._expire_due(con, now)
             sql = _SELECT + " WHERE status=?"
             args: list[Any] = [J.IN_QUEUE]
             if endpoint_ids is not None:
@@ -314,14 +398,60 @@ class SQLiteJobStore(JobStore):
             limit = max(1, lookahead) if match is not None else 1
             for row in con.execute(sql + " ORDER BY prio, seq LIMIT ?", [*args, limit]).fetchall():
                 job = _row_to_job(row)
-                if match is None or _matches(match, job):
-                    claimed = J.apply(job, "claim", now=now, worker_id=worker_id)
-                    self._save(con, claimed)
+                if match is None or matches(match, job):
+                    claimed = J.apply(job, "claim", now=now, worker_id=worker_id, lease_seconds=lease_seconds)
+                    self._save(con, claimed, "claim", now)
                     break
-        self._notify_all(expired, "expire")
-        if claimed is not None:
-            self._notify(claimed, "claim")
         return claimed
+
+    def heartbeat(self, lease: Lease, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        now = time.time()
+        with self._tx(fsync=False) as con:
+            self._fenced(con, lease)
+            con.execute("UPDATE jobs SET heartbeat_at=?, lease_expires_at=? WHERE request_id=?",
+                        (now, now + lease_seconds, lease.request_id))
+
+    def append_log(self, request_id: str, message: str, *, level: str = "INFO",
+                   source: str = "worker", lease: Optional[Lease] = None) -> None:
+        now = time.time()
+        with self._tx(fsync=False) as con:  # every denoising step: no fsync on the engine thread
+            if lease is not None:
+                if lease.request_id != request_id:
+                    raise ValueError(f"the lease is for request {lease.request_id}, not {request_id}")
+                self._fenced(con, lease)
+            con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) VALUES (?, ?, ?, ?, ?)",
+                        (request_id, now, level, source, str(message)))
+            self._event(con, request_id, EV_LOG, now)
+
+    def record_progress(self, lease: Lease, step: int, total: int, preview: Optional[str] = None) -> None:
+        now = time.time()
+        with self._tx(fsync=False) as con:
+            self._fenced(con, lease)
+            con.execute("UPDATE jobs SET progress_step=?, progress_total=? WHERE request_id=?",
+                        (int(step), int(total), lease.request_id))
+            if preview is not None:
+                con.execute("INSERT INTO job_previews(request_id, step, data_uri, updated_at) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT(request_id) DO UPDATE SET step=excluded.step, "
+                            "data_uri=excluded.data_uri, updated_at=excluded.updated_at",
+                            (lease.request_id, int(step), preview, now))
+            self._event(con, lease.request_id, EV_PROGRESS, now, step=step, total=total,
+                        preview=preview is not None)
+
+    def _fenced_mutate(self, lease: Lease, event: str, **kw: Any) -> Job:
+        now = time.time()
+        with self._tx() as con:
+            job = J.apply(self._fenced(con, lease), event, now=now, **kw)
+            self._save(con, job, event, now)
+        return job
+
+    def complete_ok(self, lease: Lease, result: dict[str, Any]) -> Job:
+        return self._fenced_mutate(lease, "complete_ok", result=result)
+
+    def complete_error(self, lease: Lease, error: dict[str, Any]) -> Job:
+        return self._fenced_mutate(lease, "complete_error", error=error)
+
+    def release(self, lease: Lease) -> Job:
+        return self._fenced_mutate(lease, "release")
 
     def expire_due(self, *, now: Optional[float] = None) -> list[Job]:
         now = time.time() if now is None else now
@@ -332,51 +462,22 @@ class SQLiteJobStore(JobStore):
         if row is None:
             return []
         with self._tx() as con:
-            expired = self._expire_due(con, now)
-        self._notify_all(expired, "expire")
-        return expired
-
-    def append_log(self, request_id: str, message: str, *, level: str = "INFO",
-                   source: str = "worker", heartbeat: bool = True) -> None:
-        now = time.time()
-        with self._tx(fsync=False) as con:  # every denoising step: no fsync on the engine thread
-            _insert_log(con, request_id, now, level, source, str(message))
-            if heartbeat:
-                con.execute("UPDATE jobs SET heartbeat_at=? WHERE request_id=? AND status=?",
-                            (now, request_id, J.IN_PROGRESS))
-            row = con.execute(_SELECT + " WHERE request_id=?", (request_id,)).fetchone()
-        if row is not None:
-            self._notify(_row_to_job(row), "log")
-
-    def heartbeat(self, request_id: str, worker_id: str) -> bool:
-        with self._tx() as con:
-            cur = con.execute("UPDATE jobs SET heartbeat_at=? WHERE request_id=? AND status=? AND worker_id=?",
-                              (time.time(), request_id, J.IN_PROGRESS, worker_id))
-            return cur.rowcount > 0
-
-    def complete_ok(self, request_id: str, result: dict[str, Any]) -> Job:
-        return self._mutate(request_id, "complete_ok", result=result)
-
-    def complete_error(self, request_id: str, error: dict[str, Any]) -> Job:
-        return self._mutate(request_id, "complete_error", error=error)
-
-    def release(self, request_id: str) -> Job:
-        return self._mutate(request_id, "release")
+            return self._expire_due(con, now)
 
     # ------------------------------------------------------------------ cancel
     def request_cancel(self, request_id: str, owner: Optional[str] = None) -> CancelOutcome:
+        now = time.time()
         with self._tx() as con:
             job = self._load(con, request_id, owner)
             if job.status == J.IN_QUEUE:
-                job = J.apply(job, "cancel")
-                outcome = "cancelled"
+                job, outcome, event = J.apply(job, "cancel", now=now), "cancelled", "cancel"
             elif job.status == J.IN_PROGRESS:
                 outcome = "already_requested" if job.cancel_requested else "cancel_requested"
-                job = J.apply(job, "request_cancel")
+                job, event = J.apply(job, "request_cancel", now=now), "request_cancel"
             else:
                 return CancelOutcome("already_completed", job)
-            self._save(con, job)
-        self._notify(job, "cancel" if outcome == "cancelled" else "request_cancel")
+            if outcome != "already_requested":
+                self._save(con, job, event, now)
         return CancelOutcome(outcome, job)
 
     def is_cancel_requested(self, request_id: str) -> bool:
@@ -384,40 +485,24 @@ class SQLiteJobStore(JobStore):
                                    (request_id,)).fetchone()
         return bool(row and row[0])
 
-    # ------------------------------------------------------------------ recovery / retention
-    def recover(self, *, max_attempts: int, stale_after: float,
+    # ------------------------------------------------------------------ crash recovery, retention
+    def recover(self, *, max_attempts: int,
                 is_worker_alive: Optional[Callable[[str], Optional[bool]]] = None,
                 now: Optional[float] = None) -> list[Job]:
         now = time.time() if now is None else now
         changed: list[Job] = []
-        events: list[str] = []
         with self._tx() as con:
-            rows = con.execute(_SELECT + " WHERE status=? ORDER BY seq", (J.IN_PROGRESS,)).fetchall()
-            for row in rows:
-                job = _row_to_job(row)
-                alive = is_worker_alive(job.worker_id) if (is_worker_alive and job.worker_id) else None
-                stale = (job.heartbeat_at or job.started_at or 0.0) < now - stale_after
-                if alive is True or (alive is None and not stale):
+            for row in con.execute(_SELECT + " WHERE status=? ORDER BY seq", (J.IN_PROGRESS,)).fetchall():
+                old = _row_to_job(row)
+                decision = sweep_decision(old, max_attempts=max_attempts, now=now, is_worker_alive=is_worker_alive)
+                if decision is None:
                     continue
-                limit = job.attempt_limit(max_attempts)
-                if job.attempts >= limit:
-                    why = ("the request asked not to be retried (x-fal-no-retry)" if limit < max_attempts
-                           else f"the limit is {limit}")
-                    new = J.apply(job, "crash_fail", now=now, reason=(
-                        f"The server stopped while this request was running, {job.attempts} time(s) "
-                        f"({why}); giving up so it cannot crash the service again."))
-                    event = "crash_fail"
-                else:
-                    new = J.apply(job, "requeue", now=now)
-                    event = "requeue"
-                self._save(con, new)
-                changed.append(new)
-                events.append(event)
+                new, event = decision
+                self._save(con, new, event, now)
                 if new.status == J.IN_QUEUE:
-                    _insert_log(con, new.request_id, now, "WARNING", "service",
-                                f"The worker running this request stopped (attempt {job.attempts}); re-queued.")
-        for j, event in zip(changed, events):
-            self._notify(j, event)
+                    con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) "
+                                "VALUES (?, ?, 'WARNING', 'service', ?)", (new.request_id, now, requeue_note(old)))
+                changed.append(new)
         return changed
 
     def purge(self, older_than: float, *, now: Optional[float] = None) -> list[Job]:
@@ -429,9 +514,90 @@ class SQLiteJobStore(JobStore):
                 "AND webhook_state != ?", (J.COMPLETED, cutoff, J.WEBHOOK_PENDING)).fetchall()
             purged = [_row_to_job(r) for r in rows]
             for j in purged:
-                con.execute("DELETE FROM job_logs WHERE request_id=?", (j.request_id,))
-                con.execute("DELETE FROM jobs WHERE request_id=?", (j.request_id,))
+                for table in ("job_logs", "job_previews", "job_watchers", "jobs"):
+                    con.execute(f"DELETE FROM {table} WHERE request_id=?", (j.request_id,))
+            con.execute("DELETE FROM job_events WHERE created_at < ?", (cutoff,))
+            con.execute("DELETE FROM job_watchers WHERE expires_at < ?", (now,))
+            con.execute("DELETE FROM workers WHERE expires_at < ?", (cutoff,))
         return purged
+
+    # ------------------------------------------------------------------ events
+    def last_event_seq(self) -> int:
+        row = self._conn().execute("SELECT COALESCE(MAX(seq), 0) FROM job_events").fetchone()
+        return int(row[0])
+
+    def _events_after(self, after: int) -> list[JobEvent]:
+        rows = self._conn().execute(
+            "SELECT seq, request_id, kind, event, status, step, total, preview FROM job_events "
+            "WHERE seq > ? ORDER BY seq LIMIT 1000", (int(after),)).fetchall()
+        return [JobEvent(seq=r["seq"], request_id=r["request_id"], kind=r["kind"], event=r["event"],
+                         status=r["status"], step=r["step"], total=r["total"], preview=bool(r["preview"]))
+                for r in rows]
+
+    def wait_events(self, after: int, timeout: float) -> list[JobEvent]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            with self._events_cond:
+                seen = self._local_commits
+            events = self._events_after(after)
+            remaining = deadline - time.monotonic()
+            if events or remaining <= 0 or self._closed:
+                return events
+            with self._events_cond:  # this process's commits wake at once; the others' on the next poll
+                self._events_cond.wait_for(lambda: self._local_commits != seen,
+                                           timeout=min(POLL_SECONDS, remaining))
+
+    def get_preview(self, request_id: str) -> Optional[Preview]:
+        row = self._conn().execute("SELECT step, data_uri FROM job_previews WHERE request_id=?",
+                                   (request_id,)).fetchone()
+        return None if row is None else Preview(step=int(row["step"]), data_uri=row["data_uri"])
+
+    def watch(self, request_id: str, watcher_id: str, ttl: float = WATCH_TTL_SECONDS) -> None:
+        with self._tx(fsync=False) as con:
+            con.execute("INSERT INTO job_watchers(request_id, watcher_id, expires_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT(request_id, watcher_id) DO UPDATE SET expires_at=excluded.expires_at",
+                        (request_id, watcher_id, time.time() + ttl))
+
+    def unwatch(self, request_id: str, watcher_id: str) -> None:
+        with self._tx(fsync=False) as con:
+            con.execute("DELETE FROM job_watchers WHERE request_id=? AND watcher_id=?", (request_id, watcher_id))
+
+    def is_watched(self, request_id: str) -> bool:
+        row = self._conn().execute("SELECT 1 FROM job_watchers WHERE request_id=? AND expires_at > ? LIMIT 1",
+                                   (request_id, time.time())).fetchone()
+        return row is not None
+
+    # ------------------------------------------------------------------ fleet: secrets and workers
+    def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes:
+        row = self._conn().execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        candidate = bytes(create())
+        with self._tx() as con:
+            con.execute("INSERT INTO secrets(name, value) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+                        (name, candidate))
+            row = con.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
+        return bytes(row[0])
+
+    def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
+                        info: Optional[dict[str, Any]] = None) -> None:
+        now = time.time()
+        with self._tx(fsync=False) as con:
+            con.execute("INSERT INTO workers(worker_id, endpoint_ids, info, registered_at, expires_at) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(worker_id) DO UPDATE SET "
+                        "endpoint_ids=excluded.endpoint_ids, info=excluded.info, expires_at=excluded.expires_at",
+                        (worker_id, json.dumps(sorted(set(endpoint_ids))), json.dumps(info or {}), now, now + ttl))
+
+    def deregister_worker(self, worker_id: str) -> None:
+        with self._tx() as con:
+            con.execute("DELETE FROM workers WHERE worker_id=?", (worker_id,))
+
+    def live_workers(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self._conn().execute("SELECT endpoint_ids FROM workers WHERE expires_at > ?", (time.time(),)):
+            for ep in json.loads(r[0]):
+                out[ep] = out.get(ep, 0) + 1
+        return out
 
     # ------------------------------------------------------------------ webhooks
     def due_webhooks(self, now: Optional[float] = None, limit: int = 20, *,
@@ -450,9 +616,9 @@ class SQLiteJobStore(JobStore):
 
     def record_webhook_attempt(self, request_id: str, delivered: bool,
                                next_attempt_at: Optional[float], error: Optional[str]) -> Job:
+        now = time.time()
         with self._tx() as con:
             job = J.apply_webhook_attempt(self._load(con, request_id), delivered=delivered,
                                           next_attempt_at=next_attempt_at, error=error)
-            self._save(con, job)
-        self._notify(job, "webhook")
+            self._save(con, job, "webhook", now)
         return job

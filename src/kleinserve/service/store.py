@@ -28,6 +28,7 @@ Rules every backend keeps (the conformance suite in tests/test_store_conformance
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -89,6 +90,7 @@ class CancelOutcome:
 # Kinds of JobEvent
 EV_STATUS = "status"  # the job's status or flags changed (submit, claim, cancel, complete, requeue, ...)
 EV_PROGRESS = "progress"  # a denoising step finished: step/total (+ a preview is available)
+EV_LOG = "log"  # a log line was appended (`get_logs(request_id, since)` reads it): wakes log followers
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class JobEvent:
 
     seq: int  # the store's cursor: strictly increasing; pass the last one seen to `wait_events`
     request_id: str
-    kind: str  # EV_STATUS | EV_PROGRESS
+    kind: str  # EV_STATUS | EV_PROGRESS | EV_LOG
     event: str = ""  # EV_STATUS: the transition ("submit", "claim", "complete_ok", "cancel", ...)
     status: str = ""  # EV_STATUS: the job's status after it
     step: int = 0  # EV_PROGRESS
@@ -289,4 +291,38 @@ class JobStore(ABC):
 def open_store(url: str) -> JobStore:
     """The store named by `--store`: `sqlite:///abs/path.sqlite3`, `sqlite:relative/path.sqlite3`
     or `postgresql://user@host:port/db` (also `postgres://`). Raises ValueError for anything else."""
-    raise NotImplementedError("implemented with the PostgreSQL backend")
+    text = str(url).strip()
+    scheme, sep, rest = text.partition(":")
+    scheme = scheme.lower()
+    if sep and scheme == "sqlite":
+        if rest.startswith("///"):
+            path = rest[2:]  # sqlite:///abs/path -> /abs/path
+        elif rest.startswith("//"):
+            raise ValueError(f"--store {redact_url(text)!r}: a SQLite URL has no host; write "
+                             "sqlite:///absolute/path/jobs.sqlite3 or sqlite:relative/path/jobs.sqlite3")
+        else:
+            path = rest
+        if not path or path.endswith("/"):
+            raise ValueError(f"--store {text!r}: name the database file, e.g. sqlite:///data/jobs.sqlite3")
+        from .sqlite_store import SQLiteJobStore
+
+        return SQLiteJobStore(path)
+    if sep and scheme in ("postgresql", "postgres") and rest.startswith("//"):
+        from .pg_store import PostgresJobStore
+
+        return PostgresJobStore(text)
+    raise ValueError(f"--store {redact_url(text)!r}: not a store URL; use sqlite:///absolute/path/jobs.sqlite3, "
+                     "sqlite:relative/path/jobs.sqlite3 or postgresql://user@host:port/database")
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by "***" (for logs, errors and describe())."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    tail = re.sub(r"(?i)(password=)[^&]*", r"\1***", tail)
+    return f"{scheme}{sep}{userinfo}{at}{hostport}{slash}{tail}"
