@@ -155,6 +155,7 @@ class ServerThread:
     ):
         import uvicorn
 
+        self.app = app
         self.host = host
         self.port = port or free_port(host)
         self.tls = ssl_cert is not None

@@ -70,7 +70,7 @@ def test_auth_required_and_isolation(client):
     # no key at all: 401
     assert client.get(base + "/status").status_code == 401
     # jobs are stored under the key's short hash, never the key
-    job = client.app.state.store.get(rid)
+    job = client.app.state.services.store.get(rid)
     assert job.owner == owner_id(KEY_A) and KEY_A not in json.dumps(job.to_dict())
 
 
@@ -81,7 +81,7 @@ def test_submit_response_and_status_shapes(client):
     for k in ("response_url", "status_url", "cancel_url"):
         assert sub[k].startswith("http://testserver/queue/fal-ai/flux-2/requests/" + rid)
     # seed drawn at submit time so a re-run reproduces
-    job = client.app.state.store.get(rid)
+    job = client.app.state.services.store.get(rid)
     assert isinstance(job.input["seed"], int)
     r = client.get(sub["status_url"].replace("http://testserver", "") + "?logs=1", headers=A)
     assert r.status_code == 202 and r.headers["x-fal-request-id"] == rid
@@ -161,7 +161,7 @@ def test_cancel_queued_never_runs_and_second_cancel_is_clear(client):
     assert "already cancelled" in r.json()["detail"]
     res = client.get(f"/queue/fal-ai/flux-2/requests/{rid}", headers=A)
     assert res.status_code == 400 and res.json()["error_type"] == "cancelled"
-    job = client.app.state.store.get(rid)
+    job = client.app.state.services.store.get(rid)
     assert job.attempts == 0 and job.started_at is None
     # the status stream of a finished request: one COMPLETED event, then it closes
     with client.stream("GET", f"/queue/fal-ai/flux-2/requests/{rid}/status/stream", headers=A) as s:
@@ -210,7 +210,7 @@ def test_auth_config_refuses_without_keys(tmp_path):
     with TestClient(app) as c:
         r = c.post(f"/queue/{EP}", json=BODY)
         assert r.status_code == 200
-        assert c.app.state.store.get(r.json()["request_id"]).owner == "anonymous"
+        assert c.app.state.services.store.get(r.json()["request_id"]).owner == "anonymous"
 
 
 def test_settings_env_and_flags(monkeypatch, tmp_path):
@@ -335,6 +335,6 @@ def test_warmup_runs_before_ready_unless_disabled(tmp_path, tiny_model_dir, monk
 def test_no_retry_header_is_kept_with_the_job(client):
     asked = submit(client, headers={**A, "x-fal-no-retry": "1"})
     plain = submit(client)
-    store = client.app.state.store
+    store = client.app.state.services.store
     assert store.get(asked["request_id"]).extra.get("no_retry") is True
     assert not store.get(plain["request_id"]).extra.get("no_retry")

@@ -54,6 +54,19 @@ def wait_done(client, rid, timeout=180.0, with_logs=True) -> dict:
     raise AssertionError(f"request {rid} did not complete in {timeout}s")
 
 
+def wait_progress(client, rid, step=1, timeout=180.0) -> dict:
+    """Polls the status until the typed progress reaches `step`; returns that status body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(req_path(rid, "/status")).json()
+        if (body.get("progress") or {}).get("step", 0) >= step:
+            return body
+        if body["status"] == "COMPLETED":
+            raise AssertionError(f"{rid} completed before step {step}: {body}")
+        time.sleep(0.02)
+    raise AssertionError(f"{rid} never reached step {step}")
+
+
 def wait_log(client, rid, needle, timeout=180.0) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,7 +120,7 @@ def test_sync_run_and_sync_mode_and_seed_drawn_at_submit(server):
     assert img["url"].startswith("data:image/png;base64,")
     raw = base64.b64decode(img["url"].split(",", 1)[1])
     assert len(raw) == img["file_size"] and Image.open(io.BytesIO(raw)).size == (64, 64)
-    job = server.app.state.store.get(rid)
+    job = server.app.state.services.store.get(rid)
     assert job.mode == "run" and job.input["seed"] == res["seed"]
     # the same input with the drawn seed reproduces the same pixels
     def pixels(out):
@@ -149,15 +162,15 @@ def test_cancel_running_stops_at_next_step_and_worker_continues(server):
     slow = {**SMALL, **SLOW}
     rid = c.post(f"/queue/{EP}", json=slow).json()["request_id"]
     queued = c.post(f"/queue/{EP}", json={**SMALL, "seed": 5}).json()["request_id"]
-    wait_log(c, rid, "step 1/50")
+    wait_progress(c, rid, 1)
     r = c.put(req_path(rid, "/cancel"))
     assert r.status_code == 202 and r.json()["status"] == "CANCELLATION_REQUESTED"
     again = c.put(req_path(rid, "/cancel"))
     assert again.status_code in (202, 400)  # already requested (still running) or already finished
     done = wait_done(c, rid, timeout=120)
     assert done["error_type"] == "cancelled"
-    steps = [l["message"] for l in done["logs"] if l["message"].startswith("step ")]
-    assert steps and steps[-1] != "step 50/50"
+    job = server.app.state.services.store.get(rid)
+    assert 1 <= job.progress_step < 50 and job.progress_total == 50  # stopped part-way
     res = c.get(req_path(rid))
     assert res.status_code == 400 and res.json()["error_type"] == "cancelled"
     final = c.put(req_path(rid, "/cancel"))
@@ -171,7 +184,7 @@ def test_cancel_running_stops_at_next_step_and_worker_continues(server):
 def test_failing_job_completes_with_error_and_worker_goes_on(server):
     """A job whose stored input the endpoint rejects (e.g. written by an older version) fails with a
     clear validation error; the worker keeps serving."""
-    store = server.app.state.store
+    store = server.app.state.services.store
     bad = store.submit(Job(request_id=new_request_id(), endpoint_id=EP, owner=store.get(
         server.client.post(f"/queue/{EP}", json=SMALL).json()["request_id"]).owner,
         input={"prompt": "", "num_inference_steps": 4}))
@@ -189,7 +202,7 @@ def test_health_answers_during_generation(server):
     c = server.client
     slow = {**SMALL, "image_size": {"width": 192, "height": 192}, "num_inference_steps": 20}
     rid = c.post(f"/queue/{EP}", json=slow).json()["request_id"]
-    wait_log(c, rid, "step 1/20")
+    wait_progress(c, rid, 1)
     t0 = time.monotonic()
     health = c.get("/health").json()
     assert time.monotonic() - t0 < 2.0
@@ -217,7 +230,7 @@ def test_sync_run_client_disconnect_cancels_its_job(server):
     with httpx.Client(base_url=server.base_url, headers=H, timeout=httpx.Timeout(30, read=2.0)) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             impatient.post(f"/{EP}", json=slow)
-    store = server.app.state.store
+    store = server.app.state.services.store
     job = next(j for j in store.list_requests(None, 20) if j.mode == "run")
     done = wait_done(server.client, job.request_id, timeout=120)
     assert done["error_type"] == "cancelled"

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
+from kleinserve.service.webhooks import WebhookSigner
 from kleinserve.service.storage import (
     ExpiredToken,
     FileNotFound,
@@ -328,7 +329,7 @@ def test_http_forged_and_expired_tokens(server, tmp_path: Path):
     assert httpx.put(f"{base}/storage/upload/{fid}?token={other.split('token=')[1]}",
                      content=PNG).status_code == 403
     # an expired token (signed with the server's own secret) -> 403
-    tokens = UploadTokens.from_data_dir(tmp_path / "data")
+    tokens = server.app.state.services.tokens  # the secret every replica shares (kept in the store)
     expired, _ = tokens.issue("put", -5, f=fid, n="cat.png", t="image/png", o=None)
     r = httpx.put(f"{base}/storage/upload/{fid}?token={expired}", content=PNG)
     assert r.status_code == 403 and "expired" in r.json()["detail"]
@@ -425,8 +426,37 @@ def test_jwks_route(server, tmp_path: Path):
     assert r.status_code == 200
     (k,) = r.json()["keys"]
     assert k["kty"] == "OKP" and k["crv"] == "Ed25519" and k["alg"] == "EdDSA"
-    key_file = tmp_path / "data" / "keys" / "webhook-ed25519.pem"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert k["kid"] == server.app.state.services.signer.kid
+    # the key lives in the store (shared by every replica), and the store is private to its owner
+    assert stat.S_IMODE((tmp_path / "data" / "jobs.sqlite3").stat().st_mode) == 0o600
+
+
+def test_replicas_on_one_store_share_the_jwks_and_accept_each_others_upload_urls(server, tmp_path: Path):
+    """A second API replica on the same store: same JWKS, and an upload URL signed by one replica is
+    accepted by the other (the secrets are the store's, not the process's)."""
+    with serve_app(make_app(tmp_path / "data", max_upload_bytes=64 * 1024)) as other:
+        assert httpx.get(other.base_url + "/.well-known/jwks.json").json() == \
+            httpx.get(server.base_url + "/.well-known/jwks.json").json()
+        up = _initiate(server.base_url).json()
+        path = up["upload_url"].split(server.base_url, 1)[1]
+        r = httpx.put(other.base_url + path, content=PNG, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert httpx.get(up["file_url"]).content == PNG
+
+
+def test_an_older_data_dirs_keys_are_taken_over(tmp_path: Path):
+    """A data dir from before the secrets moved into the store keeps its webhook key (receivers that
+    pinned the JWKS keep verifying) and upload secret."""
+    old = WebhookSigner.from_data_dir(tmp_path / "data")
+    old_tokens = UploadTokens.from_data_dir(tmp_path / "data")
+    tok, _ = old_tokens.issue("put", 60, f="0" * 32)
+    app = make_app(tmp_path / "data")
+    try:
+        svc = app.state.services
+        assert svc.signer.jwks() == old.jwks()
+        assert svc.tokens.verify(tok, "put")["f"] == "0" * 32
+    finally:
+        app.state.services.close()
 
 
 # ==================================================================================== real client

@@ -235,8 +235,8 @@ def create_app(
     async def health():
         info = app.state.model_info
         if info is not None and info.is_tiny:  # never silent about random weights
-            return {"status": "ok", "role": settings.role, "is_tiny": True, "warning": TINY_WARNING}
-        return {"status": "ok", "role": settings.role}
+            return {"status": "ok", "is_tiny": True, "warning": TINY_WARNING}
+        return {"status": "ok"}
 
     @app.get("/ready", tags=["service"],
              summary="Readiness: store and storage reachable, the model loaded (role all), live workers")

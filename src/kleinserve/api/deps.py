@@ -147,6 +147,8 @@ def status_body(job: Job, urls: dict[str, str], *, position: Optional[int], with
         if job.error:
             body["error"] = job.error.get("error")
             body["error_type"] = job.error.get("error_type")
+    elif job.status == J.IN_PROGRESS and job.progress_total:
+        body["progress"] = {"step": job.progress_step, "total": job.progress_total}
     if job.cancel_requested and job.status == J.IN_PROGRESS:
         body["cancel_requested"] = True
     return body

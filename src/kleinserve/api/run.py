@@ -61,7 +61,7 @@ async def _submit_subscribed(request: Request, spec: EndpointSpec, body: Any, ow
     submit closes it and raises."""
     feed = deps.services(request).feed
     rid = request_id or new_request_id()
-    sub = feed.subscribe(rid)
+    sub = await feed.follow(rid)
     try:
         job = await submit_job(request, spec, body, owner, mode=mode, request_id=rid)
     except BaseException:

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from kleinserve.service.auth import AuthConfigError
 from kleinserve.service.logging import configure_logging, uvicorn_log_config
 from kleinserve.service.settings import Settings, add_arguments
+from kleinserve.service.store import redact_url
 
 log = logging.getLogger("kleinserve.server")
 
@@ -30,17 +31,6 @@ def _configure_logging(settings: Settings) -> dict:
     """Configures our log format; returns the matching uvicorn log_config."""
     configure_logging(fmt=settings.log_format, level=settings.log_level.upper())
     return uvicorn_log_config(settings.log_format, settings.log_level.upper())
-
-
-def _redact_url(url: str) -> str:
-    """A store URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def _banner(settings: Settings) -> str:
@@ -57,7 +47,7 @@ def _banner(settings: Settings) -> str:
         f"kleinserve: serving on {scheme}://{settings.host}:{settings.port}  (data: {settings.data_dir})",
         f"  queue API : {base}/queue/<endpoint id>     run API: {base}/<endpoint id>",
         f"  docs      : {base}/docs                    ready: {base}/ready",
-        f"  store     : {_redact_url(settings.store_url)}",
+        f"  store     : {redact_url(settings.store_url)}",
         f"  workers   : {workers}",
     ]
     if settings.role != "api":

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from . import jobs as J
 from .jobs import Job
 from .lifecycle import Loop
-from .store import EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, JobEvent, JobStore
+from .store import EV_LOG, EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, JobEvent, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,16 @@ class EventFeed:
             self._subs.setdefault(request_id, set()).add(sub)
             self._unwatch.discard(request_id)
             self._watch_due = 0.0
+        return sub
+
+    async def follow(self, request_id: str) -> Subscription:
+        """`subscribe`, with the watch recorded in the store before it returns (so a worker that
+        claims the request next already knows someone follows it and makes previews)."""
+        sub = self.subscribe(request_id)
+        try:
+            await run_in_threadpool(self.store.watch, request_id, self.watcher_id, self.watch_ttl)
+        except Exception:  # the feed's next pass records it
+            log.debug("could not record the watch of %s", request_id, exc_info=True)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -204,7 +214,7 @@ async def watch(
     """Yields the job's current state first, then every change (status, queue position, new logs when
     `with_logs`) and, when `steps`, its progress; ends right after yielding the COMPLETED job.
     `subscription`: one opened earlier (e.g. before submitting, so no event can be missed)."""
-    sub = subscription if subscription is not None else feed.subscribe(request_id)
+    sub = subscription if subscription is not None else await feed.follow(request_id)
     last_sig: object = None
     last_step = 0
     logs: list[dict] = []
@@ -243,8 +253,8 @@ async def watch(
                             preview = stored.data_uri if stored is not None and stored.step == ev.step else None
                         yield WatchEvent("progress", progress=Progress(ev.step, ev.total, preview))
                     continue
-                if ev.kind == EV_STATUS:
-                    break  # re-read the job
+                if ev.kind == EV_STATUS or (ev.kind == EV_LOG and with_logs):
+                    break  # re-read the job (and its new log lines)
     finally:
         if subscription is None:
             sub.close()

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROGRESS_LOG_LINES = 4  # "step i/N" log lines per run (at each quarter), not one per step
 BATCH_LOOKAHEAD = 32  # queued jobs looked at for ones that can join a batch (the rest keep their place)
 
 
@@ -148,9 +149,9 @@ class Worker:
         engine: Optional["Engine"] = None,
         *,
         registry: "EndpointRegistry",
-        storage: Optional[FileStorage],
-        feed: Optional[EventFeed],
         settings: Settings,
+        storage: Optional[FileStorage] = None,
+        feed: Optional[EventFeed] = None,
         name: str = "w0",
         on_complete: Optional[Callable[[Job], None]] = None,
         idle_poll: float = 0.5,
@@ -506,6 +507,8 @@ class _Run:
             try:
                 self.spec = w.registry.get(self.job.endpoint_id)
                 self.request = self.spec.validate_input(self.job.input)
+                with contextlib.suppress(Exception):  # best effort: the monitor asks again
+                    self.watched = w.store.is_watched(self.rid)
                 info = w.engine.info
                 note = " (TINY RANDOM MODEL)" if info.is_tiny else ""
                 w.store.append_log(self.rid, f"Generating with {info.source}{note}, attempt {self.job.attempts}",
@@ -578,8 +581,13 @@ class _Run:
                 preview = preview_data_uri(ev.preview, max_side=256)
             except Exception:
                 log.debug("preview encoding failed", exc_info=True)
+        step, total = int(ev.step), int(ev.total)
         try:
-            self.worker.store.record_progress(self.lease, int(ev.step), int(ev.total), preview)
+            self.worker.store.record_progress(self.lease, step, total, preview)
+            if (step * PROGRESS_LOG_LINES) // total != ((step - 1) * PROGRESS_LOG_LINES) // total:
+                # A few lines for the humans reading the logs (fal's clients print them); the typed
+                # progress above is what the streams and the playground use.
+                self.worker.store.append_log(self.rid, f"step {step}/{total}", lease=self.lease)
         except LeaseLost as exc:
             log.warning("%s: stopping it", exc)
             self.lost = True
