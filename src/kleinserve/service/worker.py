@@ -607,11 +607,12 @@ class Maintenance:
         self.store = store
         self.settings = settings
         self.storage = storage
-        self.recover_every = recover_every
         self.purge_every = purge_every
         self.max_attempts = int(settings.max_attempts)
+        # A lease that expired is noticed within a quarter of the lease (and at most 5 s late).
+        self.recover_every = min(recover_every, max(0.5, float(settings.worker_stale_after) / 4))
         self.retention = float(settings.result_retention or 0)
-        self._next_recover = time.monotonic() + recover_every
+        self._next_recover = time.monotonic() + self.recover_every
         self._next_purge = time.monotonic() + 5.0
         self._loop = Loop("maintenance", self._pass, interval=expire_every)
 

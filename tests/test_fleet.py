@@ -1,0 +1,211 @@
+"""The kill matrix: two API replicas and two worker processes (real `kleinserve serve --role api` and
+`kleinserve worker` subprocesses, tiny model, one thread each) on a real PostgreSQL, killed in the
+ways a fleet dies. After every case every accepted request has exactly one terminal state, COMPLETED
+with its result, and its images download through either replica.
+
+Lease: 4 s (--worker-stale-after), so a worker that stops answering loses its job within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from fleet import EP, H, QUICK, SLOW, Fleet, check_exactly_once, status, submit, wait_done, wait_progress
+from kleinserve.service.store import EV_STATUS, open_store
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def fleet(pg_cluster, tmp_path_factory):
+    if pg_cluster.proc is None or pg_cluster.proc.poll() is not None:
+        pg_cluster.start()
+    name = pg_cluster.create_database()
+    url = pg_cluster.url(name)
+    f = Fleet(tmp_path_factory.mktemp("fleet"), url)
+    store = open_store(url)
+    try:
+        f.add_api("api-a")
+        f.add_api("api-b")
+        f.add_worker("w1")
+        f.add_worker("w2")
+        f.wait_workers(2)
+        f.store = store
+        yield f
+    finally:
+        f.stop()
+        store.close()
+        pg_cluster.drop_database(name)
+
+
+def bases(fleet) -> list[str]:
+    return [a.base_url for a in fleet.apis if a.alive()]
+
+
+def completions(store, rid: str) -> int:
+    """How many times the store's event log says `rid` became COMPLETED."""
+    n, cursor = 0, 0
+    while True:
+        events = store.wait_events(cursor, 0.0)
+        if not events:
+            return n
+        cursor = events[-1].seq
+        n += sum(1 for e in events if e.request_id == rid and e.kind == EV_STATUS and e.status == "COMPLETED")
+
+
+def running_on(fleet, rid: str):
+    """The worker process running `rid` (from the job's worker id: host:pid:...)."""
+    job = fleet.store.get(rid)
+    pid = int(job.worker_id.split(":")[1])
+    return next(w for w in fleet.workers if w.alive() and w.pid == pid), job
+
+
+def test_sigkill_a_worker_mid_step_the_other_finishes_the_job(fleet):
+    a, b = bases(fleet)
+    rid = submit(a, SLOW)
+    quick = [submit(b, QUICK) for _ in range(2)]
+    wait_progress(b, rid, 2)
+    victim, job = running_on(fleet, rid)
+    assert job.attempts == 1
+    victim.kill()
+    done = wait_done([a, b], [rid, *quick])
+    job = fleet.store.get(rid)
+    assert job.attempts == 2 and job.error is None, job
+    assert completions(fleet.store, rid) == 1
+    check_exactly_once(fleet.store, [a, b], [rid, *quick])
+    assert all(st["status"] == "COMPLETED" for st in done.values())
+    fleet.restart(victim)
+    fleet.wait_workers(2)
+
+
+def test_a_paused_worker_loses_its_lease_and_its_late_writes_change_nothing(fleet):
+    """SIGSTOP past the lease: the sweeper re-queues the job, the other worker runs it (attempt 2);
+    SIGCONT: the first worker's late progress and completion are refused (fenced)."""
+    a, b = bases(fleet)
+    rid = submit(a, SLOW)
+    wait_progress(a, rid, 2)
+    victim, job = running_on(fleet, rid)
+    victim.signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 120
+        while fleet.store.get(rid).attempts < 2:  # re-queued after 4 s, then claimed by the other
+            assert time.monotonic() < deadline, fleet.logs()
+            time.sleep(0.1)
+    finally:
+        victim.signal(signal.SIGCONT)
+    wait_done([a, b], [rid])
+    job = fleet.store.get(rid)
+    assert job.attempts == 2 and job.error is None
+    deadline = time.monotonic() + 60
+    while "no longer holds it" not in victim.log_text():
+        assert time.monotonic() < deadline, victim.log_text()[-3000:]
+        time.sleep(0.2)
+    assert completions(fleet.store, rid) == 1
+    check_exactly_once(fleet.store, [a, b], [rid])
+
+
+def test_sigterm_a_worker_releases_its_job_without_counting_an_attempt(fleet):
+    a, b = bases(fleet)
+    w1, w2 = fleet.workers
+    rid = submit(a, {**SLOW, "num_inference_steps": 60})
+    wait_progress(a, rid, 2)
+    victim, job = running_on(fleet, rid)
+    other = w2 if victim is w1 else w1
+    other.signal(signal.SIGSTOP)  # so the released job waits in the queue where we can see it
+    try:
+        victim.proc.send_signal(signal.SIGTERM)
+        # --shutdown-grace 20s: the job (60 steps) is released when the grace runs out, or finishes
+        assert victim.proc.wait(90) == 0, victim.log_text()[-3000:]
+        job = fleet.store.get(rid)
+        assert job.status in ("IN_QUEUE", "COMPLETED"), job
+        if job.status == "IN_QUEUE":
+            assert job.attempts == 0  # given back, not counted
+    finally:
+        other.signal(signal.SIGCONT)
+    wait_done([a, b], [rid])
+    assert fleet.store.get(rid).attempts <= 1
+    check_exactly_once(fleet.store, [a, b], [rid])
+    fleet.restart(victim)
+    fleet.wait_workers(2)
+
+
+def test_sigkill_the_replica_holding_a_stream_the_client_finishes_on_the_other(fleet):
+    a_proc, b_proc = fleet.apis
+    a, b = a_proc.base_url, b_proc.base_url
+    seen: list[dict] = []
+    rid_box: dict[str, str] = {}
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"{a}/{EP}/stream", json=SLOW, headers=H, timeout=60) as r:
+                rid_box["rid"] = r.headers["x-fal-request-id"]
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        seen.append(json.loads(line[5:]))
+        except httpx.HTTPError:
+            pass  # the replica died under us
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not any(e.get("step") for e in seen):
+        assert time.monotonic() < deadline, fleet.logs()
+        time.sleep(0.05)
+    a_proc.kill()
+    t.join(30)
+    rid = rid_box["rid"]
+    # The client carries on with the request id on the other replica: its status stream to the end.
+    final = None
+    with httpx.stream("GET", f"{b}/queue/fal-ai/flux-2/requests/{rid}/status/stream", headers=H,
+                      timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                final = json.loads(line[5:])
+    assert final is not None and final["status"] == "COMPLETED"
+    # The job was not cancelled by the dying replica: it completed with its images.
+    fleet.restart(a_proc)
+    check_exactly_once(fleet.store, bases(fleet), [rid])
+
+
+def test_sigkill_all_of_postgres_no_acknowledged_submit_is_lost(fleet, pg_cluster):
+    a, b = bases(fleet)
+    acked: list[str] = []
+    acked += [submit(a, QUICK) for _ in range(3)]
+    acked.append(submit(b, SLOW))
+    wait_progress(b, acked[-1], 1)
+    pg_cluster.kill_all()
+    # while it is down, submits fail cleanly (an error status, never an acknowledged id that is lost)
+    r = httpx.post(f"{a}/queue/{EP}", json=QUICK, headers=H, timeout=60)
+    assert r.status_code >= 500 and "request_id" not in r.json()
+    pg_cluster.restart_after_kill()
+    deadline = time.monotonic() + 120
+    while True:  # every process reconnects: both replicas accept submits again
+        try:
+            acked += [submit(a, QUICK), submit(b, QUICK)]
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, fleet.logs()
+            time.sleep(0.5)
+    wait_done([a, b], acked, timeout=400)
+    check_exactly_once(fleet.store, [a, b], acked)
+    fleet.wait_workers(2)
+
+
+def test_every_status_seen_through_either_replica_agrees(fleet):
+    """Queue positions and state are fleet-wide: both replicas report the same for the same id."""
+    a, b = bases(fleet)
+    rids = [submit(a, QUICK) for _ in range(3)]
+    for rid in rids:
+        sa, sb = status(a, rid), status(b, rid)
+        assert sa["request_id"] == sb["request_id"] == rid
+    wait_done([a, b], rids)
+    for rid in rids:
+        assert status(a, rid)["status"] == status(b, rid)["status"] == "COMPLETED"
+    check_exactly_once(fleet.store, [a, b], rids)
