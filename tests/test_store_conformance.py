@@ -47,7 +47,7 @@ class Backend:
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request, tmp_path):
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/jobs.sqlite3"
+        url = f"sqlite://{tmp_path}/jobs.sqlite3"
     else:
         url = request.getfixturevalue("pg_url")
     opened: list[JobStore] = []
@@ -598,7 +598,7 @@ def _open_and_submit(url: str, barrier, out_q) -> None:
 
 def test_concurrent_schema_creation_on_an_empty_database(request, tmp_path, backend):
     if backend.name == "sqlite":
-        url = f"sqlite:///{tmp_path}/fresh/jobs.sqlite3"
+        url = f"sqlite://{tmp_path}/fresh/jobs.sqlite3"
     else:
         cluster = request.getfixturevalue("pg_cluster")
         name = cluster.create_database()
@@ -693,7 +693,7 @@ def test_sqlite_schema_1_database_keeps_working(tmp_path):
 
 
 def test_sqlite_files_are_private(tmp_path):
-    s = open_store(f"sqlite:///{tmp_path}/d/jobs.sqlite3")
+    s = open_store(f"sqlite://{tmp_path}/d/jobs.sqlite3")
     try:
         s.submit(mk())
         for suffix in ("", "-wal", "-shm"):
@@ -712,7 +712,7 @@ def test_open_store_urls(tmp_path, monkeypatch):
         assert (tmp_path / "data" / "jobs.sqlite3").exists() and rel.describe() == "sqlite:data/jobs.sqlite3"
     finally:
         rel.close()
-    absolute = open_store(f"sqlite:///{tmp_path}/abs.sqlite3")
+    absolute = open_store(f"sqlite://{tmp_path}/abs.sqlite3")
     try:
         assert absolute.describe() == f"sqlite://{tmp_path}/abs.sqlite3"
     finally:
