@@ -99,30 +99,30 @@ def measure_event_latency(url: str, n: int) -> dict:
     lease = Lease.of(writer.claim_next("bench-writer"))
     cursor = reader.last_event_seq()
     reader.wait_events(cursor, 0.1)  # starts the reader's listener (PostgreSQL)
-    samples: list[float] = []
-    committed: list[float] = []
-    done = threading.Event()
+    received: dict[int, float] = {}  # step -> when the reader got it
+    committed: dict[int, float] = {}  # step -> when record_progress returned (committed)
 
     def read():
         nonlocal cursor
-        while len(samples) < n:
+        deadline = time.monotonic() + 120
+        while len(received) < n and time.monotonic() < deadline:
             events = reader.wait_events(cursor, 5.0)
             now = time.perf_counter()
             for e in events:
                 if e.request_id == job.request_id and e.step > 0:
-                    samples.append(now - committed[e.step - 1])
+                    received[e.step] = now
             if events:
                 cursor = events[-1].seq
-        done.set()
 
     t = threading.Thread(target=read)
     t.start()
     for step in range(1, n + 1):
         writer.record_progress(lease, step, n)
-        committed.append(time.perf_counter())
+        committed[step] = time.perf_counter()
         time.sleep(0.01)
-    done.wait(60)
-    t.join(60)
+    t.join(150)
+    # A reader may see the event before the writer's call returns: count that as 0.
+    samples = [max(0.0, received[s] - committed[s]) for s in committed if s in received]
     writer.close()
     reader.close()
     return C.summarize(samples)

@@ -760,3 +760,27 @@ def test_postgres_store_reconnects_after_the_server_is_killed(pg_cluster, pg_url
     finally:
         s.close()
         reader.close()
+
+
+def test_postgres_unreachable_or_missing_database_is_a_clear_error(pg_cluster):
+    t0 = time.monotonic()
+    with socket_free_port() as port, pytest.raises(ConnectionError, match="cannot connect to the job store"):
+        open_store(f"postgresql://postgres:hunter2@127.0.0.1:{port}/jobs")
+    assert time.monotonic() - t0 < 20
+    with pytest.raises(ConnectionError, match="does not exist") as info:
+        open_store(pg_cluster.url("no_such_database"))
+    assert "hunter2" not in str(info.value)
+
+
+class socket_free_port:
+    """A loopback port nothing listens on (held bound, not listening, for the duration)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
