@@ -583,7 +583,7 @@ class PostgresJobStore(JobStore):
                             self.describe(), e)
                 self._wake()
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 0.5)  # a restarted server is heard again within ~0.5 s
             finally:
                 self._listen_conn = None
 
