@@ -21,6 +21,7 @@ import pytest
 
 from kleinserve.service import jobs as J
 from kleinserve.service.sqlite_store import SQLiteJobStore
+from kleinserve.service.store import Lease
 from kleinserve.service.webhooks import (
     HEADER_REQUEST_ID,
     HEADER_SIGNATURE,
@@ -195,9 +196,10 @@ def _completed_with_webhook(store: SQLiteJobStore, url: str, *, ok: bool = True)
     job = store.submit(_job(webhook_url=url))
     claimed = store.claim_next("w1")
     assert claimed is not None and claimed.request_id == job.request_id
+    lease = Lease.of(claimed)
     if ok:
-        return store.complete_ok(job.request_id, {"images": [{"url": "u"}], "seed": 7})
-    return store.complete_error(job.request_id, J.job_error("model blew up", J.ERR_MODEL, 500))
+        return store.complete_ok(lease, {"images": [{"url": "u"}], "seed": 7})
+    return store.complete_error(lease, J.job_error("model blew up", J.ERR_MODEL, 500))
 
 
 @pytest.fixture()
