@@ -100,7 +100,7 @@ class PgCluster:
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not accept connections in {timeout}s:\n{self.log_tail()}")
+                    raise RuntimeError(f"postgres did not accept connections in {timeout}s:\n{self.log_tail()}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -37,3 +37,18 @@ def test_service_benchmark_smoke_run_measures_both_worker_modes(tmp_path):
     for mode in ("throughput", "throughput_batched"):
         assert results[mode]["requests"] == 6 and results[mode]["req_per_s"] > 0
     assert results["sse"]["step_event_latency"]["p50"] >= 0
+
+
+def test_store_benchmark_smoke_run_measures_both_backends(tmp_path):
+    import pg_server
+
+    pg_server.require_postgres()
+    out = tmp_path / "store.json"
+    run_script("bench_store.py", "--submits", "20", "--jobs", "40", "--procs", "2", "--events", "10",
+               "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    for backend in ("sqlite", "postgres"):
+        r = results[backend]
+        assert r["submit"]["n"] == 20 and r["submit"]["p50"] > 0
+        assert [c["procs"] for c in r["claims"]] == [1, 2] and all(c["per_s"] > 0 for c in r["claims"])
+        assert r["event_latency"]["n"] >= 10

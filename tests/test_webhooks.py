@@ -196,9 +196,10 @@ def _completed_with_webhook(store: SQLiteJobStore, url: str, *, ok: bool = True)
     job = store.submit(_job(webhook_url=url))
     claimed = store.claim_next("w1")
     assert claimed is not None and claimed.request_id == job.request_id
+    lease = Lease.of(claimed)
     if ok:
-        return store.complete_ok(Lease.of(claimed), {"images": [{"url": "u"}], "seed": 7})
-    return store.complete_error(Lease.of(claimed), J.job_error("model blew up", J.ERR_MODEL, 500))
+        return store.complete_ok(lease, {"images": [{"url": "u"}], "seed": 7})
+    return store.complete_error(lease, J.job_error("model blew up", J.ERR_MODEL, 500))
 
 
 @pytest.fixture()
@@ -380,7 +381,7 @@ def test_e2e_retries_until_delivered(live):
     assert rx.received[-1]["time"] - rx.received[0]["time"] < 10
     assert all(verify_webhook(x["headers"], x["body"], jwks) for x in rx.received)
     assert json.loads(rx.received[-1]["body"])["request_id"] == request_id
-    job = live.app.state.services.store.get(request_id)
+    job = live.app.state.runtime.store.get(request_id)
     assert job.webhook_state == J.WEBHOOK_DELIVERED and job.webhook_attempts == 3
 
 

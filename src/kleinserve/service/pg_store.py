@@ -34,7 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import jobs as J
 from .jobs import Job
@@ -197,6 +197,7 @@ class PostgresJobStore(JobStore):
             conninfo_to_dict(url)
         except psycopg.ProgrammingError as e:
             raise ValueError(f"--store {redact_url(url)!r}: not a valid PostgreSQL URL ({e})") from None
+        self._connect_timeout = connect_timeout
         self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, kwargs={"autocommit": True},
                                     check=ConnectionPool.check_connection, open=False,
                                     name=f"kleinserve-store-{id(self):x}", timeout=connect_timeout)
@@ -216,7 +217,7 @@ class PostgresJobStore(JobStore):
         return describe_conninfo(self._url)
 
     def ping(self) -> None:
-        with self._pool.connection() as conn:
+        with self._pool.connection(timeout=5.0) as conn:
             conn.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
@@ -235,7 +236,12 @@ class PostgresJobStore(JobStore):
 
     # ------------------------------------------------------------------ schema
     def _migrate(self) -> None:
-        with self._pool.connection() as conn, conn.transaction():
+        try:  # a direct connection first: its error says what is wrong (no server, auth, no database)
+            conn = psycopg.connect(self._url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout)))
+        except psycopg.OperationalError as e:
+            detail = " ".join(str(e).split())
+            raise ConnectionError(f"cannot connect to the job store {self.describe()}: {detail}") from None
+        with conn, conn.transaction():
             # Many replicas and workers may start at once on an empty database: one migrates, the
             # others wait here, then find the schema current.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_MIGRATE,))
@@ -289,9 +295,9 @@ class PostgresJobStore(JobStore):
         tx.cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(last)))
 
     @contextmanager
-    def _cursor(self) -> Iterator[psycopg.Cursor]:
+    def _cursor(self, timeout: Optional[float] = None) -> Iterator[psycopg.Cursor]:
         """A cursor for reads (autocommit: each statement sees the latest commits)."""
-        with self._pool.connection() as conn:
+        with self._pool.connection(timeout=timeout) as conn:
             yield conn.cursor(row_factory=dict_row)
 
     # ------------------------------------------------------------------ helpers
@@ -536,8 +542,8 @@ class PostgresJobStore(JobStore):
         with self._cursor() as cur:
             return int(cur.execute("SELECT last FROM job_event_counter").fetchone()["last"])
 
-    def _events_after(self, after: int) -> list[JobEvent]:
-        with self._cursor() as cur:
+    def _events_after(self, after: int, timeout: Optional[float] = None) -> list[JobEvent]:
+        with self._cursor(timeout) as cur:
             rows = cur.execute("SELECT seq, request_id, kind, event, status, step, total, preview FROM job_events "
                                "WHERE seq > %s ORDER BY seq LIMIT 1000", (int(after),)).fetchall()
         return [JobEvent(seq=int(r["seq"]), request_id=r["request_id"], kind=r["kind"], event=r["event"],
@@ -577,7 +583,7 @@ class PostgresJobStore(JobStore):
                             self.describe(), e)
                 self._wake()
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 0.5)  # a restarted server is heard again within ~0.5 s
             finally:
                 self._listen_conn = None
 
@@ -589,9 +595,9 @@ class PostgresJobStore(JobStore):
             with self._cond:
                 seen = self._wakeups
             try:
-                events = self._events_after(after)
+                events = self._events_after(after, timeout=max(0.5, deadline - time.monotonic()))
                 failure = None
-            except psycopg.OperationalError as e:  # the server restarts: keep trying until the timeout
+            except (psycopg.OperationalError, PoolTimeout) as e:  # the server restarts: retry until the timeout
                 events, failure = [], e
             remaining = deadline - time.monotonic()
             if events or self._closed:
