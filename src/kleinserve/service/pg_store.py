@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 CHANNEL = "kleinserve_events"
+IDLE_IN_TX_TIMEOUT_MS = 10_000  # our transactions last milliseconds; a stopped client's are ended
 _LOCK_MIGRATE = 0x6B6C6E01  # pg_advisory_xact_lock keys ("kln" + n)
 _LOCK_RECOVER = 0x6B6C6E02
 _SAFETY_POLL_S = 1.0  # wait_events re-reads at least this often even if a NOTIFY went missing
@@ -198,7 +199,11 @@ class PostgresJobStore(JobStore):
         except psycopg.ProgrammingError as e:
             raise ValueError(f"--store {redact_url(url)!r}: not a valid PostgreSQL URL ({e})") from None
         self._connect_timeout = connect_timeout
-        self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, kwargs={"autocommit": True},
+        # A process that stops inside a transaction (paused, swapped out, hung) must not hold row or
+        # sweeper locks for the fleet: the server ends such a session after IDLE_IN_TX_TIMEOUT_MS.
+        self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size,
+                                    kwargs={"autocommit": True,
+                                            "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TX_TIMEOUT_MS}"},
                                     check=ConnectionPool.check_connection, open=False,
                                     name=f"kleinserve-store-{id(self):x}", timeout=connect_timeout)
         self._pool.open(wait=False)
