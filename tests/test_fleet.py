@@ -113,14 +113,14 @@ def test_a_paused_worker_loses_its_lease_and_its_late_writes_change_nothing(flee
 def test_sigterm_a_worker_releases_its_job_without_counting_an_attempt(fleet):
     a, b = bases(fleet)
     w1, w2 = fleet.workers
-    rid = submit(a, {**SLOW, "num_inference_steps": 60})
+    rid = submit(a, {**SLOW, "image_size": {"width": 384, "height": 384}, "num_inference_steps": 50})
     wait_progress(a, rid, 2)
     victim, job = running_on(fleet, rid)
     other = w2 if victim is w1 else w1
     other.signal(signal.SIGSTOP)  # so the released job waits in the queue where we can see it
     try:
         victim.proc.send_signal(signal.SIGTERM)
-        # --shutdown-grace 20s: the job (60 steps) is released when the grace runs out, or finishes
+        # --shutdown-grace 20s: the job (50 steps at 384x384) is released when the grace runs out, or finishes
         assert victim.proc.wait(90) == 0, victim.log_text()[-3000:]
         job = fleet.store.get(rid)
         assert job.status in ("IN_QUEUE", "COMPLETED"), job
