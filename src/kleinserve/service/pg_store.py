@@ -273,10 +273,10 @@ class PostgresJobStore(JobStore):
         if not tx.events:
             return
         n = len(tx.events)
+        created = tx.now  # read before the lock is taken: it is held until the commit
         # Last in the transaction: the counter's row lock orders event writers until they commit.
         last = int(tx.cur.execute("UPDATE job_event_counter SET last = last + %s RETURNING last",
                                   (n,)).fetchone()["last"])
-        created = tx.now
         rows = [(last - n + 1 + i, *ev, created) for i, ev in enumerate(tx.events)]
         if n == 1:
             tx.cur.execute("INSERT INTO job_events (seq, request_id, kind, event, status, step, total, preview, "
@@ -560,7 +560,7 @@ class PostgresJobStore(JobStore):
         backoff = 0.1
         while not self._closed:
             try:
-                with psycopg.connect(self._url, autocommit=True) as conn:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
                     self._listen_conn = conn
                     conn.execute(f"LISTEN {CHANNEL}")
                     backoff = 0.1
