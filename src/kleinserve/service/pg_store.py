@@ -23,6 +23,7 @@ Same semantics as the SQLite store (the conformance suite runs on both); what di
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,14 +34,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import jobs as J
 from .jobs import Job
 from .store import (EV_LOG, EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, DEFAULT_LEASE_SECONDS,
                     CancelOutcome, JobEvent, JobNotFound, JobStore, Lease, Preview, redact_url)
-from .store_rows import (COLUMNS, JSON_COLUMNS, check_lease, check_new, log_line, matches, requeue_note,
+from .store_rows import (COLUMNS, check_lease, job_values, check_new, log_line, log_text, matches, requeue_note,
                          row_to_job, sweep_decision)
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ MIGRATIONS: dict[int, list[str]] = {
     request_id text NOT NULL UNIQUE,
     endpoint_id text NOT NULL,
     owner text NOT NULL,
-    input jsonb NOT NULL,
+    input text NOT NULL,
     status text NOT NULL,
     priority text NOT NULL,
     prio integer NOT NULL,
@@ -75,8 +75,8 @@ MIGRATIONS: dict[int, list[str]] = {
     lease_expires_at double precision,
     progress_step integer NOT NULL DEFAULT 0,
     progress_total integer NOT NULL DEFAULT 0,
-    result jsonb,
-    error jsonb,
+    result text,
+    error text,
     mode text NOT NULL DEFAULT 'queue',
     public_base text,
     webhook_url text,
@@ -84,7 +84,7 @@ MIGRATIONS: dict[int, list[str]] = {
     webhook_attempts integer NOT NULL DEFAULT 0,
     webhook_next_at double precision,
     webhook_last_error text,
-    extra jsonb NOT NULL DEFAULT '{}'
+    extra text NOT NULL DEFAULT '{}'
 )""",
         "CREATE INDEX jobs_queue ON jobs (prio, seq) WHERE status = 'IN_QUEUE'",
         "CREATE INDEX jobs_deadline ON jobs (deadline) WHERE status = 'IN_QUEUE' AND deadline IS NOT NULL",
@@ -130,7 +130,7 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE workers (
     worker_id text PRIMARY KEY,
     endpoint_ids text[] NOT NULL,
-    info jsonb NOT NULL DEFAULT '{}',
+    info text NOT NULL DEFAULT '{}',
     registered_at double precision NOT NULL,
     expires_at double precision NOT NULL
 )""",
@@ -144,19 +144,11 @@ _NOW = "SELECT extract(epoch FROM clock_timestamp())::float8 AS now"
 
 
 def _job_values(job: Job) -> list[Any]:
-    out: list[Any] = []
-    for name in COLUMNS:
-        value = getattr(job, name)
-        if name in JSON_COLUMNS and value is not None:
-            value = Jsonb(value)
-        elif name == "cancel_requested":
-            value = bool(value)
-        out.append(value)
-    return out
+    return job_values(job, bool_type=bool)
 
 
 def _row_to_job(row: dict[str, Any]) -> Job:
-    return row_to_job(row, json_text=False)
+    return row_to_job(row)
 
 
 @dataclass
@@ -286,10 +278,10 @@ class PostgresJobStore(JobStore):
         if not tx.events:
             return
         n = len(tx.events)
+        created = tx.now  # read before the lock is taken: it is held until the commit
         # Last in the transaction: the counter's row lock orders event writers until they commit.
         last = int(tx.cur.execute("UPDATE job_event_counter SET last = last + %s RETURNING last",
                                   (n,)).fetchone()["last"])
-        created = tx.now
         rows = [(last - n + 1 + i, *ev, created) for i, ev in enumerate(tx.events)]
         if n == 1:
             tx.cur.execute("INSERT INTO job_events (seq, request_id, kind, event, status, step, total, preview, "
@@ -443,7 +435,7 @@ class PostgresJobStore(JobStore):
                     raise ValueError(f"the lease is for request {lease.request_id}, not {request_id}")
                 self._fenced(tx, lease)
             tx.cur.execute("INSERT INTO job_logs (request_id, timestamp, level, source, message) "
-                           "VALUES (%s, %s, %s, %s, %s)", (request_id, tx.now, level, source, str(message)))
+                           "VALUES (%s, %s, %s, %s, %s)", (request_id, tx.now, log_text(level), log_text(source), log_text(message)))
             tx.event(request_id, EV_LOG)
 
     def record_progress(self, lease: Lease, step: int, total: int, preview: Optional[str] = None) -> None:
@@ -573,7 +565,7 @@ class PostgresJobStore(JobStore):
         backoff = 0.1
         while not self._closed:
             try:
-                with psycopg.connect(self._url, autocommit=True) as conn:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
                     self._listen_conn = conn
                     conn.execute(f"LISTEN {CHANNEL}")
                     backoff = 0.1
@@ -657,7 +649,7 @@ class PostgresJobStore(JobStore):
                            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET "
                            "endpoint_ids = excluded.endpoint_ids, info = excluded.info, "
                            "expires_at = excluded.expires_at",
-                           (worker_id, sorted(set(endpoint_ids)), Jsonb(info or {}), tx.now, tx.now + float(ttl)))
+                           (worker_id, sorted(set(endpoint_ids)), json.dumps(info or {}), tx.now, tx.now + float(ttl)))
 
     def deregister_worker(self, worker_id: str) -> None:
         with self._cursor() as cur:

@@ -32,7 +32,7 @@ from . import jobs as J
 from .jobs import Job
 from .store import (EV_LOG, EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, DEFAULT_LEASE_SECONDS,
                     CancelOutcome, JobEvent, JobNotFound, JobStore, Lease, Preview)
-from .store_rows import (COLUMNS, JSON_COLUMNS, check_lease, check_new, iso_timestamp, log_line, matches,
+from .store_rows import (COLUMNS, check_lease, job_values, check_new, iso_timestamp, log_line, log_text, matches,
                          requeue_note, row_to_job, sweep_decision)
 
 __all__ = ["SQLiteJobStore", "SCHEMA_VERSION", "iso_timestamp"]
@@ -138,19 +138,11 @@ _SELECT = "SELECT seq, " + ", ".join(COLUMNS) + " FROM jobs"
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
-    return row_to_job(row, json_text=True)
+    return row_to_job(row)
 
 
 def _job_values(job: Job) -> list[Any]:
-    out: list[Any] = []
-    for name in COLUMNS:
-        value = getattr(job, name)
-        if name in JSON_COLUMNS:
-            value = None if value is None else json.dumps(value, separators=(",", ":"))
-        elif name == "cancel_requested":
-            value = int(bool(value))
-        out.append(value)
-    return out
+    return job_values(job, bool_type=int)
 
 
 def _create_private(path: Path) -> None:
@@ -420,7 +412,7 @@ class SQLiteJobStore(JobStore):
                     raise ValueError(f"the lease is for request {lease.request_id}, not {request_id}")
                 self._fenced(con, lease)
             con.execute("INSERT INTO job_logs(request_id, timestamp, level, source, message) VALUES (?, ?, ?, ?, ?)",
-                        (request_id, now, level, source, str(message)))
+                        (request_id, now, log_text(level), log_text(source), log_text(message)))
             self._event(con, request_id, EV_LOG, now)
 
     def record_progress(self, lease: Lease, step: int, total: int, preview: Optional[str] = None) -> None:

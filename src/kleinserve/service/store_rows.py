@@ -32,6 +32,12 @@ def log_line(timestamp: float, level: str, source: str, message: str) -> dict[st
     return {"message": message, "level": level, "source": source, "timestamp": iso_timestamp(timestamp)}
 
 
+def log_text(value: object) -> str:
+    """A log line as stored: text, NUL replaced by U+FFFD (PostgreSQL text cannot hold NUL; both
+    stores keep the same)."""
+    return str(value).replace("\x00", "\ufffd")
+
+
 def matches(match: Callable[[Job], bool], job: Job) -> bool:
     """`match(job)`, where a predicate that cannot judge a job passes it over."""
     try:
@@ -41,13 +47,12 @@ def matches(match: Callable[[Job], bool], job: Job) -> bool:
         return False
 
 
-def row_to_job(row: Mapping[str, Any], *, json_text: bool) -> Job:
-    """A `jobs` row (a mapping with `seq` and COLUMNS) as a Job. `json_text`: the JSON columns are
-    text to decode (SQLite); otherwise already decoded (PostgreSQL jsonb)."""
+def row_to_job(row: Mapping[str, Any]) -> Job:
+    """A `jobs` row (a mapping with `seq` and COLUMNS; the JSON columns as text) as a Job."""
     kw: dict[str, Any] = {}
     for name in COLUMNS:
         value = row[name]
-        if json_text and name in JSON_COLUMNS and value is not None:
+        if name in JSON_COLUMNS and value is not None:
             value = json.loads(value)
         kw[name] = value
     kw["cancel_requested"] = bool(kw["cancel_requested"])
@@ -57,6 +62,20 @@ def row_to_job(row: Mapping[str, Any], *, json_text: bool) -> Job:
     job = Job(**kw)
     job.seq = int(row["seq"])
     return job
+
+
+def job_values(job: Job, *, bool_type: type = bool) -> list[Any]:
+    """The job's COLUMNS values, in order: JSON columns as compact JSON text (both stores keep text:
+    PostgreSQL's jsonb cannot hold "\u0000", which a prompt may contain)."""
+    out: list[Any] = []
+    for name in COLUMNS:
+        value = getattr(job, name)
+        if name in JSON_COLUMNS:
+            value = None if value is None else json.dumps(value, separators=(",", ":"))
+        elif name == "cancel_requested":
+            value = bool_type(bool(value))
+        out.append(value)
+    return out
 
 
 def check_new(job: Job) -> None:
