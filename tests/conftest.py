@@ -26,3 +26,7 @@ def tiny_model_dir(tmp_path_factory):
     from kleinserve.engine.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "flux2-klein-tiny")
+
+
+# S3: a throwaway Ceph RGW per session (`s3_server`) and a fresh bucket prefix per test (`s3_url`).
+from s3_server import s3_server, s3_url  # noqa: E402,F401

@@ -117,8 +117,7 @@ class S3FileStorage(FileStorage):
             "s3", config=config or default_config(addressing_style)
         )
 
-    @property
-    def description(self) -> str:
+    def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix} at {self._client.meta.endpoint_url}"
 
     def close(self) -> None:
@@ -213,7 +212,7 @@ class S3FileStorage(FileStorage):
         )
 
     # reads ----------------------------------------------------------------------------------
-    def check(self) -> None:
+    def ping(self) -> None:
         with self._errors(f"HEAD bucket {self.bucket}"):
             try:
                 self._client.head_bucket(Bucket=self.bucket)

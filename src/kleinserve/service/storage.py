@@ -314,14 +314,14 @@ class FileStorage(ABC):
         backend has none (local disk)."""
         return None
 
-    def check(self) -> None:
-        """Raises StorageUnavailable when the backend cannot be reached (for readiness probes)."""
+    @abstractmethod
+    def ping(self) -> None:
+        """Raises StorageError (StorageUnavailable when the backend cannot be reached) for /ready."""
 
     def close(self) -> None:
         """Releases connections; the storage is not used afterwards."""
 
-    @property
-    def description(self) -> str:
+    def describe(self) -> str:
         """Where the files live, for logs and /ready (never a credential)."""
         return type(self).__name__
 
@@ -592,9 +592,12 @@ class LocalFileStorage(FileStorage):
             raise FileNotFound("no such file") from None
         return _LocalFileStream(f, start, stop)
 
-    @property
-    def description(self) -> str:
+    def describe(self) -> str:
         return f"file://{self.root.resolve()}"
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
 
     def delete(self, file_id: str) -> bool:
         if not is_valid_file_id(file_id):
