@@ -206,7 +206,7 @@ def test_s3_objects_carry_their_metadata(s3_server, s3_url, tmp_path: Path):
     assert head["ContentType"] == "image/png" and head["ContentLength"] == f.size
     assert head["ContentDisposition"] == 'inline; filename="cat.png"'
     assert head["Metadata"]["ks-owner"] == "k_9" and head["Metadata"]["ks-sha256"] == f.sha256
-    url = st.presigned_url(f, 60)
+    url = st.direct_url(f, 60)
     r = httpx.get(url, headers={"Range": "bytes=1-3"})
     assert r.status_code == 206 and r.content == b"PNG"
     assert "s3://" in st.describe() and s3_server.endpoint in st.describe()
@@ -255,6 +255,24 @@ def test_storage_url_errors_say_what_is_accepted(url, error):
 
     with pytest.raises(ValueError, match=error.replace("?", r"\?").replace(".", r"\.")):
         Settings(storage=url)
+
+
+def test_storage_options_are_checked_together():
+    from kleinserve.service.settings import Settings
+
+    with pytest.raises(ValueError, match="needs --storage s3://"):
+        Settings(storage_redirect=True)
+    with pytest.raises(ValueError, match="add --storage-redirect"):
+        Settings(storage="s3://b-1/p", storage_public_url="https://cdn.example")
+    with pytest.raises(ValueError, match="https://"):
+        Settings(storage="s3://b-1/p", storage_redirect=True, storage_public_url="cdn.example")
+    s = Settings(storage="s3://b-1/p", storage_redirect=True, storage_public_url="https://cdn.example/")
+    assert s.storage_public_url == "https://cdn.example"
+    env = Settings.from_sources({}, env={"KLEINSERVE_STORAGE": "s3://b-1/p?addressing_style=path",
+                                         "KLEINSERVE_STORAGE_REDIRECT": "1"})
+    assert env.storage == "s3://b-1/p?addressing_style=path" and env.storage_redirect is True
+    with pytest.raises(ValueError, match="KLEINSERVE_STORAGE"):
+        Settings.from_sources({}, env={"KLEINSERVE_STORAGE": "ftp://x"})
 
 
 def test_storage_urls_parse():

@@ -131,6 +131,23 @@ def test_redirect_mode_answers_307_to_a_presigned_url(s3_server, s3_url, tmp_pat
         assert r.status_code == 206 and r.content == data[10:20]
         assert httpx.get(file_url.replace("blob.bin", "x.bin")).status_code == 404  # checked before redirecting
 
+    # a public/CDN base URL: here the bucket itself, made publicly readable under this prefix
+    bucket, prefix = _bucket_prefix(s3_url)
+    s3_server.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                       "Resource": f"arn:aws:s3:::{bucket}/{prefix}/*"}]}))
+    try:
+        public = f"{s3_server.endpoint}/{bucket}"
+        app = make_app(tmp_path / "data2", s3_url, storage_redirect=True, storage_public_url=public)
+        with serve_app(app) as srv:
+            r = httpx.get(f"{srv.base_url}/files/{_file_id(file_url)}/blob.bin")
+            assert r.status_code == 307 and r.headers["location"] == f"{public}/{prefix}/files/{_file_id(file_url)}"
+            r = httpx.get(r.headers["location"])  # no signature: readable because public
+            assert r.status_code == 200 and r.content == data
+    finally:
+        s3_server.client().delete_bucket_policy(Bucket=bucket)
+
 
 def test_s3_outage_downloads_503_then_recover_uploads_fail_cleanly(s3_server, s3_url, tmp_path: Path):
     with serve_app(make_app(tmp_path / "data", s3_url)) as srv:

@@ -71,7 +71,7 @@ UPLOAD_TOKEN_TTL = 15 * 60.0  # signed single upload URL
 MULTIPART_TOKEN_TTL = 6 * 3600.0  # signed multipart upload URL (large files take a while)
 CDN_TOKEN_TTL = 3600.0  # the Python client's bearer token; it refreshes it when expired
 WRITE_CHUNK = 1 << 20
-PRESIGNED_GET_TTL = 15 * 60.0  # --storage-redirect: how long the presigned URL a 307 points at lives
+PRESIGNED_GET_TTL = 15 * 60.0  # --storage-redirect: how long a presigned URL a 307 points at lives
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +95,8 @@ def storage_services(app: Any) -> StorageServices:
         max_bytes = settings.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES
         svc = StorageServices(
             storage=open_storage(getattr(settings, "storage", None), data_dir=data_dir,
-                                 max_upload_bytes=max_bytes),
+                                 max_upload_bytes=max_bytes,
+                                 public_base_url=getattr(settings, "storage_public_url", None)),
             tokens=UploadTokens.from_data_dir(data_dir),
             signer=WebhookSigner.from_data_dir(data_dir),
         )
@@ -546,7 +547,7 @@ async def download_file(request: Request, file_id: str, file_name: str):
     if file_name != meta.file_name:
         raise HTTPException(status_code=404, detail="no such file")
     if getattr(request.app.state.settings, "storage_redirect", False):
-        url = await run_in_threadpool(svc.storage.presigned_url, meta, PRESIGNED_GET_TTL)
+        url = await run_in_threadpool(svc.storage.direct_url, meta, PRESIGNED_GET_TTL)
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "private, no-store"})
     headers = _file_headers(meta)

@@ -105,6 +105,7 @@ class S3FileStorage(FileStorage):
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         addressing_style: Optional[str] = None,
         config: Optional[Config] = None,
+        public_base_url: Optional[str] = None,
     ):
         if max_upload_bytes <= 0:
             raise ValueError("max_upload_bytes must be positive")
@@ -113,15 +114,19 @@ class S3FileStorage(FileStorage):
         self.bucket = bucket
         self.prefix = prefix
         self.max_upload_bytes = int(max_upload_bytes)
-        self._client = boto3.session.Session().client(
-            "s3", config=config or default_config(addressing_style)
-        )
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        session = boto3.session.Session()
+        self._client = session.client("s3", config=config or default_config(addressing_style))
+        # /ready asks often and must answer fast: one attempt, short timeouts
+        self._probe = session.client("s3", config=(config or default_config(addressing_style)).merge(
+            Config(connect_timeout=1, read_timeout=2, retries={"total_max_attempts": 1})))
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix} at {self._client.meta.endpoint_url}"
 
     def close(self) -> None:
         self._client.close()
+        self._probe.close()
 
     # keys and errors -----------------------------------------------------------------------
     def _file_key(self, file_id: str) -> str:
@@ -215,7 +220,7 @@ class S3FileStorage(FileStorage):
     def ping(self) -> None:
         with self._errors(f"HEAD bucket {self.bucket}"):
             try:
-                self._client.head_bucket(Bucket=self.bucket)
+                self._probe.head_bucket(Bucket=self.bucket)
             except ClientError as exc:
                 if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     raise ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket") from None
@@ -246,11 +251,14 @@ class S3FileStorage(FileStorage):
             obj = self._client.get_object(**args)
         return _S3Stream(obj["Body"], self)
 
-    def presigned_url(self, meta: StoredFile, expires_in: float) -> Optional[str]:
+    def direct_url(self, meta: StoredFile, expires_in: float) -> Optional[str]:
+        key = self._file_key(meta.id)
+        if self.public_base_url:
+            return f"{self.public_base_url}/{key}"
         # Signing is local: no request is made here.
         return self._client.generate_presigned_url(
             "get_object",
-            Params={"Bucket": self.bucket, "Key": self._file_key(meta.id)},
+            Params={"Bucket": self.bucket, "Key": key},
             ExpiresIn=max(1, int(expires_in)),
         )
 

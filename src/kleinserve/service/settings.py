@@ -140,6 +140,7 @@ class Settings:
     max_upload_bytes: int = 100 * 1024 * 1024
     storage: Optional[str] = None
     storage_redirect: bool = False
+    storage_public_url: Optional[str] = None
     preview_every: int = 4
     batch_images: int = 1
     max_run_seconds: float = 1800.0
@@ -155,6 +156,16 @@ class Settings:
             self.public_url = str(self.public_url).rstrip("/")
         if self.storage:
             self.storage = check_storage_url(self.storage)
+        if self.storage_redirect and not (self.storage or "").startswith("s3://"):
+            raise ValueError("--storage-redirect redirects to the object store: it needs --storage s3://...")
+        if self.storage_public_url:
+            self.storage_public_url = str(self.storage_public_url).rstrip("/")
+            if not self.storage_public_url.startswith(("https://", "http://")):
+                raise ValueError(f"storage public URL must start with https:// or http://, "
+                                 f"not {self.storage_public_url!r}")
+            if not self.storage_redirect:
+                raise ValueError("--storage-public-url is where --storage-redirect sends downloads: "
+                                 "add --storage-redirect")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
         if self.batch_images < 1:
@@ -248,6 +259,9 @@ OPTIONS: list[Option] = [
     Option("storage_redirect", ("--storage-redirect",), "KLEINSERVE_STORAGE_REDIRECT", parse_bool,
            "Answer file downloads with a 307 to a short-lived presigned URL of the object store instead of "
            "streaming the bytes (S3 only; clients must reach the store's endpoint).", kind="flag"),
+    Option("storage_public_url", ("--storage-public-url",), "KLEINSERVE_STORAGE_PUBLIC_URL", _opt_str,
+           "With --storage-redirect: redirect to this base URL plus the object's key (a CDN or public "
+           "bucket in front of the S3 storage) instead of a presigned URL.", metavar="URL"),
     Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", parse_int,
            "Send a preview image every N denoising steps on /stream (0: never)."),
     Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", parse_int,

@@ -309,9 +309,10 @@ class FileStorage(ABC):
         with self.read(file_id) as stream:
             return b"".join(stream)
 
-    def presigned_url(self, meta: StoredFile, expires_in: float) -> Optional[str]:
-        """A URL the client can GET the file from directly (for redirects), or None when the
-        backend has none (local disk)."""
+    def direct_url(self, meta: StoredFile, expires_in: float) -> Optional[str]:
+        """A URL the client can GET the file from directly, for `--storage-redirect`: the object
+        under the public/CDN base URL when one is configured, else a presigned URL valid for
+        `expires_in` seconds; None when the backend has none (local disk)."""
         return None
 
     @abstractmethod
@@ -767,10 +768,13 @@ def open_storage(
     *,
     data_dir: Path | str,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    public_base_url: Optional[str] = None,
 ) -> FileStorage:
     """The file storage `url` names: None (or empty) is `<data_dir>/files` on local disk. An
     s3:// storage takes its endpoint, region and credentials from the standard AWS environment
-    variables and config files (boto3's own lookup); nothing is contacted here."""
+    variables and config files (boto3's own lookup); nothing is contacted here.
+    `public_base_url` (S3 only): where the bucket's objects are publicly readable (a CDN or a
+    public bucket), `{public_base_url}/{object key}`; `direct_url` then points there."""
     if not url:
         return LocalFileStorage.in_data_dir(data_dir, max_upload_bytes=max_upload_bytes)
     loc = parse_storage_url(url)
@@ -780,7 +784,7 @@ def open_storage(
     from kleinserve.service.s3_storage import S3FileStorage  # boto3 is only imported when used
 
     return S3FileStorage(loc.bucket, loc.prefix, max_upload_bytes=max_upload_bytes,
-                         addressing_style=loc.addressing_style)
+                         addressing_style=loc.addressing_style, public_base_url=public_base_url)
 
 
 # --------------------------------------------------------------------------------------------------
