@@ -262,7 +262,16 @@ def test_http_initiate_put_download(server):
     assert d.headers["x-content-type-options"] == "nosniff"
     assert "sandbox" in d.headers["content-security-policy"]
     assert 'filename="cat.png"' in d.headers["content-disposition"]
-    assert httpx.head(file_url).status_code == 200
+    h = httpx.head(file_url)
+    assert h.status_code == 200 and h.headers["content-length"] == str(len(PNG)) and h.content == b""
+    assert d.headers["etag"] == h.headers["etag"] and d.headers["accept-ranges"] == "bytes"
+    r = httpx.get(file_url, headers={"Range": "bytes=1-3"})
+    assert r.status_code == 206 and r.content == PNG[1:4]
+    assert r.headers["content-range"] == f"bytes 1-3/{len(PNG)}" and r.headers["content-length"] == "3"
+    assert httpx.get(file_url, headers={"Range": "bytes=-4"}).content == PNG[-4:]
+    r = httpx.get(file_url, headers={"Range": f"bytes={len(PNG)}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(PNG)}"
+    assert httpx.get(file_url, headers={"Range": "lines=1-2"}).status_code == 400
     # wrong name, bad id, traversal attempts: all 404
     fid = file_url.split("/")[-2]
     for path in [f"/files/{fid}/dog.png", "/files/" + "0" * 32 + "/cat.png", "/files/../etc/passwd",

@@ -282,3 +282,23 @@ def test_storage_urls_parse():
     assert (loc.bucket, loc.prefix, loc.addressing_style) == ("my-bucket", "a/b/", "path")
     assert parse_storage_url("s3://my-bucket").prefix == ""
     assert parse_storage_url("file:///var/lib/ks").path == Path("/var/lib/ks")
+
+
+def test_s3_outage_mid_read_raises_unavailable(s3_server, s3_url, tmp_path: Path):
+    """radosgw SIGKILLed while a file is being read: the rest of the iteration raises
+    StorageUnavailable (the API then cuts the response short), and the stream still closes."""
+    st = open_storage(s3_url, data_dir=tmp_path, max_upload_bytes=32 * MiB)
+    f = st.put(os.urandom(32 * MiB), "application/octet-stream", "a.bin")
+    stream = st.read(f.id)
+    it = iter(stream)
+    got = len(next(it))
+    s3_server.kill_rgw()
+    try:
+        with pytest.raises(StorageUnavailable):
+            for chunk in it:
+                got += len(chunk)
+        assert got < f.size
+    finally:
+        stream.close()
+        s3_server.start_rgw()
+    assert st.get(f.id) == f  # the objects outlive radosgw (they are in the OSD)

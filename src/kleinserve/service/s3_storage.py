@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import boto3
+import urllib3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -454,7 +455,12 @@ class _S3Stream(FileStream):
         if self._body is None:
             return
         with self._storage._errors("reading an object"):
-            yield from self._body.iter_chunks(READ_CHUNK)
+            try:
+                yield from self._body.iter_chunks(READ_CHUNK)
+            except (OSError, urllib3.exceptions.HTTPError) as exc:  # what botocore does not wrap
+                raise StorageUnavailable(
+                    f"file storage unavailable: reading the object failed ({type(exc).__name__})",
+                    RETRY_AFTER) from None
 
     def close(self) -> None:
         if self._body is not None:
