@@ -64,6 +64,8 @@ def test_read_ranges(storage: FileStorage):
     f = storage.put(data, "application/octet-stream", "r.bin")
     for start, stop in [(0, 1), (1, 5), (100, None), (0, 10240), (10239, 10240), (5000, 9000), (7, 7)]:
         assert _read(storage, f.id, start, stop) == data[start:stop], (start, stop)
+    empty = storage.put(b"", "application/octet-stream", "empty.bin")
+    assert empty.size == 0 and storage.get(empty.id).size == 0 and storage.read_bytes(empty.id) == b""
     stream = storage.read(f.id, 0, 10240)
     first = next(iter(stream))  # a reader that stops early still closes cleanly
     assert data.startswith(first)
