@@ -53,8 +53,11 @@ def test_put_open_roundtrip(storage: LocalFileStorage):
     assert len(f.id) == 32 and f.size == len(PNG) and f.content_type == "image/png"
     assert f.file_name == "cat.png" and f.owner == "k_1" and f.sha256
     assert f.url("https://h:1/") == f"https://h:1/files/{f.id}/cat.png"
-    path, ctype, name = storage.open(f.id)
-    assert path.read_bytes() == PNG and ctype == "image/png" and name == "cat.png"
+    assert storage.read_bytes(f.id) == PNG
+    with storage.read(f.id, 1, 4) as stream:
+        assert b"".join(stream) == PNG[1:4]
+    path = storage._paths(f.id)[0]
+    assert path.read_bytes() == PNG
     # sidecar metadata next to the bytes
     meta = json.loads((path.parent / f"{f.id}.json").read_text())
     assert meta["file_name"] == "cat.png" and meta["size"] == len(PNG)
@@ -67,10 +70,12 @@ def test_ids_and_names_cannot_traverse(storage: LocalFileStorage, tmp_path: Path
     for bad in ["../../etc/passwd", "..", "", "A" * 32, "0" * 31, "0" * 33, "../" + "0" * 32,
                 "0" * 31 + "/", "0" * 32 + "\x00"]:
         with pytest.raises(FileNotFound):
-            storage.open(bad)
+            storage.read(bad)
+        with pytest.raises(FileNotFound):
+            storage.get(bad)
     f = storage.put(b"x", "text/plain", "../../../../tmp/evil.txt")
     assert f.file_name == "evil.txt"
-    assert storage.open(f.id)[0].resolve().is_relative_to((tmp_path / "files").resolve())
+    assert storage._paths(f.id)[0].resolve().is_relative_to((tmp_path / "files").resolve())
     assert not (tmp_path / "evil.txt").exists()
     with pytest.raises(InvalidUpload):
         storage.put(b"x", "text/plain", "a.txt", file_id="../" + "0" * 29)
@@ -131,11 +136,11 @@ def test_retention_and_expiry(storage: LocalFileStorage):
     path.write_text(json.dumps(meta))
     time.sleep(0.1)
     with pytest.raises(FileNotFound):
-        storage.open(short.id)  # expired files are gone at once, even before the purge
+        storage.read(short.id)  # expired files are gone at once, even before the purge
     assert storage.purge_older_than(600) == 2
     with pytest.raises(FileNotFound):
-        storage.open(old.id)
-    assert storage.open(new.id)[0].read_bytes() == b"new"
+        storage.read(old.id)
+    assert storage.read_bytes(new.id) == b"new"
     assert not storage._paths(old.id)[0].exists()
 
 
@@ -164,8 +169,8 @@ def test_maintenance_purge_removes_old_uploads(tmp_path: Path):
         Maintenance(store, settings=settings, storage=storage).purge_now()
 
         with pytest.raises(FileNotFound):
-            storage.open(old.id)
-        assert storage.open(fresh.id)[0].read_bytes() == b"fresh"
+            storage.read(old.id)
+        assert storage.read_bytes(fresh.id) == b"fresh"
         assert not mp_dir.exists()
         assert storage.get_multipart(ongoing.upload_id).upload_id == ongoing.upload_id
     finally:
@@ -182,7 +187,7 @@ def test_multipart(storage: LocalFileStorage):
         storage.complete_multipart(mp.upload_id, [1, 2, 3, 4])
     f = storage.complete_multipart(mp.upload_id, [1, 2, 3])
     assert f.id == mp.file.id and f.size == 610 and f.owner == "o"
-    assert storage.open(f.id)[0].read_bytes() == b"A" * 300 + b"B" * 300 + b"C" * 10
+    assert storage.read_bytes(f.id) == b"A" * 300 + b"B" * 300 + b"C" * 10
     with pytest.raises(FileNotFound):
         storage.get_multipart(mp.upload_id)  # cleaned up
     mp2 = storage.create_multipart("application/octet-stream", "too-big.bin")
@@ -258,7 +263,16 @@ def test_http_initiate_put_download(server):
     assert d.headers["x-content-type-options"] == "nosniff"
     assert "sandbox" in d.headers["content-security-policy"]
     assert 'filename="cat.png"' in d.headers["content-disposition"]
-    assert httpx.head(file_url).status_code == 200
+    h = httpx.head(file_url)
+    assert h.status_code == 200 and h.headers["content-length"] == str(len(PNG)) and h.content == b""
+    assert d.headers["etag"] == h.headers["etag"] and d.headers["accept-ranges"] == "bytes"
+    r = httpx.get(file_url, headers={"Range": "bytes=1-3"})
+    assert r.status_code == 206 and r.content == PNG[1:4]
+    assert r.headers["content-range"] == f"bytes 1-3/{len(PNG)}" and r.headers["content-length"] == "3"
+    assert httpx.get(file_url, headers={"Range": "bytes=-4"}).content == PNG[-4:]
+    r = httpx.get(file_url, headers={"Range": f"bytes={len(PNG)}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(PNG)}"
+    assert httpx.get(file_url, headers={"Range": "lines=1-2"}).status_code == 400
     # wrong name, bad id, traversal attempts: all 404
     fid = file_url.split("/")[-2]
     for path in [f"/files/{fid}/dog.png", "/files/" + "0" * 32 + "/cat.png", "/files/../etc/passwd",

@@ -13,7 +13,10 @@ webhook JWKS.
     PUT  /files/{id}/{name}/multipart/{upload_id}/{part}           -> ETag header
     POST /files/{id}/{name}/multipart/{upload_id}/complete         {parts} -> {access_url}
     GET  /files/{id}/{name}                                        the file (no auth: the random id is
-                                                                   the capability, like fal's CDN)
+                                                                   the capability, like fal's CDN);
+                                                                   streamed from any backend, with Range
+                                                                   (or a 307 to a presigned URL with
+                                                                   --storage-redirect)
     GET  /.well-known/jwks.json                                    the webhook signing key
 
 The JS client (`fal.storage.upload`) uses `initiate` + PUT (multipart above 90 MiB); the Python
@@ -24,18 +27,24 @@ falls back to `initiate?storage_type=gcs` + PUT. See docs/STORAGE_WEBHOOKS.md.
 from __future__ import annotations
 
 import datetime as _dt
+import email.utils
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from kleinserve.service.storage import (
+    FileNotFound,
+    FileStream,
     InvalidToken,
     StorageError,
+    StorageUnavailable,
     StoredFile,
     ExpiredToken,
     is_valid_file_id,
@@ -57,6 +66,7 @@ UPLOAD_TOKEN_TTL = 15 * 60.0  # signed single upload URL
 MULTIPART_TOKEN_TTL = 6 * 3600.0  # signed multipart upload URL (large files take a while)
 CDN_TOKEN_TTL = 3600.0  # the Python client's bearer token; it refreshes it when expired
 WRITE_CHUNK = 1 << 20
+PRESIGNED_GET_TTL = 15 * 60.0  # --storage-redirect: how long a presigned URL a 307 points at lives
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,7 +78,10 @@ def _svc(request: Request) -> Services:
 
 
 def _raise(exc: StorageError) -> None:
-    raise HTTPException(status_code=exc.status_code, detail=exc.detail)
+    headers = None
+    if isinstance(exc, StorageUnavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    raise HTTPException(status_code=exc.status_code, detail=exc.detail, headers=headers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,9 +405,9 @@ async def cdn_multipart_create(
     return {"access_url": mp.file.url(public_base(request)), "uploadId": mp.upload_id}
 
 
-def _check_mp_file(svc: Services, file_id: str, file_name: str, upload_id: str) -> None:
+async def _check_mp_file(svc: Services, file_id: str, file_name: str, upload_id: str) -> None:
     try:
-        mp = svc.storage.get_multipart(upload_id)
+        mp = await run_in_threadpool(svc.storage.get_multipart, upload_id)
     except StorageError as exc:
         _raise(exc)
     if mp.file.id != file_id or mp.file.file_name != file_name:
@@ -411,7 +424,7 @@ async def cdn_multipart_part(
     _owner: Optional[str] = Depends(_cdn_or_api_key_owner),
 ):
     svc = _svc(request)
-    _check_mp_file(svc, file_id, file_name, upload_id)
+    await _check_mp_file(svc, file_id, file_name, upload_id)
     etag = await _put_part(request, svc, upload_id, part_number)
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
 
@@ -425,7 +438,7 @@ async def cdn_multipart_complete(
     _owner: Optional[str] = Depends(_cdn_or_api_key_owner),
 ):
     svc = _svc(request)
-    _check_mp_file(svc, file_id, file_name, upload_id)
+    await _check_mp_file(svc, file_id, file_name, upload_id)
     stored = await _complete(request, svc, upload_id)
     return {"access_url": stored.url(public_base(request))}
 
@@ -434,34 +447,100 @@ async def cdn_multipart_complete(
 # downloads and JWKS
 
 
+def _file_headers(meta: StoredFile) -> dict[str, str]:
+    return {
+        "Content-Type": meta.content_type,
+        "Content-Disposition": f'inline; filename="{meta.file_name}"',  # names are plain ASCII
+        "ETag": meta.etag,
+        "Last-Modified": email.utils.formatdate(meta.created_at or 0, usegmt=True),
+        "Accept-Ranges": "bytes",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+        "Cache-Control": "public, max-age=3600",
+    }
+
+
+def _byte_range(request: Request, meta: StoredFile) -> Optional[tuple[int, int]]:
+    """The one range [start, stop) a `Range` header asks for, or None for the whole file (no
+    header, an If-Range that no longer matches, or several ranges: answered whole, as RFC 9110
+    allows). Raises HTTPException 416 (unsatisfiable) or 400 (malformed)."""
+    header = request.headers.get("range")
+    if header is None:
+        return None
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range != meta.etag:
+        return None
+    try:
+        # starlette's own parser (the one FileResponse uses): suffix, open-ended and merged ranges
+        ranges = FileResponse._parse_range_header(header, meta.size)
+    except MalformedRangeHeader as exc:
+        raise HTTPException(status_code=400, detail=f"invalid Range header: {exc.content}") from None
+    except RangeNotSatisfiable:
+        raise HTTPException(
+            status_code=416,
+            detail=f"range not satisfiable: the file has {meta.size} bytes",
+            headers={"Content-Range": f"bytes */{meta.size}"},
+        ) from None
+    return ranges[0] if len(ranges) == 1 else None
+
+
+async def _stream_body(stream: FileStream) -> AsyncIterator[bytes]:
+    """The stream's chunks, read off the event loop; the stream is closed however this ends
+    (finished, client gone, backend failed mid-way)."""
+    try:
+        it = iter(stream)
+        while True:
+            chunk = await run_in_threadpool(next, it, None)
+            if chunk is None:
+                return
+            yield chunk
+    except StorageError as exc:
+        log.warning("download interrupted: %s", exc.detail)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(stream.close)
+
+
 @router.get("/files/{file_id}/{file_name}")
 async def download_file(request: Request, file_id: str, file_name: str):
     svc = _svc(request)
     if not is_valid_file_id(file_id):
         raise HTTPException(status_code=404, detail="no such file")
     try:
-        path, content_type, stored_name = await run_in_threadpool(svc.storage.open, file_id)
-    except StorageError:
+        meta = await run_in_threadpool(svc.storage.get, file_id)
+    except FileNotFound:
         raise HTTPException(status_code=404, detail="no such file") from None
-    if file_name != stored_name:
+    except StorageError as exc:
+        _raise(exc)
+    if file_name != meta.file_name:
         raise HTTPException(status_code=404, detail="no such file")
-    return FileResponse(
-        path,
-        media_type=content_type,
-        filename=stored_name,
-        content_disposition_type="inline",
-        headers={
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-            "Cache-Control": "public, max-age=3600",
-        },
-    )
+    if getattr(request.app.state.settings, "storage_redirect", False):
+        url = await run_in_threadpool(svc.storage.direct_url, meta, PRESIGNED_GET_TTL)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "private, no-store"})
+    headers = _file_headers(meta)
+    status, start, stop = 200, 0, meta.size
+    rng = _byte_range(request, meta)
+    if rng is not None:
+        (start, stop), status = rng, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
+    headers["Content-Length"] = str(stop - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers)
+    try:
+        stream = await run_in_threadpool(svc.storage.read, file_id, start, stop)
+    except FileNotFound:
+        raise HTTPException(status_code=404, detail="no such file") from None
+    except StorageError as exc:
+        _raise(exc)
+    return StreamingResponse(_stream_body(stream), status_code=status, headers=headers,
+                             media_type=meta.content_type)
 
 
 router.add_api_route(
     "/files/{file_id}/{file_name}", download_file, methods=["HEAD"], include_in_schema=False
 )
-
 
 @router.get("/.well-known/jwks.json")
 async def jwks(request: Request):

@@ -37,7 +37,7 @@ from . import metrics
 from .events import EventFeed
 from .jobs import Job
 from .settings import Settings
-from .storage import FileStorage, LocalFileStorage, UploadTokens, load_or_create_secret
+from .storage import FileStorage, UploadTokens, load_or_create_secret, open_storage
 from .store import JobStore, open_store
 from .webhooks import KEY_FILE_NAME, WebhookDispatcher, WebhookSigner, load_or_create_private_key
 from .worker import Maintenance, Worker
@@ -74,6 +74,7 @@ class Services:
 
     def close(self) -> None:
         self.feed.stop()
+        self.storage.close()
         self.store.close()
 
 
@@ -99,7 +100,9 @@ def _existing_or_new_webhook_key(data_dir: Path) -> Callable[[], bytes]:
 
 
 def build_storage(settings: Settings) -> FileStorage:
-    return LocalFileStorage.in_data_dir(settings.data_dir, max_upload_bytes=settings.max_upload_bytes)
+    """`--storage` (file:///path or s3://bucket/prefix), default the data dir's files/."""
+    return open_storage(settings.storage, data_dir=settings.data_dir, max_upload_bytes=settings.max_upload_bytes,
+                        public_base_url=settings.storage_public_url)
 
 
 def build_services(settings: Settings, registry: "EndpointRegistry", *,
@@ -249,9 +252,9 @@ class Runtime:
             problems.append("the job store cannot be reached")
         try:
             sv.storage.ping()
-            body["storage"] = {"ok": True}
+            body["storage"] = {"ok": True, "url": sv.storage.describe()}
         except Exception as exc:
-            body["storage"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            body["storage"] = {"ok": False, "url": sv.storage.describe(), "error": f"{type(exc).__name__}: {exc}"}
             problems.append("the file storage cannot be reached")
         try:
             workers = sv.store.live_workers() if body["store"]["ok"] else {}

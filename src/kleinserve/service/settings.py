@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from kleinserve.service.storage import check_storage_url
 from kleinserve.service.webhooks import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS
 
 ENV_PREFIX = "KLEINSERVE_"
@@ -149,6 +150,9 @@ class Settings:
     max_attempts: int = 3
     max_request_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
+    storage: Optional[str] = None
+    storage_redirect: bool = False
+    storage_public_url: Optional[str] = None
     preview_every: int = 4
     batch_images: int = 1
     max_run_seconds: float = 1800.0
@@ -175,6 +179,18 @@ class Settings:
             raise ValueError("shutdown grace must be >= 0")
         if self.public_url:
             self.public_url = str(self.public_url).rstrip("/")
+        if self.storage:
+            self.storage = check_storage_url(self.storage)
+        if self.storage_redirect and not (self.storage or "").startswith("s3://"):
+            raise ValueError("--storage-redirect redirects to the object store: it needs --storage s3://...")
+        if self.storage_public_url:
+            self.storage_public_url = str(self.storage_public_url).rstrip("/")
+            if not self.storage_public_url.startswith(("https://", "http://")):
+                raise ValueError(f"storage public URL must start with https:// or http://, "
+                                 f"not {self.storage_public_url!r}")
+            if not self.storage_redirect:
+                raise ValueError("--storage-public-url is where --storage-redirect sends downloads: "
+                                 "add --storage-redirect")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
         if self.batch_images < 1:
@@ -284,6 +300,17 @@ OPTIONS: list[Option] = [
            "Largest request body on the API routes (413 beyond).", metavar="SIZE", commands=("serve",)),
     Option("max_upload_bytes", ("--max-upload-bytes",), "KLEINSERVE_MAX_UPLOAD_BYTES", parse_size,
            "Largest file accepted by the storage upload routes (413 beyond).", metavar="SIZE"),
+    Option("storage", ("--storage",), "KLEINSERVE_STORAGE", check_storage_url,
+           "Where stored files live: file:///path or s3://bucket/prefix (default: DATA_DIR/files). S3's "
+           "endpoint, region and credentials come from the standard AWS variables and config files "
+           "(AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); add "
+           "?addressing_style=path for an endpoint without wildcard DNS.", metavar="URL"),
+    Option("storage_redirect", ("--storage-redirect",), "KLEINSERVE_STORAGE_REDIRECT", parse_bool,
+           "Answer file downloads with a 307 to a short-lived presigned URL of the object store instead of "
+           "streaming the bytes (S3 only; clients must reach the store's endpoint).", kind="flag"),
+    Option("storage_public_url", ("--storage-public-url",), "KLEINSERVE_STORAGE_PUBLIC_URL", _opt_str,
+           "With --storage-redirect: redirect to this base URL plus the object's key (a CDN or public "
+           "bucket in front of the S3 storage) instead of a presigned URL.", metavar="URL"),
     Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", parse_int,
            "Send a preview image every N denoising steps on /stream (0: never)."),
     Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", parse_int,

@@ -13,9 +13,10 @@ On-disk layout of `LocalFileStorage(root)`:
     root/.tmp/                uploads in progress (renamed into place when complete)
     root/.multipart/<id>/     multipart uploads in progress: meta.json + one file per part
 
-This module knows nothing about HTTP; `api/files.py` maps its exceptions to status codes.
-An S3 (or other object store) backend can implement `FileStorage` later; the API layer only uses
-the interface.
+This module knows nothing about HTTP; `api/files.py` maps its exceptions to status codes. The API
+layer only uses the interface: nothing there assumes a local path (`read` streams a byte range).
+`open_storage(url)` picks the backend: `file:///path` (this module) or `s3://bucket/prefix`
+(`service/s3_storage.py`, boto3).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FILE_NAME_LENGTH = 128
@@ -80,6 +82,17 @@ class InvalidToken(StorageError):
 
 class ExpiredToken(InvalidToken):
     status_code = 403
+
+
+class StorageUnavailable(StorageError):
+    """The storage backend cannot be reached (or answers with a server error) right now: try again
+    in `retry_after` seconds. Nothing was written (uploads) or sent (downloads)."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, retry_after: int = 5):
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +210,33 @@ class StoredFile:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def etag(self) -> str:
+        """A strong HTTP entity tag, the same whatever backend or replica serves the file: the
+        content's sha256 when known, else a digest of (id, size, created_at)."""
+        if self.sha256:
+            return f'"{self.sha256}"'
+        basis = f"{self.id}-{self.size}-{self.created_at!r}".encode("ascii")
+        return f'"{hashlib.sha256(basis).hexdigest()[:32]}"'
+
+
+class FileStream(ABC):
+    """An open byte range of a stored file: iterate it for the bytes (chunks of any size), then
+    `close()` it (or use it as a context manager) to release the file handle or connection, also
+    when the reader stops early. Iterating may raise `StorageUnavailable` mid-way."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "FileStream":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
 
 class UploadWriter(ABC):
     """Receives the bytes of one file in chunks; `commit()` makes it visible, `abort()` drops it.
@@ -261,15 +301,33 @@ class FileStorage(ABC):
         """The metadata; raises FileNotFound."""
 
     @abstractmethod
-    def open(self, file_id: str) -> tuple[Path, str, str]:
-        """(path of the bytes, content type, file name); raises FileNotFound."""
+    def read(self, file_id: str, start: int = 0, stop: Optional[int] = None) -> FileStream:
+        """The bytes [start, stop) of the file (stop None: to its end), to be closed by the caller;
+        raises FileNotFound. Callers take the size from `get` and pass a range within it."""
 
-    @abstractmethod
-    def delete(self, file_id: str) -> bool: ...
+    def read_bytes(self, file_id: str) -> bytes:
+        with self.read(file_id) as stream:
+            return b"".join(stream)
+
+    def direct_url(self, meta: StoredFile, expires_in: float) -> Optional[str]:
+        """A URL the client can GET the file from directly, for `--storage-redirect`: the object
+        under the public/CDN base URL when one is configured, else a presigned URL valid for
+        `expires_in` seconds; None when the backend has none (local disk)."""
+        return None
 
     @abstractmethod
     def ping(self) -> None:
-        """Raises when the storage cannot be reached (for /ready)."""
+        """Raises StorageError (StorageUnavailable when the backend cannot be reached) for /ready."""
+
+    def close(self) -> None:
+        """Releases connections; the storage is not used afterwards."""
+
+    def describe(self) -> str:
+        """Where the files live, for logs and /ready (never a credential)."""
+        return type(self).__name__
+
+    @abstractmethod
+    def delete(self, file_id: str) -> bool: ...
 
     @abstractmethod
     def purge_older_than(self, seconds: float) -> int:
@@ -417,6 +475,55 @@ class _LocalPartWriter(_TempFile, PartWriter):
         return f'"{self._md5.hexdigest()}"'
 
 
+def new_file_meta(
+    content_type: Optional[str],
+    file_name: Optional[str],
+    owner: Optional[str],
+    file_id: Optional[str],
+    expires_in: Optional[float],
+) -> StoredFile:
+    """The metadata of a file about to be written (size 0 until it is): the content type checked,
+    the name sanitised, a new id unless `file_id` (which must be valid) is given."""
+    ctype = normalize_content_type(content_type)
+    if file_id is None:
+        file_id = new_file_id()
+    elif not is_valid_file_id(file_id):
+        raise InvalidUpload("invalid file id")
+    now = time.time()
+    return StoredFile(
+        id=file_id,
+        file_name=sanitize_file_name(file_name, ctype),
+        content_type=ctype,
+        size=0,
+        created_at=now,
+        owner=owner,
+        expires_at=(now + float(expires_in)) if expires_in and expires_in > 0 else None,
+    )
+
+
+class _LocalFileStream(FileStream):
+    CHUNK = 256 * 1024
+
+    def __init__(self, f: Any, start: int, stop: Optional[int]):
+        self._f = f
+        self._start = max(0, int(start))
+        self._stop = stop
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._f.seek(self._start)
+        left = None if self._stop is None else max(0, self._stop - self._start)
+        while left is None or left > 0:
+            chunk = self._f.read(self.CHUNK if left is None else min(self.CHUNK, left))
+            if not chunk:
+                return
+            if left is not None:
+                left -= len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class LocalFileStorage(FileStorage):
     """Files on local disk under `root` (created 0700 when missing). Thread- and process-safe for
     the operations the service does: every file appears through an atomic rename."""
@@ -448,29 +555,8 @@ class LocalFileStorage(FileStorage):
         d = self.root / file_id[:2]
         return d / f"{file_id}.bin", d / f"{file_id}.json"
 
-    def _new_meta(
-        self,
-        content_type: Optional[str],
-        file_name: Optional[str],
-        owner: Optional[str],
-        file_id: Optional[str],
-        expires_in: Optional[float],
-    ) -> StoredFile:
-        ctype = normalize_content_type(content_type)
-        if file_id is None:
-            file_id = new_file_id()
-        elif not is_valid_file_id(file_id):
-            raise InvalidUpload("invalid file id")
-        now = time.time()
-        return StoredFile(
-            id=file_id,
-            file_name=sanitize_file_name(file_name, ctype),
-            content_type=ctype,
-            size=0,
-            created_at=now,
-            owner=owner,
-            expires_at=(now + float(expires_in)) if expires_in and expires_in > 0 else None,
-        )
+    def _new_meta(self, content_type, file_name, owner, file_id, expires_in) -> StoredFile:
+        return new_file_meta(content_type, file_name, owner, file_id, expires_in)
 
     def _install(self, tmp: Path, meta: StoredFile) -> None:
         data_path, meta_path = self._paths(meta.id)
@@ -498,9 +584,17 @@ class LocalFileStorage(FileStorage):
             raise FileNotFound("no such file")
         return meta
 
-    def open(self, file_id: str) -> tuple[Path, str, str]:
-        meta = self.get(file_id)
-        return self._paths(file_id)[0], meta.content_type, meta.file_name
+    def read(self, file_id: str, start: int = 0, stop: Optional[int] = None) -> FileStream:
+        data_path = self._paths(file_id)[0]
+        self.get(file_id)  # expired or half-installed files are not there
+        try:
+            f = open(data_path, "rb")
+        except OSError:
+            raise FileNotFound("no such file") from None
+        return _LocalFileStream(f, start, stop)
+
+    def describe(self) -> str:
+        return f"file://{self.root.resolve()}"
 
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
@@ -606,6 +700,91 @@ class LocalFileStorage(FileStorage):
             meta = w.commit()
         shutil.rmtree(d, ignore_errors=True)
         return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing a backend
+
+STORAGE_URL_HELP = "file:///path or s3://bucket/prefix"
+
+
+@dataclass(frozen=True)
+class StorageLocation:
+    """A parsed `--storage` value."""
+
+    scheme: str  # "file" | "s3"
+    path: Optional[Path] = None  # file
+    bucket: str = ""  # s3
+    prefix: str = ""  # s3: "" or ending in "/"
+    addressing_style: Optional[str] = None  # s3: path | virtual | auto (None: boto3's config)
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_QUERY_KEYS = {"addressing_style": ("path", "virtual", "auto")}
+
+
+def parse_storage_url(url: str) -> StorageLocation:
+    """`file:///abs/path` or `s3://bucket[/prefix][?addressing_style=path]`; ValueError (saying
+    what is wrong and what is accepted) otherwise."""
+    raw = str(url).strip()
+    parts = urlsplit(raw)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path or parts.query or parts.fragment:
+            raise ValueError(f"not a storage URL: {raw!r} (use {STORAGE_URL_HELP}; a file URL "
+                             "names an absolute directory, e.g. file:///var/lib/kleinserve/files)")
+        return StorageLocation("file", path=Path(unquote(parts.path)))
+    if parts.scheme == "s3":
+        bucket = parts.netloc
+        if not _BUCKET_RE.fullmatch(bucket or "") or ".." in bucket:
+            raise ValueError(f"not a storage URL: {raw!r}: {bucket!r} is not a valid S3 bucket name "
+                             f"(3-63 characters: a-z 0-9 . -); use {STORAGE_URL_HELP}")
+        prefix = unquote(parts.path).strip("/")
+        if prefix and any(seg in ("", ".", "..") for seg in prefix.split("/")):
+            raise ValueError(f"not a storage URL: {raw!r}: the key prefix {prefix!r} has an empty, "
+                             "'.' or '..' segment")
+        style = None
+        for item in filter(None, parts.query.split("&")):
+            key, _, value = item.partition("=")
+            if key not in _S3_QUERY_KEYS or value not in _S3_QUERY_KEYS[key]:
+                raise ValueError(f"not a storage URL: {raw!r}: unknown option {item!r} (accepted: "
+                                 "addressing_style=path|virtual|auto)")
+            style = value
+        return StorageLocation("s3", bucket=bucket, prefix=prefix + "/" if prefix else "",
+                               addressing_style=style)
+    raise ValueError(f"not a storage URL: {raw!r} (use {STORAGE_URL_HELP})")
+
+
+def check_storage_url(url: Any) -> Optional[str]:
+    """The settings parser of `--storage`: the URL unchanged if it parses, None when empty."""
+    text = str(url).strip()
+    if not text:
+        return None
+    parse_storage_url(text)
+    return text
+
+
+def open_storage(
+    url: Optional[str],
+    *,
+    data_dir: Path | str,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    public_base_url: Optional[str] = None,
+) -> FileStorage:
+    """The file storage `url` names: None (or empty) is `<data_dir>/files` on local disk. An
+    s3:// storage takes its endpoint, region and credentials from the standard AWS environment
+    variables and config files (boto3's own lookup); nothing is contacted here.
+    `public_base_url` (S3 only): where the bucket's objects are publicly readable (a CDN or a
+    public bucket), `{public_base_url}/{object key}`; `direct_url` then points there."""
+    if not url:
+        return LocalFileStorage.in_data_dir(data_dir, max_upload_bytes=max_upload_bytes)
+    loc = parse_storage_url(url)
+    if loc.scheme == "file":
+        assert loc.path is not None
+        return LocalFileStorage(loc.path, max_upload_bytes=max_upload_bytes)
+    from kleinserve.service.s3_storage import S3FileStorage  # boto3 is only imported when used
+
+    return S3FileStorage(loc.bucket, loc.prefix, max_upload_bytes=max_upload_bytes,
+                         addressing_style=loc.addressing_style, public_base_url=public_base_url)
 
 
 # --------------------------------------------------------------------------------------------------
