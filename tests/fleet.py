@@ -106,7 +106,7 @@ class Fleet:
 
     def _common(self) -> list[str]:
         return ["--store", self.store_url, "--data-dir", str(self.data_dir), "--worker-stale-after", self.lease,
-                "--preview-every", "4", "--log-level", "info", "--shutdown-grace", "20s"]
+                "--preview-every", "4", "--log-level", "info", "--shutdown-grace", "0s"]
 
     def add_api(self, name: str) -> Proc:
         port = free_port()

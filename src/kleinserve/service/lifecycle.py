@@ -3,13 +3,15 @@ the event feed, the webhook dispatcher).
 
 A `Loop` runs `body()` every `interval` seconds (or sooner after `wake()`) on a daemon thread until
 `stop()`. A body that raises is logged and the loop goes on: a background part never dies of one
-bad pass (a store that is briefly unreachable, say).
+bad pass (a store that is briefly unreachable, say). The first failure is logged with its traceback;
+while the same failure repeats, one line every `quiet_for` seconds; and one line when it recovers.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
@@ -17,8 +19,12 @@ log = logging.getLogger(__name__)
 
 class Loop:
     def __init__(self, name: str, body: Callable[[], None], *, interval: float,
-                 error_backoff: float = 1.0):
+                 error_backoff: float = 1.0, quiet_for: float = 30.0):
         self.name = name
+        self.quiet_for = quiet_for
+        self._failing: Optional[str] = None  # the repeating failure, while it repeats
+        self._failures = 0
+        self._next_report = 0.0
         self.body = body
         self.interval = interval
         self.error_backoff = error_backoff
@@ -49,6 +55,18 @@ class Loop:
             return False
         return True
 
+    def _report(self, exc: Exception) -> None:
+        what = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        now = time.monotonic()
+        self._failures += 1
+        if self._failing is None:
+            log.exception("%s: pass failed; retrying", self.name)
+            self._next_report = now + self.quiet_for
+        elif now >= self._next_report:
+            log.warning("%s: still failing (%d passes so far): %s; retrying", self.name, self._failures, what)
+            self._next_report = now + self.quiet_for
+        self._failing = what
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -58,9 +76,13 @@ class Loop:
             wait = self.interval
             try:
                 self.body()
-            except Exception:
-                log.exception("%s: pass failed; retrying", self.name)
+            except Exception as exc:
+                self._report(exc)
                 wait = max(wait, self.error_backoff)
+            else:
+                if self._failing is not None:
+                    log.warning("%s: recovered after %d failed pass(es)", self.name, self._failures)
+                    self._failing, self._failures = None, 0
             if self.stopping.is_set():
                 break
             self._wake.wait(wait)

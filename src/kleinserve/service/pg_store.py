@@ -563,12 +563,17 @@ class PostgresJobStore(JobStore):
 
     def _listen_loop(self) -> None:
         backoff = 0.1
+        down_since: Optional[float] = None  # while the server cannot be reached: one warning, then quiet
         while not self._closed:
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
                     self._listen_conn = conn
                     conn.execute(f"LISTEN {CHANNEL}")
                     backoff = 0.1
+                    if down_since is not None:
+                        log.warning("job store %s: event listener reconnected after %.1fs", self.describe(),
+                                    time.monotonic() - down_since)
+                        down_since = None
                     self._wake()  # (re)connected: whatever was missed meanwhile gets re-read
                     while not self._closed:
                         for _ in conn.notifies(timeout=0.5):
@@ -576,8 +581,10 @@ class PostgresJobStore(JobStore):
             except psycopg.Error as e:
                 if self._closed:
                     break
-                log.warning("job store %s: event listener lost its connection (%s); reconnecting",
-                            self.describe(), e)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("job store %s: event listener lost its connection (%s); reconnecting",
+                                self.describe(), e)
                 self._wake()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)  # a restarted server is heard again within ~0.5 s
