@@ -7,6 +7,7 @@ Routers outside the core (files, openai, web) may use `require_owner` / `require
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from typing import Any, Optional
 
@@ -39,9 +40,20 @@ def require_owner(request: Request) -> str:
     return require_principal(request).owner
 
 
+_REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_request_id(text: str) -> bool:
+    """Whether `text` has the shape of a request id (a lowercase UUID, as `jobs.new_request_id` makes).
+    Anything else from a URL is answered 404 and never copied into a header or a log line."""
+    return isinstance(text, str) and _REQUEST_ID.fullmatch(text) is not None
+
+
 def set_request_id(request: Request, request_id: str) -> None:
     """The `x-fal-request-id` every response carries (the middleware adds it); log records of the rest
-    of this request carry it too (service/logging.py)."""
+    of this request carry it too (service/logging.py). Ignores text that is not a request id."""
+    if not is_request_id(request_id):
+        return
     request.state.fal_request_id = request_id
     request_id_var.set(request_id)
 
@@ -163,4 +175,8 @@ def error_event(job: Job) -> dict[str, Any]:
 
 
 def not_found(request_id: str) -> HTTPException:
+    """404 for a request id (named only when it is one: raw path text is never echoed)."""
+    if not is_request_id(request_id):
+        return HTTPException(status_code=404, detail="Request not found: request ids are UUIDs "
+                             "(as returned by the submit).")
     return HTTPException(status_code=404, detail=f"Request {request_id} not found.")

@@ -84,6 +84,8 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
 
 async def load_job(request: Request, request_id: str, owner: str, prefix: Optional[str],
                    *, with_logs: bool = False) -> Job:
+    if not deps.is_request_id(request_id):
+        raise deps.not_found(request_id)
     store, _, registry = _services(request)
     deps.set_request_id(request, request_id)
     try:

@@ -1,0 +1,85 @@
+"""Issue 10 (hardening): request ids from the URL, SSRF guard on webhooks, backpressure, input
+limits, strict types, graceful shutdown, OpenAPI. Loopback only; no engine unless a test loads the
+tiny one."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kleinserve.api.app import create_app
+from kleinserve.service.logging import TextFormatter
+from kleinserve.service.settings import Settings
+
+EP = "fal-ai/flux-2/klein/9b/base"
+KEY_A, KEY_B = "key-a-secret", "key-b-secret"
+A = {"Authorization": f"Key {KEY_A}"}
+B = {"Authorization": f"Key {KEY_B}"}
+BODY = {"prompt": "a red fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4}
+
+
+def make_settings(tmp_path, **kw) -> Settings:
+    kw.setdefault("max_request_bytes", 64 * 1024)
+    return Settings(data_dir=tmp_path / "data", api_keys=[KEY_A, KEY_B], **kw)
+
+
+@pytest.fixture
+def client(tmp_path):
+    with TestClient(create_app(make_settings(tmp_path))) as c:
+        yield c
+
+
+# ------------------------------------------------------------------------------ 1. request ids
+
+BAD_IDS = ["%E2%82%AC", "abc%0D%0AINFO%20forged%20line", "not-a-uuid", "x" * 300,
+           "00000000-0000-0000-0000-00000000000G", "%00"]
+
+
+def _routes(rid: str):
+    q = f"/queue/fal-ai/flux-2/requests/{rid}"
+    return [("GET", q + "/status"), ("GET", q), ("PUT", q + "/cancel"), ("GET", q + "/status/stream"),
+            ("GET", f"/api/requests/{rid}/progress")]
+
+
+@pytest.mark.parametrize("rid", BAD_IDS)
+def test_a_request_id_that_is_not_a_uuid_is_a_json_404(client, rid, caplog):
+    caplog.set_level(logging.DEBUG)
+    for method, path in _routes(rid):
+        r = client.request(method, path, headers=A)
+        assert r.status_code == 404, (method, path, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert "UUID" in detail and "forged" not in detail and "\u20ac" not in detail
+        header = r.headers["x-fal-request-id"]
+        assert header.isascii() and "\r" not in header and "\n" not in header and "forged" not in header
+    fmt = TextFormatter()
+    for rec in caplog.records:
+        line = fmt.format(rec)
+        assert "\r" not in line and "\n" not in line.split("Traceback")[0], line
+
+
+def test_a_well_formed_unknown_id_still_names_itself(client):
+    rid = "01234567-89ab-4def-8123-456789abcdef"
+    r = client.get(f"/queue/fal-ai/flux-2/requests/{rid}/status", headers=A)
+    assert r.status_code == 404 and rid in r.json()["detail"]
+    assert r.headers["x-fal-request-id"] == rid
+
+
+def test_text_log_lines_cannot_be_forged():
+    rec = logging.LogRecord("x", logging.INFO, "x", 0, "path %s", ("/a\r\nINFO forged",), None)
+    line = TextFormatter().format(rec)
+    assert "\n" not in line and "\r" not in line and "\\r\\nINFO forged" in line
+
+
+def test_the_500_handler_and_the_middleware_never_put_raw_text_in_a_header(tmp_path):
+    app = create_app(make_settings(tmp_path), start_worker=False)
+
+    @app.get("/boom/{name}")
+    async def boom(name: str):
+        raise RuntimeError("boom")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom/%E2%82%AC%0D%0Aforged")
+        assert r.status_code == 500 and r.json()["error_type"] == "internal"
+        assert r.headers["x-fal-request-id"].isascii()
