@@ -83,3 +83,31 @@ def test_the_500_handler_and_the_middleware_never_put_raw_text_in_a_header(tmp_p
         r = c.get("/boom/%E2%82%AC%0D%0Aforged")
         assert r.status_code == 500 and r.json()["error_type"] == "internal"
         assert r.headers["x-fal-request-id"].isascii()
+
+
+# ------------------------------------------------------------------------------ 8. strict types
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", True), ("num_inference_steps", False), ("guidance_scale", True), ("num_images", True),
+    ("cns_energy_scale", False), ("cns_num_freq_bins", True),
+    ("enable_cns", 1), ("sync_mode", 0), ("enable_safety_checker", 1.0), ("cns_alpha_use_fnorm", 0),
+])
+def test_a_bool_for_a_number_or_a_number_for_a_bool_is_a_422(client, field, value):
+    r = client.post(f"/queue/{EP}", json={**BODY, field: value}, headers=A)
+    assert r.status_code == 422, r.text
+    locs = [d["loc"] for d in r.json()["detail"]]
+    assert ["body", field] in locs, locs
+
+
+def test_a_bool_for_an_image_dimension_is_a_422(client):
+    r = client.post(f"/queue/{EP}", json={**BODY, "image_size": {"width": True, "height": 64}}, headers=A)
+    assert r.status_code == 422
+    assert any(d["loc"][-1] == "width" for d in r.json()["detail"])
+
+
+def test_numbers_and_bools_of_the_right_kind_still_pass():
+    from kleinserve.schema import FluxKleinInput
+
+    m = FluxKleinInput.model_validate({**BODY, "seed": 7, "guidance_scale": 4, "enable_cns": True,
+                                       "cns_energy_scale": 1, "sync_mode": False})
+    assert m.seed == 7 and m.guidance_scale == 4.0 and m.enable_cns is True and m.cns_energy_scale == 1.0
