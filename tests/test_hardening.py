@@ -111,3 +111,54 @@ def test_numbers_and_bools_of_the_right_kind_still_pass():
     m = FluxKleinInput.model_validate({**BODY, "seed": 7, "guidance_scale": 4, "enable_cns": True,
                                        "cns_energy_scale": 1, "sync_mode": False})
     assert m.seed == 7 and m.guidance_scale == 4.0 and m.enable_cns is True and m.cns_energy_scale == 1.0
+
+
+# ------------------------------------------------------------------------------ 3. backpressure
+
+def _refused(r, limit):
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) > 0
+    return r.json()
+
+
+def _counter(client, limit) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'kleinserve_submits_refused_total{{limit="{limit}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError("no kleinserve_submits_refused_total metric")
+
+
+def test_queue_limits_answer_429_with_retry_after_on_every_submit_route(tmp_path):
+    # No engine: every submitted request stays queued.
+    settings = make_settings(tmp_path, max_queued_per_key=3, max_queue_depth=5)
+    with TestClient(create_app(settings)) as c:
+        per_key0, depth0 = _counter(c, "max_queued_per_key"), _counter(c, "max_queue_depth")
+        for _ in range(3):
+            assert c.post(f"/queue/{EP}", json=BODY, headers=A).status_code == 200
+        body = _refused(c.post(f"/queue/{EP}", json=BODY, headers=A), "max_queued_per_key")
+        assert body["limit"] == "max_queued_per_key" and body["limit_value"] == 3
+        assert "--max-queued-per-key" in body["detail"]
+        _refused(c.post(f"/{EP}", json=BODY, headers=A), "max_queued_per_key")  # sync run
+        _refused(c.post(f"/{EP}/stream", json=BODY, headers=A), "max_queued_per_key")
+        r = c.post("/v1/images/generations", json={"prompt": "a fox", "size": "256x256"}, headers=A)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        # Another key is not limited by A's share, but by the whole queue.
+        for _ in range(2):
+            assert c.post(f"/queue/{EP}", json=BODY, headers=B).status_code == 200
+        body = _refused(c.post(f"/queue/{EP}", json=BODY, headers=B), "max_queue_depth")
+        assert body["limit"] == "max_queue_depth" and "--max-queue-depth" in body["detail"]
+        assert _counter(c, "max_queued_per_key") == per_key0 + 4
+        assert _counter(c, "max_queue_depth") == depth0 + 1
+        # A cancelled request frees its place.
+        rid = c.get("/api/requests", headers=B).json()["requests"][0]["request_id"]
+        assert c.put(f"/queue/fal-ai/flux-2/requests/{rid}/cancel", headers=B).status_code == 202
+        assert c.post(f"/queue/{EP}", json=BODY, headers=B).status_code == 200
+
+
+def test_queue_limits_default_on_and_zero_turns_them_off(tmp_path):
+    s = make_settings(tmp_path)
+    assert s.max_queue_depth > 0 and s.max_queued_per_key > 0
+    with TestClient(create_app(make_settings(tmp_path, max_queued_per_key=0, max_queue_depth=0))) as c:
+        for _ in range(4):
+            assert c.post(f"/queue/{EP}", json=BODY, headers=A).status_code == 200

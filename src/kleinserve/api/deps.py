@@ -174,6 +174,39 @@ def error_event(job: Job) -> dict[str, Any]:
             "detail": body["detail"], "status_code": error_status(job), "request_id": job.request_id}
 
 
+QUEUE_FULL_RETRY_AFTER = 10  # seconds a refused client is told to wait
+
+
+class QueueFull(HTTPException):
+    """429: a backpressure limit (`limit`: max_queue_depth | max_queued_per_key) refused a submit."""
+
+    def __init__(self, limit: str, value: int, detail: str, retry_after: int = QUEUE_FULL_RETRY_AFTER):
+        super().__init__(status_code=429, detail=detail, headers={"Retry-After": str(retry_after)})
+        self.limit = limit
+        self.value = value
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail, "error_type": "queue_full", "limit": self.limit, "limit_value": self.value,
+                "retry_after": self.retry_after}
+
+
+def check_backpressure(store: Any, settings: Any, owner: str) -> None:
+    """Raises QueueFull when the whole queue (--max-queue-depth) or this key's share of it
+    (--max-queued-per-key) is full. Counted, not reserved: concurrent submits may pass a limit by a
+    few, never by many."""
+    per_key = int(settings.max_queued_per_key or 0)
+    if per_key and store.queued_count(owner) >= per_key:
+        raise QueueFull("max_queued_per_key", per_key,
+                        f"Too many queued requests for this API key (the limit is {per_key}, "
+                        "--max-queued-per-key): retry after some of them have started.")
+    depth = int(settings.max_queue_depth or 0)
+    if depth and store.queued_count(None) >= depth:
+        raise QueueFull("max_queue_depth", depth,
+                        f"The queue is full (the limit is {depth} waiting requests, --max-queue-depth): "
+                        "retry later.")
+
+
 def not_found(request_id: str) -> HTTPException:
     """404 for a request id (named only when it is one: raw path text is never echoed)."""
     if not is_request_id(request_id):

@@ -43,6 +43,7 @@ from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
 
+from . import deps
 from .queue import _services
 from .run import submit_and_wait
 
@@ -62,8 +63,10 @@ _OPENAI_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "ba
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.status = status
         self.message = message
         self.type = type
@@ -71,7 +74,7 @@ class OpenAIError(Exception):
         self.code = code
 
     def response(self, request_id: Optional[str] = None) -> JSONResponse:
-        headers = {"x-request-id": request_id} if request_id else None
+        headers = {**self.headers, **({"x-request-id": request_id} if request_id else {})}
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
                                        "code": self.code}}, status_code=self.status, headers=headers)
 
@@ -222,6 +225,9 @@ async def images_generations(request: Request) -> JSONResponse:
         try:
             job = await submit_and_wait(request, spec, validated, principal.owner, request_id=rid,
                                         what="OpenAI request")
+        except deps.QueueFull as exc:  # backpressure: OpenAI's rate-limit shape, Retry-After kept
+            raise OpenAIError(429, str(exc.detail), type="rate_limit_error", param=exc.limit,
+                              code="rate_limit_exceeded", headers=exc.headers) from None
         except HTTPException as exc:  # the submit refused it (a header, or no model)
             if 400 <= exc.status_code < 500:
                 raise OpenAIError(400, f"Invalid request: {exc.detail}") from None

@@ -57,6 +57,12 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
         raise HTTPException(503, f"The model failed to load, so no request can run: {runtime.engine_error}")
     timeout = deps.parse_timeout_header(request)
     priority = deps.parse_priority_header(request)
+    try:
+        await run_in_threadpool(deps.check_backpressure, store, request.app.state.settings, owner)
+    except deps.QueueFull as exc:
+        metrics.observe_submit_refused(exc.limit)
+        log.warning("submit refused: %s", exc.detail)
+        raise
     data = body.model_dump(mode="json")
     if spec.seed_field and spec.seed_field in data and data[spec.seed_field] is None:
         data[spec.seed_field] = deps.draw_seed()

@@ -137,6 +137,8 @@ class Settings:
     max_attempts: int = 3
     max_request_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
+    max_queue_depth: int = 1000
+    max_queued_per_key: int = 200
     preview_every: int = 4
     batch_images: int = 1
     max_run_seconds: float = 1800.0
@@ -154,6 +156,8 @@ class Settings:
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
         if self.batch_images < 1:
             raise ValueError("batch images must be >= 1 (1: every request runs alone)")
+        if self.max_queue_depth < 0 or self.max_queued_per_key < 0:
+            raise ValueError("queue limits must be >= 0 (0: no limit)")
         if self.max_attempts < 1:
             raise ValueError("max attempts must be >= 1")
         if self.webhook_max_attempts < 1:
@@ -235,6 +239,12 @@ OPTIONS: list[Option] = [
            "Largest request body on the API routes (413 beyond).", metavar="SIZE"),
     Option("max_upload_bytes", ("--max-upload-bytes",), "KLEINSERVE_MAX_UPLOAD_BYTES", parse_size,
            "Largest file accepted by the storage upload routes (413 beyond).", metavar="SIZE"),
+    Option("max_queue_depth", ("--max-queue-depth",), "KLEINSERVE_MAX_QUEUE_DEPTH", parse_int,
+           "Most requests waiting in the queue (all keys); a submit beyond it answers 429 with Retry-After "
+           "(0: no limit)."),
+    Option("max_queued_per_key", ("--max-queued-per-key",), "KLEINSERVE_MAX_QUEUED_PER_KEY", parse_int,
+           "Most requests one API key may have waiting in the queue; beyond it 429 with Retry-After "
+           "(0: no limit)."),
     Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", parse_int,
            "Send a preview image every N denoising steps on /stream (0: never)."),
     Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", parse_int,
