@@ -21,6 +21,7 @@ import pytest
 
 from kleinserve.service import jobs as J
 from kleinserve.service.sqlite_store import SQLiteJobStore
+from kleinserve.service.netguard import NetPolicy
 from kleinserve.service.webhooks import (
     HEADER_REQUEST_ID,
     HEADER_SIGNATURE,
@@ -38,6 +39,8 @@ from kleinserve.service.webhooks import (
 
 
 # ------------------------------------------------------------------------------------ a receiver
+
+LOOPBACK_OK = NetPolicy(allow_private=True)  # the receivers here listen on 127.0.0.1
 
 
 class Receiver:
@@ -142,7 +145,7 @@ def test_timestamp_window(tmp_path: Path):
 
 def test_validate_webhook_url():
     assert validate_webhook_url("https://example.com/hook?a=1")
-    assert validate_webhook_url("http://127.0.0.1:8000/x")
+    assert validate_webhook_url("http://127.0.0.1:8000/x", NetPolicy(allow_private=True))
     for bad in ["ftp://example.com/x", "file:///etc/passwd", "javascript:alert(1)", "", "/relative",
                 "https://user:pw@example.com/", "https://exa mple.com/", "http://[::1/x",
                 "https://example.com/" + "a" * 3000, "https:///nohost"]:
@@ -151,8 +154,8 @@ def test_validate_webhook_url():
     for private in ["http://127.0.0.1/x", "http://10.1.2.3/", "http://[::1]/", "http://localhost/",
                     "http://169.254.169.254/latest/meta-data"]:
         with pytest.raises(InvalidWebhookUrl):
-            validate_webhook_url(private, allow_private=False)
-    assert validate_webhook_url("https://93.184.216.34/x", allow_private=False)
+            validate_webhook_url(private)
+    assert validate_webhook_url("https://93.184.216.34/x")
 
 
 def test_backoff_schedule_fits_fal_policy():
@@ -211,7 +214,7 @@ def test_dispatcher_delivers_signed_payload(tmp_path: Path, store: SQLiteJobStor
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver() as rx:
         job = _completed_with_webhook(store, rx.url)
-        d = WebhookDispatcher(store, signer, poll_interval=0.05).start()
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05).start()
         try:
             got = rx.wait()
         finally:
@@ -232,7 +235,7 @@ def test_dispatcher_error_payload(tmp_path: Path, store: SQLiteJobStore):
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver() as rx:
         job = _completed_with_webhook(store, rx.url, ok=False)
-        d = WebhookDispatcher(store, signer, poll_interval=0.05).start()
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05).start()
         try:
             got = rx.wait()
         finally:
@@ -249,7 +252,7 @@ def test_dispatcher_retries_with_backoff_until_success(tmp_path: Path, store: SQ
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver(fail_first=3) as rx:
         job = _completed_with_webhook(store, rx.url)
-        d = WebhookDispatcher(store, signer, poll_interval=0.02, backoff_base=0.2).start()
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.02, backoff_base=0.2).start()
         try:
             rx.wait()
         finally:
@@ -271,7 +274,7 @@ def test_dispatcher_gives_up_after_max_attempts(tmp_path: Path, store: SQLiteJob
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver(fail_first=100) as rx:
         job = _completed_with_webhook(store, rx.url)
-        d = WebhookDispatcher(store, signer, poll_interval=0.02, backoff_base=0.02,
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.02, backoff_base=0.02,
                               max_attempts=3).start()
         try:
             deadline = time.time() + 15
@@ -294,7 +297,7 @@ def test_unreachable_receiver_is_retried(tmp_path: Path, store: SQLiteJobStore):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     job = _completed_with_webhook(store, f"http://127.0.0.1:{port}/hook")
-    d = WebhookDispatcher(store, signer, poll_interval=0.02, backoff_base=0.05, max_attempts=2)
+    d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.02, backoff_base=0.05, max_attempts=2)
     d.start()
     try:
         deadline = time.time() + 15
@@ -325,7 +328,8 @@ def live(tmp_path_factory, tiny_engine):
     d = tmp_path_factory.mktemp("webhooks-e2e")
     cert, key = make_self_signed_cert(d / "cert")
     # --webhook-backoff-base 0.2s: the production default (14 s) would make the retry test slow
-    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny", webhook_backoff_base=0.2),
+    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny", webhook_backoff_base=0.2,
+                              webhook_allow_private=True),
                      engine=tiny_engine)
     with serve_app(app, ssl_cert=cert, ssl_key=key) as srv:
         wait_for_http(srv.base_url + "/ready", timeout=240,

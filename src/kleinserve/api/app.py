@@ -263,6 +263,7 @@ class ServiceRuntime:
     def _make_dispatcher(self) -> Optional[WebhookDispatcher]:
         try:
             return WebhookDispatcher(self.store, files.storage_services(self.app).signer,
+                                     policy=self.app.state.net_policy,
                                      max_attempts=self.settings.webhook_max_attempts,
                                      backoff_base=self.settings.webhook_backoff_base)
         except Exception:
@@ -392,6 +393,7 @@ def create_app(
     app.state.engine = engine
     app.state.store = store
     app.state.hub = runtime.hub
+    app.state.net_policy = settings.net_policy()  # the SSRF guard's policy (tests may swap in a resolver)
 
     _install_error_handlers(app)
     install_access_log_redaction()  # upload URLs carry their token in the query string

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 SSE_PING_SECONDS = 5  # keep-alive comments (the JS client gives up after 15 s of silence)
 
 
-def _validate_webhook(url: Optional[str]) -> Optional[str]:
+def _validate_webhook(request: Request, url: Optional[str]) -> Optional[str]:
     if url is None or url == "":
         return None
     try:
-        return validate_webhook_url(url)
+        return validate_webhook_url(url, request.app.state.net_policy)
     except InvalidWebhookUrl as exc:
         raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "url_parsing"}])
 
@@ -128,7 +128,7 @@ def _make_submit(spec: EndpointSpec):
         fal_webhook: Optional[str] = Query(None, description="URL to POST the result to when done."),
         owner: str = Depends(deps.require_owner),
     ):
-        webhook = _validate_webhook(fal_webhook)
+        webhook = _validate_webhook(request, fal_webhook)
         job = await submit_job(request, spec, body, owner, mode=J.MODE_QUEUE, webhook_url=webhook)
         store, _, _ = _services(request)
         position = await run_in_threadpool(store.queue_position, job.request_id)

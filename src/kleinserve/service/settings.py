@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from kleinserve.service.netguard import NetPolicy, parse_cidr
 from kleinserve.service.webhooks import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS
 
 ENV_PREFIX = "KLEINSERVE_"
@@ -145,6 +146,8 @@ class Settings:
     worker_stale_after: float = 120.0
     webhook_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     webhook_backoff_base: float = DEFAULT_BACKOFF_BASE
+    webhook_allow_private: bool = False
+    webhook_allow_cidrs: list[str] = field(default_factory=list)
     log_format: str = "text"
     log_level: str = "info"
 
@@ -164,8 +167,14 @@ class Settings:
             raise ValueError("webhook max attempts must be >= 1")
         if self.webhook_backoff_base < 0:
             raise ValueError("webhook backoff base must be >= 0")
+        for cidr in self.webhook_allow_cidrs:
+            parse_cidr(cidr)  # a ValueError naming it
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+
+    def net_policy(self) -> NetPolicy:
+        """Where server-side requests (webhooks, and later fetched inputs) may go (service/netguard.py)."""
+        return NetPolicy.from_options(self.webhook_allow_private, self.webhook_allow_cidrs)
 
     @property
     def tls(self) -> bool:
@@ -262,6 +271,13 @@ OPTIONS: list[Option] = [
     Option("webhook_backoff_base", ("--webhook-backoff-base",), "KLEINSERVE_WEBHOOK_BACKOFF_BASE", parse_duration,
            "Wait after the first failed webhook delivery; it doubles after each further failure "
            f"(capped at {format_duration(DEFAULT_BACKOFF_MAX)}).", metavar="DURATION"),
+    Option("webhook_allow_private", ("--webhook-allow-private",), "KLEINSERVE_WEBHOOK_ALLOW_PRIVATE", parse_bool,
+           "Let webhooks (and other server-side requests) reach loopback, private and link-local addresses "
+           "(default: public addresses only, against SSRF). For on-prem receivers prefer --webhook-allow-cidr.",
+           kind="flag"),
+    Option("webhook_allow_cidrs", ("--webhook-allow-cidr",), "KLEINSERVE_WEBHOOK_ALLOW_CIDRS", parse_list,
+           "A network that webhooks may reach although it is not public, e.g. 10.20.0.0/16 (repeat the flag; "
+           "the env var is comma-separated).", metavar="CIDR", kind="append"),
     Option("log_format", ("--log-format",), "KLEINSERVE_LOG_FORMAT", str, "text | json (one object a line)."),
     Option("log_level", ("--log-level",), "KLEINSERVE_LOG_LEVEL", str, "debug | info | warning | error."),
 ]

@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import logging
 import os
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
-from urllib.parse import urlsplit
 
 import httpx
 from cryptography.exceptions import InvalidSignature
@@ -46,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from kleinserve.service import metrics
 from kleinserve.service.jobs import Job, error_body, error_status
+from kleinserve.service.netguard import BlockedURL, NetPolicy, check_url, guarded_post, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -212,58 +210,17 @@ def verify_webhook(
 # target validation
 
 
-class InvalidWebhookUrl(ValueError):
-    pass
+# Every server-side request goes through service/netguard.py (the SSRF guard).
+InvalidWebhookUrl = BlockedURL
 
 
-def _is_public_ip(ip: ipaddress._BaseAddress) -> bool:
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
-
-
-def validate_webhook_url(url: str, *, allow_private: bool = True, resolve: bool = False) -> str:
-    """Checks a webhook target: absolute http(s) URL with a host, no credentials, at most 2048
-    characters. With `allow_private=False` a literal private/loopback/link-local address is refused
-    (and, with `resolve=True`, a host name resolving to one). Returns the URL; raises
-    InvalidWebhookUrl with a message fit for a 422 otherwise."""
-    if not isinstance(url, str) or not url or len(url) > 2048:
-        raise InvalidWebhookUrl("webhook url must be a non-empty string of at most 2048 characters")
-    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
-        raise InvalidWebhookUrl("webhook url contains whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidWebhookUrl(f"webhook url is malformed: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidWebhookUrl("webhook url must use http or https")
-    if not parts.hostname:
-        raise InvalidWebhookUrl("webhook url has no host")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidWebhookUrl("webhook url must not carry credentials")
-    if not allow_private:
-        host = parts.hostname
-        try:
-            addrs = [ipaddress.ip_address(host)]
-        except ValueError:
-            addrs = []
-            if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-                raise InvalidWebhookUrl("webhook url must not point at a private address")
-            if resolve:
-                try:
-                    infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-                except OSError:
-                    raise InvalidWebhookUrl(f"webhook host {host!r} does not resolve") from None
-                addrs = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
-        if any(not _is_public_ip(a) for a in addrs):
-            raise InvalidWebhookUrl("webhook url must not point at a private address")
-    return url
+def validate_webhook_url(url: str, policy: Optional[NetPolicy] = None) -> str:
+    """Checks a webhook target at submit (no DNS): an absolute http(s) URL with a host, no credentials,
+    at most 2048 characters, and — unless `policy` allows it — not an IP literal (any notation) or
+    `localhost` that is loopback, private, link-local, ... (netguard.check_url). Returns the URL;
+    raises InvalidWebhookUrl (netguard.BlockedURL) with a message fit for a 422. The default policy
+    allows public addresses only."""
+    return check_url(url, policy or NetPolicy())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +250,7 @@ class DeliveryResult:
     delivered: bool
     status_code: Optional[int]
     error: Optional[str]
+    permanent: bool = False  # retrying cannot help (the target is refused by the SSRF guard)
 
 
 def backoff_delay(attempt: int, base: float, cap: float, jitter: float = 0.1) -> float:
@@ -328,10 +286,9 @@ class WebhookDispatcher:
         timeout: float = 15.0,
         concurrency: int = 4,
         batch_size: int = 8,
-        allow_private_targets: bool = True,
+        policy: Optional[NetPolicy] = None,
         payload_builder: Callable[[Job], dict[str, Any]] = webhook_payload,
         user_id_default: str = "kleinserve",
-        client: Optional[httpx.Client] = None,
     ):
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -345,15 +302,11 @@ class WebhookDispatcher:
         # A leased job is not handed to another dispatcher (process) until the lease runs out: it
         # must outlast the wait in our pool plus one POST.
         self.lease_seconds = max(60.0, 4 * timeout * max(1, batch_size // max(concurrency, 1)))
-        self.allow_private_targets = allow_private_targets
+        self.policy = policy or NetPolicy()  # public addresses only unless the operator allows more
+        self.timeout = timeout
+        self.connect_timeout = min(timeout, 5.0)
         self.payload_builder = payload_builder
         self.user_id_default = user_id_default
-        self._client = client or httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            follow_redirects=False,
-            headers={"User-Agent": "kleinserve-webhooks/1"},
-        )
-        self._owns_client = client is None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -376,8 +329,6 @@ class WebhookDispatcher:
             self._thread.join(timeout)
             self._thread = None
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._owns_client:
-            self._client.close()
 
     def notify(self) -> None:
         """Wake the poller now (the worker calls this right after completing a job)."""
@@ -418,7 +369,7 @@ class WebhookDispatcher:
             result = self.deliver(job)
             attempts = job.webhook_attempts + 1
             next_at = None
-            if not result.delivered and attempts < self.max_attempts:
+            if not result.delivered and attempts < self.max_attempts and not result.permanent:
                 next_at = time.time() + backoff_delay(attempts, self.backoff_base, self.backoff_max)
             if not result.delivered:
                 log.warning(
@@ -443,14 +394,20 @@ class WebhookDispatcher:
         url = job.webhook_url
         rid = job.request_id
         try:
-            validate_webhook_url(url, allow_private=self.allow_private_targets)
+            checked = resolve_url(url, self.policy)  # resolved once: the POST goes to this address
+        except BlockedURL as exc:
+            return DeliveryResult(False, None, f"refused: {exc}"[:500], permanent=True)
+        try:
             body = json.dumps(self.payload_builder(job), separators=(",", ":")).encode("utf-8")
-        except (InvalidWebhookUrl, TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:
             return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}")
         user_id = job.owner or self.user_id_default
-        headers = {"Content-Type": "application/json", **self.signer.headers(rid, user_id, body)}
+        headers = {"Content-Type": "application/json", "User-Agent": "kleinserve-webhooks/1",
+                   **self.signer.headers(rid, user_id, body)}
         try:
-            resp = self._client.post(url, content=body, headers=headers)
+            resp = guarded_post(checked, policy=self.policy, content=body, headers=headers,
+                                connect_timeout=self.connect_timeout, total_timeout=self.timeout,
+                                max_bytes=64 * 1024)
         except httpx.HTTPError as exc:
             return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}"[:500])
         if 200 <= resp.status_code < 300:
