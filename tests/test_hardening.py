@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -162,3 +163,66 @@ def test_queue_limits_default_on_and_zero_turns_them_off(tmp_path):
     with TestClient(create_app(make_settings(tmp_path, max_queued_per_key=0, max_queue_depth=0))) as c:
         for _ in range(4):
             assert c.post(f"/queue/{EP}", json=BODY, headers=A).status_code == 200
+
+
+# ------------------------------------------------------------------------------ 4. storage amplification
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_prompt_over_the_cap_is_a_422_naming_the_field(client, field):
+    from kleinserve.schema import MAX_PROMPT_CHARS
+
+    assert client.post(f"/queue/{EP}", json={**BODY, field: "a" * MAX_PROMPT_CHARS}, headers=A).status_code == 200
+    r = client.post(f"/queue/{EP}", json={**BODY, field: "a" * (MAX_PROMPT_CHARS + 1)}, headers=A)
+    assert r.status_code == 422
+    d = r.json()["detail"][0]
+    assert d["loc"] == ["body", field] and str(MAX_PROMPT_CHARS) in d["msg"]
+    r = client.post(f"/queue/{EP}", json={**BODY, field: "a" * (1 << 20)}, headers=A)  # 1 MB: 413 or 422
+    assert r.status_code in (413, 422)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_the_recipe_embedded_in_an_image_is_bounded(fmt):
+    from PIL import Image
+
+    from kleinserve.engine.imageio import MAX_RECIPE_CHARS, encode_image, read_recipe
+
+    recipe = {"prompt": "p" * 200_000, "negative_prompt": "n" * 200_000, "seed": 3}
+    data, _ = encode_image(Image.new("RGB", (64, 64)), fmt, recipe)
+    assert len(data) < 3 * MAX_RECIPE_CHARS  # the PNG held the prompt twice: 800 kB
+    got = read_recipe(data)
+    assert got["truncated"] is True and got["seed"] == 3 and got["prompt"].startswith("ppp")
+
+
+def test_the_engine_says_when_the_text_encoder_truncates_a_prompt(tiny_engine, caplog):
+    from kleinserve.schema import FluxKleinInput
+
+    req = FluxKleinInput(prompt="a red fox in the snow " * 300, num_inference_steps=4,
+                         image_size={"width": 64, "height": 64}, enable_safety_checker=False, seed=1)
+    with caplog.at_level(logging.WARNING, logger="kleinserve.engine"):
+        result = tiny_engine.generate(req)
+    notes = [line for line in result.logs if "only the first 512" in line]
+    assert notes and "prompt" in notes[0]
+    assert any("only the first 512" in r.getMessage() for r in caplog.records)
+    short = tiny_engine.generate(req.model_copy(update={"prompt": "a red fox"}))
+    assert not [line for line in short.logs if "only the first" in line]
+
+
+@pytest.mark.parametrize("no_metadata", [False, True])
+def test_no_image_metadata_stores_images_without_their_recipe(tmp_path, tiny_engine, no_metadata):
+    from kleinserve.engine.imageio import read_recipe
+
+    settings = make_settings(tmp_path, no_image_metadata=no_metadata)
+    try:
+        with TestClient(create_app(settings, engine=tiny_engine)) as c:
+            r = c.post(f"/{EP}", json={**BODY, "prompt": "a secret prompt", "enable_safety_checker": False},
+                       headers=A)
+            assert r.status_code == 200, r.text
+            url = r.json()["images"][0]["url"]
+            data = c.get(httpx.URL(url).path, headers=A).content
+        recipe = read_recipe(data)
+        if no_metadata:
+            assert recipe is None and b"a secret prompt" not in data
+        else:
+            assert recipe["prompt"] == "a secret prompt"
+    finally:
+        tiny_engine.image_metadata = True  # the engine is shared by the session

@@ -30,6 +30,11 @@ ImageSizePreset = Literal[
 
 SIZE_MULTIPLE = 16  # VAE /8 then 2x2 patchify
 
+# Longest prompt / negative prompt accepted (characters). The text encoder reads at most 512 tokens
+# (about 2,000 characters of English) anyway; the cap keeps a request from filling the database
+# and every image's metadata with megabytes of text.
+MAX_PROMPT_CHARS = 8000
+
 
 def _scalar_type(annotation: Any) -> Any:
     """int / float / bool behind an annotation (`int | None` -> int); None for anything else."""
@@ -76,9 +81,13 @@ class FluxKleinInput(StrictScalars):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(..., min_length=1, description="The prompt to generate an image from.",
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="The prompt to generate an image from (at most 8000 characters; the "
+                                    "text encoder reads its first 512 tokens).",
                         json_schema_extra={"ui": "textarea"})
-    negative_prompt: str = Field("", description="What the image should not contain (true CFG).",
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                 description="What the image should not contain (true CFG; at most 8000 "
+                                             "characters).",
                                  json_schema_extra={"ui": "textarea"})
     guidance_scale: float = Field(5.0, ge=0.0, le=20.0,
                                   description="Classifier-free guidance scale; CFG runs when > 1.")

@@ -299,6 +299,7 @@ class ServiceRuntime:
             self.worker.set_engine(engine)
 
     def _announce_engine(self, engine: Any) -> None:
+        engine.image_metadata = not self.settings.no_image_metadata
         info = engine.info
         self.app.state.model_info = info
         metrics.observe_model_loaded(info)

@@ -138,6 +138,7 @@ class Settings:
     max_attempts: int = 3
     max_request_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
+    no_image_metadata: bool = False
     max_queue_depth: int = 1000
     max_queued_per_key: int = 200
     preview_every: int = 4
@@ -248,6 +249,9 @@ OPTIONS: list[Option] = [
            "Largest request body on the API routes (413 beyond).", metavar="SIZE"),
     Option("max_upload_bytes", ("--max-upload-bytes",), "KLEINSERVE_MAX_UPLOAD_BYTES", parse_size,
            "Largest file accepted by the storage upload routes (413 beyond).", metavar="SIZE"),
+    Option("no_image_metadata", ("--no-image-metadata",), "KLEINSERVE_NO_IMAGE_METADATA", parse_bool,
+           "Store output images without their recipe (prompt, seed and parameters) in the file's metadata "
+           "(it is embedded by default, bounded to 16,000 characters).", kind="flag"),
     Option("max_queue_depth", ("--max-queue-depth",), "KLEINSERVE_MAX_QUEUE_DEPTH", parse_int,
            "Most requests waiting in the queue (all keys); a submit beyond it answers 429 with Retry-After "
            "(0: no limit)."),
