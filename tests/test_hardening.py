@@ -226,3 +226,22 @@ def test_no_image_metadata_stores_images_without_their_recipe(tmp_path, tiny_eng
             assert recipe["prompt"] == "a secret prompt"
     finally:
         tiny_engine.image_metadata = True  # the engine is shared by the session
+
+
+# ------------------------------------------------------------------------------ 6. cancel race
+
+def test_after_a_202_cancel_a_result_that_arrives_is_discarded(tmp_path):
+    app = create_app(make_settings(tmp_path), start_worker=False)
+    with TestClient(app) as c:
+        rid = c.post(f"/queue/{EP}", json=BODY, headers=A).json()["request_id"]
+        store = app.state.store
+        assert store.claim_next("w-test").request_id == rid  # it is running
+        r = c.put(f"/queue/fal-ai/flux-2/requests/{rid}/cancel", headers=A)
+        assert r.status_code == 202 and r.json()["status"] == "CANCELLATION_REQUESTED"
+        assert "completes as cancelled" in r.json()["detail"]
+        # The worker finishes its last step after the cancel was recorded and commits a result.
+        store.complete_ok(rid, {"images": [], "seed": 1})
+        r = c.get(f"/queue/fal-ai/flux-2/requests/{rid}", headers=A)
+        assert r.status_code == 400 and r.json()["error_type"] == "cancelled"
+        status = c.get(f"/queue/fal-ai/flux-2/requests/{rid}/status", headers=A).json()
+        assert status["status"] == "COMPLETED" and status["error_type"] == "cancelled"

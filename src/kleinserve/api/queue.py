@@ -188,9 +188,12 @@ def _make_request_routes(prefix: str):
                                  "detail": "The request was still queued: it is cancelled and will not run."},
                                 status_code=202, headers=headers)
         if outcome.outcome in ("cancel_requested", "already_requested"):
-            detail = ("The request is running: it stops at its next step."
+            detail = ("The request is running; the cancellation is recorded. It stops at its next step and "
+                      "completes as cancelled (a result it produces from now on is discarded), unless it "
+                      "fails with another error first."
                       if outcome.outcome == "cancel_requested" else
-                      "Cancellation was already requested; the request stops at its next step.")
+                      "Cancellation was already requested: the request completes as cancelled unless it "
+                      "fails with another error first.")
             return JSONResponse({"status": "CANCELLATION_REQUESTED", "request_id": request_id, "detail": detail},
                                 status_code=202, headers=headers)
         job = outcome.job
