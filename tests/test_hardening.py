@@ -4,7 +4,10 @@ tiny one."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 
 import httpx
 import pytest
@@ -245,3 +248,109 @@ def test_after_a_202_cancel_a_result_that_arrives_is_discarded(tmp_path):
         assert r.status_code == 400 and r.json()["error_type"] == "cancelled"
         status = c.get(f"/queue/fal-ai/flux-2/requests/{rid}/status", headers=A).json()
         assert status["status"] == "COMPLETED" and status["error_type"] == "cancelled"
+
+
+# ------------------------------------------------------------------------------ 5. graceful shutdown
+
+@pytest.fixture
+def stoppable(tmp_path):
+    """A real uvicorn server (GracefulServer, as `kleinserve serve` runs it) with no engine, so every
+    request stays queued; `stoppable.sigterm()` calls what a SIGTERM calls."""
+    import signal
+
+    from sse_starlette.sse import AppStatus
+
+    from kleinserve.api.server import GracefulServer
+    from service_helpers import ServerThread
+
+    app = create_app(make_settings(tmp_path, shutdown_grace=1.0))
+    srv = ServerThread(app)
+    srv.server = GracefulServer(srv.server.config)
+    srv.start()
+    srv.app = app
+    srv.sigterm = lambda: srv.server.handle_exit(signal.SIGTERM, None)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        AppStatus.should_exit = False  # sse-starlette's flag is process-wide: later tests stream again
+
+
+def _only_request(app):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        jobs = app.state.store.list_requests(None)
+        if jobs:
+            return jobs[0]
+        time.sleep(0.05)
+    raise AssertionError("no request was submitted")
+
+
+def test_a_waiting_sync_run_gets_503_with_the_request_id_on_sigterm(stoppable):
+    out = {}
+
+    def call():
+        out["r"] = httpx.post(f"{stoppable.base_url}/{EP}", json=BODY, headers=A, timeout=60)
+
+    t = threading.Thread(target=call)
+    t.start()
+    job = _only_request(stoppable.app)
+    t0 = time.monotonic()
+    stoppable.sigterm()
+    t.join(30)
+    r = out["r"]
+    assert r.status_code == 503, r.text
+    assert time.monotonic() - t0 < 10
+    assert int(r.headers["retry-after"]) > 0 and r.headers["x-fal-request-id"] == job.request_id
+    body = r.json()
+    assert body["request_id"] == job.request_id and body["error_type"] == "server_restarting"
+    assert body["status_url"].endswith(f"/requests/{job.request_id}/status")
+    kept = stoppable.app.state.store.get(job.request_id)
+    assert kept.status == "IN_QUEUE" and not kept.cancel_requested  # runs after the restart
+
+
+def test_an_open_stream_ends_with_a_restart_event_and_its_request_is_kept(stoppable):
+    events = []
+    with httpx.stream("POST", f"{stoppable.base_url}/{EP}/stream", json=BODY, headers=A, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if len(events) == 1:
+                    stoppable.sigterm()
+    assert events[0]["status"] == "IN_QUEUE"
+    last = events[-1]
+    rid = events[0]["request_id"]
+    assert last["error_type"] == "server_restarting" and last["status_code"] == 503
+    assert last["request_id"] == rid and last["status_url"].endswith(f"/requests/{rid}/status")
+    kept = stoppable.app.state.store.get(rid)
+    assert kept.status == "IN_QUEUE" and not kept.cancel_requested
+
+
+def _wait_running(store, rid, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while store.get(rid).status == "IN_QUEUE":
+        assert time.monotonic() < deadline, "never started"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("grace", [120.0, 0.0])
+def test_running_requests_get_the_shutdown_grace_then_go_back_to_the_queue(tmp_path, tiny_engine, grace):
+    from kleinserve.service.sqlite_store import SQLiteJobStore
+
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    app = create_app(make_settings(tmp_path, shutdown_grace=grace), engine=tiny_engine, store=store)
+    slow = {**BODY, "num_inference_steps": 30, "image_size": {"width": 192, "height": 192},
+            "enable_safety_checker": False}
+    with TestClient(app) as c:
+        running = c.post(f"/queue/{EP}", json=slow, headers=A).json()["request_id"]
+        _wait_running(store, running)
+        app.state.runtime.begin_shutdown()
+        later = c.post(f"/queue/{EP}", json=BODY, headers=A).json()["request_id"]
+    first, second = store.get(running), store.get(later)
+    assert second.status == "IN_QUEUE" and second.attempts == 0  # nothing new was claimed
+    if grace:
+        assert first.status == "COMPLETED" and first.error is None  # finished within the grace
+    else:
+        assert first.status == "IN_QUEUE" and first.attempts == 0 and not first.cancel_requested
+    store.close()

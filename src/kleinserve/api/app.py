@@ -207,6 +207,10 @@ class ServiceRuntime:
         self.load_engine = load_engine
         self.start_worker = start_worker
         self._loader: Optional[threading.Thread] = None
+        # Graceful shutdown (SIGTERM): set by begin_shutdown; running requests may finish until
+        # stop_deadline (time.monotonic()), then they are released to the queue.
+        self.stopping = threading.Event()
+        self.stop_deadline: Optional[float] = None
 
     # -------------------------------------------------------------- start / stop
     def start(self) -> None:
@@ -237,9 +241,27 @@ class ServiceRuntime:
             self._loader = threading.Thread(target=self._load_engine, name="kleinserve-engine-loader", daemon=True)
             self._loader.start()
 
-    def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """The server was asked to stop (SIGTERM / Ctrl-C): claim nothing new; running requests get
+        --shutdown-grace to finish; waiting sync runs and streams answer before it ends (api/run.py)."""
+        if self.stopping.is_set():
+            return
+        self.stop_deadline = time.monotonic() + float(self.settings.shutdown_grace)
+        self.stopping.set()
+        log.warning("shutting down: no new request starts; running ones have %gs to finish",
+                    self.settings.shutdown_grace)
         if self.worker is not None:
-            self.worker.stop(timeout=60.0, abort_running=True)
+            self.worker.stop_claiming()
+
+    def restart_due(self) -> bool:
+        """Whether a handler waiting on a request must give up now: the shutdown grace is over."""
+        return self.stopping.is_set() and time.monotonic() >= (self.stop_deadline or 0.0)
+
+    def stop(self) -> None:
+        # After begin_shutdown, what is left of the grace; without it (tests, embedding) none.
+        grace = max(0.0, (self.stop_deadline or 0.0) - time.monotonic()) if self.stopping.is_set() else 0.0
+        if self.worker is not None:
+            self.worker.stop(timeout=60.0, abort_running=True, grace=grace)
         if self.maintenance is not None:
             self.maintenance.stop()
         if self.dispatcher is not None:
@@ -427,8 +449,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        if isinstance(exc, deps.QueueFull):
-            return JSONResponse(exc.body(), status_code=429, headers=exc.headers)
+        if isinstance(exc, deps.BodyHTTPException):
+            return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

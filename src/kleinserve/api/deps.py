@@ -175,9 +175,51 @@ def error_event(job: Job) -> dict[str, Any]:
 
 
 QUEUE_FULL_RETRY_AFTER = 10  # seconds a refused client is told to wait
+RESTART_RETRY_AFTER = 10  # seconds a client whose sync run was cut by a restart is told to wait
 
 
-class QueueFull(HTTPException):
+class BodyHTTPException(HTTPException):
+    """An HTTPException whose JSON body is `body()` (the app's handler answers with it)."""
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail}
+
+
+class ServerRestarting(BodyHTTPException):
+    """503: the server is stopping and the request did not finish within --shutdown-grace. It was NOT
+    cancelled: it runs again after the restart; poll its status_url for the result."""
+
+    def __init__(self, request_id: str, urls: dict[str, str]):
+        super().__init__(status_code=503, headers={"Retry-After": str(RESTART_RETRY_AFTER),
+                                                   REQUEST_ID_HEADER: request_id},
+                         detail=f"The server is restarting. Request {request_id} was not cancelled: it "
+                                "continues after the restart; poll its status_url, then GET its response_url.")
+        self.request_id = request_id
+        self.urls = urls
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail, "error_type": "server_restarting", "request_id": self.request_id,
+                **self.urls}
+
+    def event(self) -> dict[str, Any]:
+        """The last SSE event of a stream cut by the restart (the stream error shape)."""
+        return {"error": "The server is restarting.", "error_type": "server_restarting",
+                "detail": self.detail, "status_code": 503, "request_id": self.request_id, **self.urls}
+
+
+def restart_due(request: Request) -> bool:
+    """Whether the server is stopping and its shutdown grace is over (ServiceRuntime.restart_due)."""
+    runtime = getattr(request.app.state, "runtime", None)
+    return runtime is not None and runtime.restart_due()
+
+
+def stopping(request: Request) -> bool:
+    """Whether the server was asked to stop (a stream or sync run must then not cancel its job)."""
+    runtime = getattr(request.app.state, "runtime", None)
+    return runtime is not None and runtime.stopping.is_set()
+
+
+class QueueFull(BodyHTTPException):
     """429: a backpressure limit (`limit`: max_queue_depth | max_queued_per_key) refused a submit."""
 
     def __init__(self, limit: str, value: int, detail: str, retry_after: int = QUEUE_FULL_RETRY_AFTER):

@@ -232,7 +232,9 @@ async def images_generations(request: Request) -> JSONResponse:
             if 400 <= exc.status_code < 500:
                 raise OpenAIError(400, f"Invalid request: {exc.detail}") from None
             raise OpenAIError(exc.status_code, str(exc.detail), type="server_error",
-                              code="service_unavailable" if exc.status_code == 503 else None) from None
+                              code="service_unavailable" if exc.status_code == 503 else None,
+                              headers={k: v for k, v in (exc.headers or {}).items()
+                                       if k.lower() == "retry-after"}) from None
         if job is None:
             return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                            "param": None, "code": None}}, status_code=499)

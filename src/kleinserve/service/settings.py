@@ -145,6 +145,7 @@ class Settings:
     batch_images: int = 1
     max_run_seconds: float = 1800.0
     worker_stale_after: float = 120.0
+    shutdown_grace: float = 60.0
     webhook_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     webhook_backoff_base: float = DEFAULT_BACKOFF_BASE
     webhook_allow_private: bool = False
@@ -160,6 +161,8 @@ class Settings:
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
         if self.batch_images < 1:
             raise ValueError("batch images must be >= 1 (1: every request runs alone)")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown grace must be >= 0")
         if self.max_queue_depth < 0 or self.max_queued_per_key < 0:
             raise ValueError("queue limits must be >= 0 (0: no limit)")
         if self.max_attempts < 1:
@@ -269,6 +272,10 @@ OPTIONS: list[Option] = [
            metavar="DURATION"),
     Option("worker_stale_after", ("--worker-stale-after",), "KLEINSERVE_WORKER_STALE_AFTER", parse_duration,
            "A running request whose worker showed no sign of life for this long is re-queued.",
+           metavar="DURATION"),
+    Option("shutdown_grace", ("--shutdown-grace",), "KLEINSERVE_SHUTDOWN_GRACE", parse_duration,
+           "On SIGTERM/Ctrl-C: how long running requests may take to finish; past it they go back to the "
+           "queue (not cancelled). Waiting sync runs then get 503 with the request id to poll.",
            metavar="DURATION"),
     Option("webhook_max_attempts", ("--webhook-max-attempts",), "KLEINSERVE_WEBHOOK_MAX_ATTEMPTS", parse_int,
            "Delivery attempts of a webhook before it is given up."),

@@ -172,13 +172,20 @@ class Worker:
         self._hb_thread.start()
         return self
 
-    def stop(self, timeout: float = 30.0, *, abort_running: bool = True) -> None:
-        """Stops claiming. With `abort_running`, the running generation stops at its next step and
-        its job goes back to the queue (not counted as an attempt)."""
+    def stop_claiming(self) -> None:
+        """Shutdown begins: no new job is claimed; the running one goes on (then `stop`)."""
         self._stop.set()
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0, *, abort_running: bool = True, grace: float = 0.0) -> None:
+        """Stops claiming. The running generation gets `grace` seconds to finish; past them, with
+        `abort_running`, it stops at its next step and its job goes back to the queue (not counted
+        as an attempt, not cancelled)."""
+        self.stop_claiming()
+        if grace > 0 and self._thread is not None:
+            self._thread.join(grace)
         if abort_running:
             self._abort.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
