@@ -291,7 +291,7 @@ class _Target:
 class WebhookDispatcher:
     """Background delivery of due webhooks, fair across targets.
 
-    Fairness: a target (scheme://host:port) has at most `per_target` deliveries in flight and, after a
+    Fairness: a target (scheme://host:port) has at most `per_target` (4) deliveries in flight and, after a
     failure (connection error, timeout, 429, 5xx), a backoff of its own (0.5 s doubling to
     `target_backoff_max`, reset by a success) during which none of its webhooks is attempted (nor
     counted as an attempt); every attempt is bounded (`connect_timeout`, `timeout` for the whole
@@ -323,7 +323,7 @@ class WebhookDispatcher:
         timeout: float = 10.0,
         connect_timeout: float = 3.0,
         concurrency: int = 16,
-        per_target: int = 2,
+        per_target: int = 4,
         target_backoff_max: float = 60.0,
         batch_size: int = 32,
         policy: Optional[NetPolicy] = None,
