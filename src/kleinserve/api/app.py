@@ -429,7 +429,8 @@ def create_app(
             return {"status": "ok", "is_tiny": True, "warning": TINY_WARNING}
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["service"], summary="Readiness: the model is loaded and the worker runs")
+    @app.get("/ready", tags=["service"], summary="Readiness: the model is loaded and the worker runs",
+             responses={200: {"description": "Ready"}, 503: {"description": "Not ready: `status`, `detail`"}})
     async def ready():
         ok, body = runtime.readiness()
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -11,8 +11,10 @@ import re
 import secrets
 from typing import Any, Optional
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict
 
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
@@ -26,8 +28,14 @@ PRIORITY_HEADER = "x-fal-queue-priority"
 
 # --------------------------------------------------------------------------------------- auth
 
+# The API key as OpenAPI's security scheme (the docs' "Authorize" button). Checking is done by the
+# app's Authenticator in require_principal; this only documents the header.
+API_KEY_SCHEME = APIKeyHeader(
+    name="Authorization", scheme_name="ApiKey", auto_error=False,
+    description="`Key <your API key>` (fal clients) or `Bearer <your API key>` (OpenAI clients).")
 
-def require_principal(request: Request) -> Principal:
+
+def require_principal(request: Request, _documented: Optional[str] = Security(API_KEY_SCHEME)) -> Principal:
     """FastAPI dependency: the caller's principal (the app's Authenticator), or 401 with a JSON detail."""
     try:
         return request.app.state.auth.authenticate(request.headers.get("authorization"))
@@ -35,7 +43,7 @@ def require_principal(request: Request) -> Principal:
         raise HTTPException(status_code=401, detail=exc.detail, headers={"WWW-Authenticate": "Key"}) from None
 
 
-def require_owner(request: Request) -> str:
+def require_owner(request: Request, _documented: Optional[str] = Security(API_KEY_SCHEME)) -> str:
     """FastAPI dependency: the caller's owner id (the API key's short sha256, or "anonymous")."""
     return require_principal(request).owner
 
@@ -255,3 +263,44 @@ def not_found(request_id: str) -> HTTPException:
         return HTTPException(status_code=404, detail="Request not found: request ids are UUIDs "
                              "(as returned by the submit).")
     return HTTPException(status_code=404, detail=f"Request {request_id} not found.")
+
+
+# --------------------------------------------------------------------------------------- OpenAPI
+
+
+class ErrorBody(BaseModel):
+    """An error: `detail` says what went wrong and what to do (a list of {loc, msg, type} for 422);
+    some errors add fields (`error_type`, `request_id`, `limit`, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: Any
+
+
+class CancelBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: str  # CANCELLATION_REQUESTED | ALREADY_COMPLETED
+    request_id: str
+    detail: str
+
+
+_DESCRIPTIONS = {
+    400: "Bad request (see `detail`): e.g. a body that cannot be parsed, a request not finished yet or cancelled.",
+    401: "Missing or wrong API key (`Authorization: Key <key>`).",
+    403: "Not allowed (e.g. an upload token for another file).",
+    404: "No such request or file (or it belongs to another API key).",
+    405: "Method not allowed.",
+    415: "Unsupported media type (the upload's content type is not allowed).",
+    413: "Request body too large (--max-request-bytes / --max-upload-bytes).",
+    422: "Invalid input: `detail` lists {loc, msg, type} per problem.",
+    429: "A queue limit is reached (--max-queue-depth / --max-queued-per-key): retry after `Retry-After`.",
+    499: "The client disconnected before the result; the request was cancelled.",
+    500: "The request failed (model error, crash, internal error): `detail`, `error_type`.",
+    503: "Not available now (model failed to load, service starting, or restarting: then `request_id` "
+         "to poll); see `Retry-After` when present.",
+    504: "The request did not start or finish in time (`X-Fal-Request-Timeout`, --max-run-seconds).",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` entries for these error status codes (JSON ErrorBody each)."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}

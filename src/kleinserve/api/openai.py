@@ -34,9 +34,9 @@ import re
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS
 from kleinserve.service import jobs as J
@@ -201,7 +201,39 @@ def _image_item(image: dict[str, Any], response_format: str, revised_prompt: str
     return item
 
 
-@router.post("/images/generations", summary="OpenAI-compatible image generation")
+class _OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: _OpenAIErrorDetail
+
+
+_OPENAI_ERRORS = {
+    400: "Invalid request (`error.param` names the field).", 401: "Missing or wrong API key.",
+    429: "A queue limit is reached: retry after `Retry-After`.",
+    499: "The client disconnected; the request was cancelled.", 500: "The generation failed.",
+    503: "The model is not available, or the server is restarting.", 504: "The request timed out.",
+}
+_OPENAI_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["prompt"],
+        "properties": {"prompt": {"type": "string", "minLength": 1},
+                       "n": {"type": "integer", "minimum": 1, "maximum": 4},
+                       "size": {"type": "string", "examples": ["1024x1024", "auto"]},
+                       "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+                       "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]}}}}},
+}
+
+
+@router.post("/images/generations", summary="OpenAI-compatible image generation",
+             dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra={"requestBody": _OPENAI_BODY},
+             responses={200: {"description": "OpenAI's images response (`data[].url` or `b64_json`)"},
+                        **{code: {"model": OpenAIErrorBody, "description": d} for code, d in _OPENAI_ERRORS.items()}})
 async def images_generations(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:
@@ -258,7 +290,8 @@ async def images_generations(request: Request) -> JSONResponse:
         return err.response(rid)
 
 
-@router.get("/models", summary="OpenAI-compatible model list")
+@router.get("/models", summary="OpenAI-compatible model list", dependencies=[Security(deps.API_KEY_SCHEME)],
+            responses={401: {"model": OpenAIErrorBody, "description": _OPENAI_ERRORS[401]}})
 async def list_models(request: Request) -> JSONResponse:
     try:
         _authenticate(request)

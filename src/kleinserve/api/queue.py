@@ -217,15 +217,31 @@ def build_queue_router(registry: EndpointRegistry) -> APIRouter:
             f"/{spec.endpoint_id}", _make_submit(spec), methods=["POST"],
             summary=f"Submit to {spec.endpoint_id}",
             description="Queue a request; poll status_url, then GET response_url.",
-            responses={200: {"description": "Queued: request_id, response_url, status_url, cancel_url"}},
+            responses={200: {"description": "Queued: request_id, response_url, status_url, cancel_url"},
+                       **deps.error_responses(400, 401, 413, 422, 429, 503)},
         )
     for prefix in registry.app_prefixes():
         get_status, stream_status, get_result, cancel = _make_request_routes(prefix)
         base = f"/{prefix}/requests/{{request_id}}"
         router.add_api_route(base + "/status", get_status, methods=["GET"],
-                             summary="Request status (202 while pending, 200 when COMPLETED)")
+                             summary="Request status (202 while pending, 200 when COMPLETED)",
+                             responses={200: {"description": "COMPLETED (with `error`/`error_type` when it failed)"},
+                                        202: {"description": "IN_QUEUE (with `queue_position`) or IN_PROGRESS"},
+                                        **deps.error_responses(401, 404)})
         router.add_api_route(base + "/status/stream", stream_status, methods=["GET"],
-                             summary="Server-sent status events until COMPLETED")
-        router.add_api_route(base, get_result, methods=["GET"], summary="Request result")
-        router.add_api_route(base + "/cancel", cancel, methods=["PUT"], summary="Cancel a request")
+                             summary="Server-sent status events until COMPLETED",
+                             response_class=EventSourceResponse,
+                             responses={200: {"description": "SSE: one status object per event",
+                                              "content": {"text/event-stream": {}}},
+                                        **deps.error_responses(401, 404)})
+        router.add_api_route(base, get_result, methods=["GET"], summary="Request result",
+                             responses={200: {"description": "The output"},
+                                        **deps.error_responses(400, 401, 404, 422, 500, 504)})
+        router.add_api_route(base + "/cancel", cancel, methods=["PUT"], summary="Cancel a request",
+                             status_code=202,
+                             responses={202: {"model": deps.CancelBody,
+                                              "description": "CANCELLATION_REQUESTED"},
+                                        400: {"model": deps.CancelBody,
+                                              "description": "ALREADY_COMPLETED: nothing to cancel"},
+                                        **deps.error_responses(401, 404)})
     return router

@@ -218,10 +218,15 @@ def build_run_router(registry: EndpointRegistry) -> APIRouter:
             f"/{spec.endpoint_id}/stream", _make_stream(spec), methods=["POST"],
             summary=f"Run {spec.endpoint_id}, streaming progress (SSE); the last event is the output",
             response_class=EventSourceResponse,
+            responses={200: {"description": "SSE: IN_QUEUE / IN_PROGRESS events, then the output (or one "
+                                            "error event)", "content": {"text/event-stream": {}}},
+                       **deps.error_responses(400, 401, 413, 422, 429, 503)},
         )
         router.add_api_route(
             f"/{spec.endpoint_id}", _make_run(spec), methods=["POST"],
             summary=f"Run {spec.endpoint_id} and wait for the output",
             response_model=None,
+            responses={200: {"description": "The output"},
+                       **deps.error_responses(400, 401, 413, 422, 429, 499, 500, 503, 504)},
         )
     return router
