@@ -40,6 +40,18 @@ def _validate_webhook(request: Request, url: Optional[str]) -> Optional[str]:
         raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "url_parsing"}])
 
 
+_REFUSAL_LOG_EVERY = 10.0  # seconds: a flood of 429s is one log line per limit per period, not one each
+_last_refusal_log: dict[str, float] = {}
+
+
+def _log_refusal(exc: "deps.QueueFull") -> None:
+    now = time.monotonic()
+    if now - _last_refusal_log.get(exc.limit, -_REFUSAL_LOG_EVERY) >= _REFUSAL_LOG_EVERY:
+        _last_refusal_log[exc.limit] = now
+        log.warning("submits refused with 429 (%s; kleinserve_submits_refused_total counts them): %s",
+                    exc.limit, exc.detail)
+
+
 def _services(request: Request):
     st = request.app.state
     if getattr(st, "store", None) is None:
@@ -61,7 +73,7 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
         await run_in_threadpool(deps.check_backpressure, store, request.app.state.settings, owner)
     except deps.QueueFull as exc:
         metrics.observe_submit_refused(exc.limit)
-        log.warning("submit refused: %s", exc.detail)
+        _log_refusal(exc)
         raise
     data = body.model_dump(mode="json")
     if spec.seed_field and spec.seed_field in data and data[spec.seed_field] is None:
