@@ -37,3 +37,14 @@ def test_service_benchmark_smoke_run_measures_both_worker_modes(tmp_path):
     for mode in ("throughput", "throughput_batched"):
         assert results[mode]["requests"] == 6 and results[mode]["req_per_s"] > 0
     assert results["sse"]["step_event_latency"]["p50"] >= 0
+
+
+def test_reliability_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "reliability.json"
+    run_script("bench_reliability.py", "--no-webhooks", "--submits", "12", "--clients", "4", "--races", "3",
+               "--json", str(out))
+    results = json.loads(out.read_text())
+    assert results["request_ids"]["json_404"] == results["request_ids"]["requests"]
+    assert results["ssrf_at_submit"]["refused_422"] == results["ssrf_at_submit"]["webhook_urls"]
+    assert results["graceful_shutdown"]["sync_run"]["status"] == 503
+    assert results["cancel_race"]["ended"] == {"cancelled": 3}
