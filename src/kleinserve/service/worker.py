@@ -151,6 +151,7 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._abort = threading.Event()  # stop the running generation (shutdown)
+        self._hb_stop = threading.Event()  # heartbeats go on through the shutdown grace, until stop()
         self._thread: Optional[threading.Thread] = None
         self._hb_thread: Optional[threading.Thread] = None
         self._listener = self._on_store_change
@@ -165,6 +166,7 @@ class Worker:
         self.store.add_listener(self._listener)
         self._stop.clear()
         self._abort.clear()
+        self._hb_stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"kleinserve-worker-{self.name}", daemon=True)
         self._thread.start()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"kleinserve-heartbeat-{self.name}",
@@ -191,6 +193,7 @@ class Worker:
             if self._thread.is_alive():
                 log.warning("worker %s did not stop within %.0fs", self.name, timeout)
         self._thread = None
+        self._hb_stop.set()
         self.store.remove_listener(self._listener)
         with _LIVE_LOCK:
             _LIVE_WORKERS.discard(self.worker_id)
@@ -238,7 +241,7 @@ class Worker:
                 self.jobs_done += len(batch)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_every):
+        while not self._hb_stop.wait(self.heartbeat_every):
             for rid in list(self.running):
                 try:
                     self.store.heartbeat(rid, self.worker_id)
