@@ -237,3 +237,19 @@ def test_submit_refuses_a_literal_private_webhook_with_a_422(tmp_path):
         r = c.post("/queue/fal-ai/flux-2/klein/9b/base", params={"fal_webhook": "http://127.1:9/x"},
                    json=body, headers=headers)
         assert r.status_code == 200, r.text
+
+
+def test_the_options_build_the_policy_and_name_a_bad_cidr(tmp_path):
+    from kleinserve.service.settings import Settings
+
+    s = Settings.from_sources({"data_dir": tmp_path, "webhook_allow_cidrs": ["10.20.0.0/16"]},
+                              env={"KLEINSERVE_WEBHOOK_ALLOW_PRIVATE": ""})
+    policy = s.net_policy()
+    assert not policy.allow_private and ng.check_url("http://10.20.3.4/x", policy)
+    with pytest.raises(BlockedURL):
+        ng.check_url("http://10.21.0.1/x", policy)
+    env = {"KLEINSERVE_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8, fd00::/8", "KLEINSERVE_WEBHOOK_ALLOW_PRIVATE": "0"}
+    assert len(Settings.from_sources({"data_dir": tmp_path}, env=env).net_policy().allow_cidrs) == 2
+    assert Settings.from_sources({"data_dir": tmp_path, "webhook_allow_private": True}, env={}).net_policy().allow_private
+    with pytest.raises(ValueError, match="--webhook-allow-cidr: not an IP network: 'example.com'"):
+        Settings.from_sources({"data_dir": tmp_path, "webhook_allow_cidrs": ["example.com"]}, env={})

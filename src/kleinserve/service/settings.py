@@ -172,7 +172,10 @@ class Settings:
         if self.webhook_backoff_base < 0:
             raise ValueError("webhook backoff base must be >= 0")
         for cidr in self.webhook_allow_cidrs:
-            parse_cidr(cidr)  # a ValueError naming it
+            try:
+                parse_cidr(cidr)
+            except ValueError as exc:
+                raise ValueError(f"--webhook-allow-cidr: {exc}") from None
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
 
