@@ -456,14 +456,3 @@ class SQLiteJobStore(JobStore):
             self._save(con, job)
         self._notify(job, "webhook")
         return job
-
-    # ------------------------------------------------------------------ backpressure
-    def queued_count(self, owner: Optional[str] = None) -> int:
-        """Queued jobs (IN_QUEUE), all of them or one owner's (--max-queue-depth, --max-queued-per-key)."""
-        con = self._conn()
-        if owner is None:
-            row = con.execute("SELECT COUNT(*) FROM jobs WHERE status=?", (J.IN_QUEUE,)).fetchone()
-        else:
-            row = con.execute("SELECT COUNT(*) FROM jobs WHERE status=? AND owner=?",
-                              (J.IN_QUEUE, owner)).fetchone()
-        return int(row[0])
