@@ -1,32 +1,66 @@
 """The JobStore interface: where jobs live between the HTTP layer and the workers.
 
-Nothing here may assume a single process: a Redis store and many worker processes come next. So
-every mutation is one atomic read-modify-write of one job through the state machine in `jobs.py`,
-`claim_next` is atomic across processes, and a worker's liveness is a heartbeat in the store (plus,
-for workers on this host, a pid check), never an in-memory object.
+Backends: `sqlite_store.SQLiteJobStore` (embedded, one box, any number of processes) and
+`pg_store.PostgresJobStore` (a fleet). `open_store(url)` picks one from `--store`.
 
-Listeners (`add_listener`) are an in-process convenience: after a mutation commits, the store calls
-`listener(job, event)` in the mutating thread, so the event fan-out can wake SSE streams and the
-worker at once. Other processes see the same changes by polling.
+Rules every backend keeps (the conformance suite in tests/test_store_conformance.py checks them on both):
+- Every mutation is one atomic read-modify-write of one job through `jobs.apply`, the one state machine.
+- `claim_next` is atomic across processes and hosts and takes a **lease** on the database's clock
+  (`lease_expires_at = db_now + lease_seconds`) and counts an attempt. The claimed job's `lease`
+  (request id, worker id, attempt) fences every later write the worker makes about it: `heartbeat`,
+  `append_log(lease=...)`, `record_progress`, `complete_ok`, `complete_error`, `release`. When the job
+  is no longer held by that lease (the sweeper re-queued it and another worker claimed it, it was
+  completed, ...) the write changes nothing and raises `LeaseLost`.
+- `recover` (the sweeper; any process may run it, the store serialises it) re-queues IN_PROGRESS jobs
+  whose lease expired on the database clock or whose worker is known dead, or fails them as crashed
+  once they used their attempts.
+- Events: every committed change of a job appends a `JobEvent` to the store's event log in the same
+  transaction (status changes; typed progress from `record_progress`). Any process reads them with
+  `wait_events(after, timeout)` (SQLite: polls the table; PostgreSQL: LISTEN/NOTIFY wakes the reader,
+  payloads are only the announcement). Previews are kept out of the log: `record_progress` stores the
+  latest one per job, `get_preview` reads it.
+- Watchers: an API process that streams a request to a client `watch`es it (a short TTL, refreshed);
+  workers make previews only while `is_watched` is true, whichever replica the client is on.
+- Shared secrets (`shared_secret`) and the live-worker registry (`register_worker`, `live_workers`)
+  live in the store so that every replica agrees on them.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
-
-from .jobs import Job
-
 log = logging.getLogger(__name__)
 
-Listener = Callable[[Job, str], None]
+DEFAULT_LEASE_SECONDS = 120.0  # --worker-stale-after: a worker silent this long loses its jobs
+WATCH_TTL_SECONDS = 10.0  # a watcher not refreshed this long no longer counts
 
 
 class JobNotFound(KeyError):
     """No such request (or it belongs to another API key: both answer 404)."""
+
+
+class LeaseLost(Exception):
+    """A worker wrote about a job it no longer holds (its lease expired and the job was re-queued or
+    re-claimed, or it was completed). The write changed nothing."""
+
+    def __init__(self, lease: "Lease", detail: str = ""):
+        self.lease = lease
+        super().__init__(f"request {lease.request_id}: attempt {lease.attempt} of worker {lease.worker_id} "
+                         f"no longer holds it{': ' + detail if detail else ''}")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One attempt of one job held by one worker: the fence on every write the worker makes about it."""
+
+    request_id: str
+    worker_id: str
+    attempt: int
+
+    @classmethod
+    def of(cls, job: Job) -> "Lease":
+        """The lease of a job just returned by `claim_next`."""
+        if job.worker_id is None:
+            raise ValueError(f"request {job.request_id} is not held by a worker")
+        return cls(job.request_id, job.worker_id, job.attempts)
 
 
 @dataclass(frozen=True)
@@ -34,7 +68,8 @@ class CancelOutcome:
     """What `request_cancel` did.
 
     outcome: "cancelled" (was queued: now COMPLETED as cancelled, it never runs),
-             "cancel_requested" (running: the worker stops at its next step),
+             "cancel_requested" (running: the worker stops at its next step, and a result it commits
+             after this point is replaced by the cancellation),
              "already_requested" (running, and a cancel was already asked for),
              "already_completed" (terminal: nothing to cancel; `job.error_type` tells whether it
              was cancelled before).
@@ -44,39 +79,45 @@ class CancelOutcome:
     job: Job
 
 
+# Kinds of JobEvent
+EV_STATUS = "status"  # the job's status or flags changed (submit, claim, cancel, complete, requeue, ...)
+EV_PROGRESS = "progress"  # a denoising step finished: step/total (+ a preview is available)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of the store's event log. Small and typed: it crosses processes and hosts."""
+
+    seq: int  # the store's cursor: strictly increasing; pass the last one seen to `wait_events`
+    request_id: str
+    kind: str  # EV_STATUS | EV_PROGRESS
+    event: str = ""  # EV_STATUS: the transition ("submit", "claim", "complete_ok", "cancel", ...)
+    status: str = ""  # EV_STATUS: the job's status after it
+    step: int = 0  # EV_PROGRESS
+    total: int = 0  # EV_PROGRESS
+    preview: bool = False  # EV_PROGRESS: a preview of this step is stored (`get_preview`)
+
+
+@dataclass(frozen=True)
+class Preview:
+    step: int
+    data_uri: str  # a small image as a data: URI
+
+
 class JobStore(ABC):
     """Abstract store. Times are unix seconds (float). `owner=None` means "any owner" (internal use)."""
-
-    def __init__(self) -> None:
-        self._listeners: list[Listener] = []
-        self._listeners_lock = threading.Lock()
-
-    # ------------------------------------------------------------------ listeners (in-process)
-    def add_listener(self, fn: Listener) -> None:
-        with self._listeners_lock:
-            self._listeners.append(fn)
-
-    def remove_listener(self, fn: Listener) -> None:
-        with self._listeners_lock:
-            if fn in self._listeners:
-                self._listeners.remove(fn)
-
-    def _notify(self, job: Job, event: str) -> None:
-        with self._listeners_lock:
-            listeners = list(self._listeners)
-        for fn in listeners:
-            try:
-                fn(job, event)
-            except Exception:  # a listener must never break a store operation
-                log.exception("job store listener failed")
-
-    def _notify_all(self, jobs: Iterable[Job], event: str) -> None:
-        for j in jobs:
-            self._notify(j, event)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:  # pragma: no cover - optional
         pass
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where it is, for logs and /ready, without credentials: "sqlite:///data/jobs.sqlite3"."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raises when the store cannot be reached (for /ready)."""
 
     # ------------------------------------------------------------------ submit / read
     @abstractmethod
@@ -101,46 +142,58 @@ class JobStore(ABC):
         """Counts by status among non-terminal jobs: {"IN_QUEUE": n, "IN_PROGRESS": m}."""
 
     @abstractmethod
+    def queued_count(self, owner: Optional[str] = None) -> int:
+        """Queued jobs (IN_QUEUE), all of them or one owner's (backpressure limits)."""
+
+    @abstractmethod
     def list_requests(self, owner: Optional[str], limit: int = 50) -> list[Job]:
         """The owner's most recent jobs, newest first (without logs)."""
 
-    # ------------------------------------------------------------------ worker side
+    # ------------------------------------------------------------------ worker side (fenced)
     @abstractmethod
     def claim_next(self, worker_id: str, *, now: Optional[float] = None,
                    endpoint_ids: Optional[Iterable[str]] = None,
-                   match: Optional[Callable[[Job], bool]] = None, lookahead: int = 32) -> Optional[Job]:
+                   match: Optional[Callable[[Job], bool]] = None, lookahead: int = 32,
+                   lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Optional[Job]:
         """Atomically claims the next queued job (normal before low priority, then FIFO), expiring
         on the way any whose time-to-start deadline has passed (COMPLETED, timeout 504). Returns the
-        claimed IN_PROGRESS job, or None when nothing is runnable.
+        claimed IN_PROGRESS job (its `Lease.of(job)` fences the worker's later writes), or None.
 
         With `match`: the first of the next `lookahead` queued jobs for which `match(job)` is true
         (the worker filling a batch with requests that can share a forward); the jobs passed over
         keep their places. `match` runs inside the claim: keep it cheap and free of store calls."""
 
     @abstractmethod
-    def expire_due(self, *, now: Optional[float] = None) -> list[Job]:
-        """Completes as timeout (504) every queued job whose deadline has passed; returns them."""
+    def heartbeat(self, lease: Lease, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        """Extends the lease to db_now + lease_seconds. Raises LeaseLost."""
 
     @abstractmethod
     def append_log(self, request_id: str, message: str, *, level: str = "INFO",
-                   source: str = "worker", heartbeat: bool = True) -> None:
-        """Appends one log line (and, by default, refreshes the running job's heartbeat)."""
+                   source: str = "worker", lease: Optional[Lease] = None) -> None:
+        """Appends one log line. With `lease` (a worker's write) it is fenced: raises LeaseLost and
+        writes nothing when the lease no longer holds the job."""
 
     @abstractmethod
-    def heartbeat(self, request_id: str, worker_id: str) -> bool:
-        """Refreshes the heartbeat of a job this worker runs; False when it no longer does."""
+    def record_progress(self, lease: Lease, step: int, total: int, preview: Optional[str] = None) -> None:
+        """A finished denoising step: stores (step, total) on the job, the preview (a data URI) as the
+        job's latest when given, and appends an EV_PROGRESS event. Fenced: raises LeaseLost."""
 
     @abstractmethod
-    def complete_ok(self, request_id: str, result: dict[str, Any]) -> Job:
-        """IN_PROGRESS -> COMPLETED with `result`."""
+    def complete_ok(self, lease: Lease, result: dict[str, Any]) -> Job:
+        """IN_PROGRESS -> COMPLETED with `result`. Fenced: raises LeaseLost. When a cancel was recorded
+        before this commit, the job completes as cancelled instead (jobs.apply decides)."""
 
     @abstractmethod
-    def complete_error(self, request_id: str, error: dict[str, Any]) -> Job:
-        """IN_PROGRESS -> COMPLETED with `error` (see jobs.job_error)."""
+    def complete_error(self, lease: Lease, error: dict[str, Any]) -> Job:
+        """IN_PROGRESS -> COMPLETED with `error` (see jobs.job_error). Fenced: raises LeaseLost."""
 
     @abstractmethod
-    def release(self, request_id: str) -> Job:
-        """IN_PROGRESS -> IN_QUEUE without counting the attempt (graceful shutdown)."""
+    def release(self, lease: Lease) -> Job:
+        """IN_PROGRESS -> IN_QUEUE without counting the attempt (graceful shutdown). Fenced."""
+
+    @abstractmethod
+    def expire_due(self, *, now: Optional[float] = None) -> list[Job]:
+        """Completes as timeout (504) every queued job whose deadline has passed; returns them."""
 
     # ------------------------------------------------------------------ cancel
     @abstractmethod
@@ -154,18 +207,63 @@ class JobStore(ABC):
 
     # ------------------------------------------------------------------ crash recovery, retention
     @abstractmethod
-    def recover(self, *, max_attempts: int, stale_after: float,
+    def recover(self, *, max_attempts: int,
                 is_worker_alive: Optional[Callable[[str], Optional[bool]]] = None,
                 now: Optional[float] = None) -> list[Job]:
-        """Finds IN_PROGRESS jobs whose worker is gone (heartbeat older than `stale_after` seconds,
-        or `is_worker_alive(worker_id)` is False) and re-queues them, or fails them as "crashed"
-        when they already had `max_attempts` attempts. Returns the jobs changed."""
+        """The sweeper. Finds IN_PROGRESS jobs whose lease expired (on the database clock; `now`
+        overrides it in tests) or whose worker `is_worker_alive(worker_id)` says is dead, and
+        re-queues them, or fails them as "crashed" when they already had their attempts
+        (`job.attempt_limit(max_attempts)`). Returns the jobs changed."""
 
     @abstractmethod
     def purge(self, older_than: float, *, now: Optional[float] = None) -> list[Job]:
         """Deletes COMPLETED jobs finished more than `older_than` seconds ago (but never one whose
-        webhook is still pending). Returns the deleted jobs (with their results, so their files can
-        be removed too)."""
+        webhook is still pending), with their logs and preview, and events older than that. Returns
+        the deleted jobs (with their results, so their files can be removed too)."""
+
+    # ------------------------------------------------------------------ events (cross-process)
+    @abstractmethod
+    def last_event_seq(self) -> int:
+        """The cursor of the newest event (0 when none): start a feed from here."""
+
+    @abstractmethod
+    def wait_events(self, after: int, timeout: float) -> list[JobEvent]:
+        """Events with seq > `after`, in order; blocks up to `timeout` seconds while there are none."""
+
+    @abstractmethod
+    def get_preview(self, request_id: str) -> Optional[Preview]:
+        """The latest preview of a running job, if any."""
+
+    @abstractmethod
+    def watch(self, request_id: str, watcher_id: str, ttl: float = WATCH_TTL_SECONDS) -> None:
+        """Says that `watcher_id` (an API process) follows the request, for `ttl` seconds."""
+
+    @abstractmethod
+    def unwatch(self, request_id: str, watcher_id: str) -> None:
+        ...
+
+    @abstractmethod
+    def is_watched(self, request_id: str) -> bool:
+        """Whether any unexpired watcher follows the request (workers make previews only then)."""
+
+    # ------------------------------------------------------------------ fleet: secrets and workers
+    @abstractmethod
+    def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes:
+        """The secret stored under `name`; the first caller's `create()` result wins (atomically),
+        so every replica gets the same bytes."""
+
+    @abstractmethod
+    def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
+                        info: Optional[dict[str, Any]] = None) -> None:
+        """Announces (or refreshes) a live worker serving `endpoint_ids` for `ttl` seconds."""
+
+    @abstractmethod
+    def deregister_worker(self, worker_id: str) -> None:
+        ...
+
+    @abstractmethod
+    def live_workers(self) -> dict[str, int]:
+        """endpoint id -> number of workers with an unexpired registration."""
 
     # ------------------------------------------------------------------ webhooks
     @abstractmethod
@@ -179,3 +277,9 @@ class JobStore(ABC):
                                next_attempt_at: Optional[float], error: Optional[str]) -> Job:
         """Counts one delivery attempt: delivered, or pending until `next_attempt_at`, or failed
         for good when `next_attempt_at` is None."""
+
+
+def open_store(url: str) -> JobStore:
+    """The store named by `--store`: `sqlite:///abs/path.sqlite3`, `sqlite:relative/path.sqlite3`
+    or `postgresql://user@host:port/db` (also `postgres://`). Raises ValueError for anything else."""
+    raise NotImplementedError("implemented with the PostgreSQL backend")
