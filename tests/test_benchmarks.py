@@ -52,3 +52,14 @@ def test_store_benchmark_smoke_run_measures_both_backends(tmp_path):
         assert r["submit"]["n"] == 20 and r["submit"]["p50"] > 0
         assert [c["procs"] for c in r["claims"]] == [1, 2] and all(c["per_s"] > 0 for c in r["claims"])
         assert r["event_latency"]["n"] >= 10
+
+
+def test_reliability_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "reliability.json"
+    run_script("bench_reliability.py", "--no-webhooks", "--submits", "12", "--clients", "4", "--races", "3",
+               "--json", str(out))
+    results = json.loads(out.read_text())
+    assert results["request_ids"]["json_404"] == results["request_ids"]["requests"]
+    assert results["ssrf_at_submit"]["refused_422"] == results["ssrf_at_submit"]["webhook_urls"]
+    assert results["graceful_shutdown"]["sync_run"]["status"] == 503
+    assert results["cancel_race"]["ended"] == {"cancelled": 3}

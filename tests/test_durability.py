@@ -120,3 +120,41 @@ def test_sigkill_during_generation_loses_nothing(tmp_path):
     assert all(rows[rid][0] == "COMPLETED" for rid in all_ids)
     assert rows[running][1] == 2 and all(rows[rid][1] == 1 for rid in (*queued, low))
     assert rows[cancelled][1] == 0  # never ran
+
+
+def test_sigterm_answers_a_waiting_sync_run_503_and_keeps_its_request(tmp_path):
+    """The real signal path of `kleinserve serve` (issue 10 item 5): a sync run whose generation outlasts
+    --shutdown-grace answers 503 with Retry-After and its request id; the request goes back to the
+    queue, not cancelled and with no attempt counted."""
+    import threading
+
+    data_dir = tmp_path / "data"
+    server = start(data_dir, "--shutdown-grace", "1s")
+    got = {}
+
+    def sync_run():
+        got["r"] = httpx.post(f"{server.base_url}/{EP}", json=SLOW, headers=H, timeout=120)
+
+    t = threading.Thread(target=sync_run)
+    try:
+        t.start()
+        deadline = time.monotonic() + 120
+        rid = None
+        while rid is None:
+            assert time.monotonic() < deadline, "the sync run never started"
+            reqs = httpx.get(f"{server.base_url}/api/requests", headers=H, timeout=30).json()["requests"]
+            if reqs:
+                rid = reqs[0]["request_id"]
+            time.sleep(0.1)
+        wait_for_step(server.base_url, rid)
+        server.stop(timeout=60)  # SIGTERM
+        t.join(60)
+    finally:
+        server.kill()
+    r = got["r"]
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) > 0 and r.headers["x-fal-request-id"] == rid
+    assert r.json()["request_id"] == rid and r.json()["error_type"] == "server_restarting"
+    status, attempts = db_rows(data_dir)[rid][:2]
+    assert (status, attempts) == ("IN_QUEUE", 0)
+    assert "shutting down" in server.log_text()

@@ -123,10 +123,14 @@ def test_huge_prompt_in_jpeg_is_truncated_not_failing():
     back = read_recipe(data)
     assert back["seed"] == 3 and back["truncated"] is True
     assert recipe["prompt"].startswith(back["prompt"]) and len(back["prompt"]) > 1000
-    # PNG and WebP have no such limit.
+    # PNG and WebP are bounded the same way (issue 10: a request must not inflate its images).
     for fmt in ("png", "webp"):
         data, _ = encode_image(_image(), fmt, recipe)
-        assert read_recipe(data) == recipe
+        back = read_recipe(data)
+        assert back["seed"] == 3 and back["truncated"] is True and recipe["prompt"].startswith(back["prompt"])
+    small = {"prompt": "\u00e9t\u00e9 " * 100, "seed": 3}
+    for fmt in ("png", "jpeg", "webp"):  # a recipe within the bound round-trips unchanged
+        assert read_recipe(encode_image(_image(), fmt, small)[0]) == small
 
 
 def test_read_recipe_on_garbage():

@@ -11,6 +11,7 @@ import hashlib
 import json
 import ssl
 import stat
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,7 @@ import pytest
 from kleinserve.service import jobs as J
 from kleinserve.service.sqlite_store import SQLiteJobStore
 from kleinserve.service.store import Lease
+from kleinserve.service.netguard import NetPolicy
 from kleinserve.service.webhooks import (
     HEADER_REQUEST_ID,
     HEADER_SIGNATURE,
@@ -39,6 +41,8 @@ from kleinserve.service.webhooks import (
 
 
 # ------------------------------------------------------------------------------------ a receiver
+
+LOOPBACK_OK = NetPolicy(allow_private=True)  # the receivers here listen on 127.0.0.1
 
 
 class Receiver:
@@ -143,7 +147,7 @@ def test_timestamp_window(tmp_path: Path):
 
 def test_validate_webhook_url():
     assert validate_webhook_url("https://example.com/hook?a=1")
-    assert validate_webhook_url("http://127.0.0.1:8000/x")
+    assert validate_webhook_url("http://127.0.0.1:8000/x", NetPolicy(allow_private=True))
     for bad in ["ftp://example.com/x", "file:///etc/passwd", "javascript:alert(1)", "", "/relative",
                 "https://user:pw@example.com/", "https://exa mple.com/", "http://[::1/x",
                 "https://example.com/" + "a" * 3000, "https:///nohost"]:
@@ -152,8 +156,8 @@ def test_validate_webhook_url():
     for private in ["http://127.0.0.1/x", "http://10.1.2.3/", "http://[::1]/", "http://localhost/",
                     "http://169.254.169.254/latest/meta-data"]:
         with pytest.raises(InvalidWebhookUrl):
-            validate_webhook_url(private, allow_private=False)
-    assert validate_webhook_url("https://93.184.216.34/x", allow_private=False)
+            validate_webhook_url(private)
+    assert validate_webhook_url("https://93.184.216.34/x")
 
 
 def test_backoff_schedule_fits_fal_policy():
@@ -213,7 +217,7 @@ def test_dispatcher_delivers_signed_payload(tmp_path: Path, store: SQLiteJobStor
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver() as rx:
         job = _completed_with_webhook(store, rx.url)
-        d = WebhookDispatcher(store, signer, poll_interval=0.05).start()
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05).start()
         try:
             got = rx.wait()
         finally:
@@ -234,7 +238,7 @@ def test_dispatcher_error_payload(tmp_path: Path, store: SQLiteJobStore):
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver() as rx:
         job = _completed_with_webhook(store, rx.url, ok=False)
-        d = WebhookDispatcher(store, signer, poll_interval=0.05).start()
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05).start()
         try:
             got = rx.wait()
         finally:
@@ -251,7 +255,7 @@ def test_dispatcher_retries_with_backoff_until_success(tmp_path: Path, store: SQ
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver(fail_first=3) as rx:
         job = _completed_with_webhook(store, rx.url)
-        d = WebhookDispatcher(store, signer, poll_interval=0.02, backoff_base=0.2).start()
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.02, backoff_base=0.2).start()
         try:
             rx.wait()
         finally:
@@ -273,7 +277,7 @@ def test_dispatcher_gives_up_after_max_attempts(tmp_path: Path, store: SQLiteJob
     signer = WebhookSigner.from_data_dir(tmp_path)
     with Receiver(fail_first=100) as rx:
         job = _completed_with_webhook(store, rx.url)
-        d = WebhookDispatcher(store, signer, poll_interval=0.02, backoff_base=0.02,
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.02, backoff_base=0.02,
                               max_attempts=3).start()
         try:
             deadline = time.time() + 15
@@ -296,7 +300,7 @@ def test_unreachable_receiver_is_retried(tmp_path: Path, store: SQLiteJobStore):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     job = _completed_with_webhook(store, f"http://127.0.0.1:{port}/hook")
-    d = WebhookDispatcher(store, signer, poll_interval=0.02, backoff_base=0.05, max_attempts=2)
+    d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.02, backoff_base=0.05, max_attempts=2)
     d.start()
     try:
         deadline = time.time() + 15
@@ -327,7 +331,8 @@ def live(tmp_path_factory, tiny_engine):
     d = tmp_path_factory.mktemp("webhooks-e2e")
     cert, key = make_self_signed_cert(d / "cert")
     # --webhook-backoff-base 0.2s: the production default (14 s) would make the retry test slow
-    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny", webhook_backoff_base=0.2),
+    app = create_app(Settings(data_dir=d / "data", api_keys=[KEY], model="tiny", webhook_backoff_base=0.2,
+                              webhook_allow_private=True),
                      engine=tiny_engine)
     with serve_app(app, ssl_cert=cert, ssl_key=key) as srv:
         wait_for_http(srv.base_url + "/ready", timeout=240,
@@ -408,3 +413,98 @@ def test_e2e_invalid_webhook_url_is_refused(live):
         for bad in ["ftp://example.com/x", "not a url", "https://user:pw@example.com/"]:
             r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": bad}, json=TINY_INPUT)
             assert r.status_code == 422, (bad, r.text)
+
+
+# ================================================================================ fairness (issue 10 item 7)
+
+
+class SlowReceiver(Receiver):
+    """A receiver that holds every POST `delay` seconds; records the most POSTs it held at once."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.active = 0
+        self.max_active = 0
+        lock = threading.Lock()
+        outer = self
+        handler = self.server.RequestHandlerClass
+        inner_post = handler.do_POST
+
+        def do_post(h):
+            with lock:
+                outer.active += 1
+                outer.max_active = max(outer.max_active, outer.active)
+            time.sleep(delay)
+            with lock:
+                outer.active -= 1
+            inner_post(h)
+
+        handler.do_POST = do_post
+        self.server.daemon_threads = True
+
+
+def test_a_slow_target_does_not_delay_another_targets_webhook(tmp_path: Path, store: SQLiteJobStore):
+    signer = WebhookSigner.from_data_dir(tmp_path)
+    with SlowReceiver(delay=3.0) as slow, Receiver() as fast:
+        for _ in range(8):
+            _completed_with_webhook(store, slow.url)
+        _completed_with_webhook(store, fast.url)  # last in line
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05)
+        t0 = time.monotonic()
+        d.start()
+        try:
+            fast.wait(timeout=20)
+            waited = time.monotonic() - t0
+            time.sleep(0.5)
+            assert slow.max_active <= d.per_target  # the slow target holds at most its share
+        finally:
+            d.stop(timeout=1)
+    assert waited < 2.0, f"the fast target waited {waited:.1f}s behind the slow one"
+
+
+def test_a_failing_target_backs_off_without_blocking_others_and_logs_why(tmp_path: Path, store, caplog):
+    from kleinserve.service.logging import TextFormatter
+    from service_helpers import free_port
+
+    signer = WebhookSigner.from_data_dir(tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there: connection refused
+    with Receiver() as fast:
+        dead_jobs = [_completed_with_webhook(store, dead) for _ in range(6)]
+        _completed_with_webhook(store, fast.url)
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05, backoff_base=0.05,
+                              max_attempts=50)
+        with caplog.at_level(logging.WARNING, logger="kleinserve.service.webhooks"):
+            t0 = time.monotonic()
+            d.start()
+            try:
+                fast.wait(timeout=10)
+                assert time.monotonic() - t0 < 2.0
+                time.sleep(2.0)
+            finally:
+                d.stop(timeout=1)
+    attempts = sum(store.get(j.request_id).webhook_attempts for j in dead_jobs)
+    # per-target backoff (0.5 s, 1 s, 2 s ...) caps the attempts; without it each job's own 0.05 s
+    # schedule would have made well over a hundred in these ~2 s
+    assert 1 <= attempts <= 12, attempts
+    lines = [TextFormatter().format(r) for r in caplog.records if "failed (attempt" in r.getMessage()]
+    assert lines, [r.getMessage() for r in caplog.records]
+    line = lines[0]
+    assert dead.rsplit("/", 1)[0] in line and "attempt 1 of 50" in line and "ConnectError" in line
+    assert "next try: in" in line and "/hook" not in line  # the target, never the path or query
+
+
+def test_a_delivery_interrupted_by_a_crash_is_retried_soon_after_restart(tmp_path: Path, store):
+    signer = WebhookSigner.from_data_dir(tmp_path)
+    assert WebhookDispatcher(store, signer).lease_seconds <= 30  # was 120 s
+    with Receiver() as rx:
+        _completed_with_webhook(store, rx.url)
+        crashed = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, timeout=1.0)
+        assert len(store.due_webhooks(time.time(), 5, lease_seconds=crashed.lease_seconds)) == 1
+        d = WebhookDispatcher(store, signer, policy=LOOPBACK_OK, poll_interval=0.05, timeout=1.0)
+        t0 = time.monotonic()
+        d.start()
+        try:
+            rx.wait(timeout=crashed.lease_seconds + 5)
+        finally:
+            d.stop(timeout=1)
+    assert time.monotonic() - t0 <= crashed.lease_seconds + 2

@@ -6,9 +6,11 @@ generated from these models, so a field added here shows up everywhere.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base"
 
@@ -28,8 +30,41 @@ ImageSizePreset = Literal[
 
 SIZE_MULTIPLE = 16  # VAE /8 then 2x2 patchify
 
+# Longest prompt / negative prompt accepted (characters). The text encoder reads at most 512 tokens
+# (about 2,000 characters of English) anyway; the cap keeps a request from filling the database
+# and every image's metadata with megabytes of text.
+MAX_PROMPT_CHARS = 8000
 
-class ImageSize(BaseModel):
+
+def _scalar_type(annotation: Any) -> Any:
+    """int / float / bool behind an annotation (`int | None` -> int); None for anything else."""
+    if annotation in (int, float, bool):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        found = {a for a in get_args(annotation) if a in (int, float, bool)}
+        others = [a for a in get_args(annotation) if a not in (int, float, bool, type(None))]
+        if len(found) == 1 and not others:
+            return found.pop()
+    return None
+
+
+class StrictScalars(BaseModel):
+    """JSON `true` where a number is expected, or a number where true/false is expected, is a 422
+    naming the field (pydantic's lax mode would read `"seed": true` as seed 1)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixups(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        kind = _scalar_type(field.annotation) if field is not None else None
+        if kind in (int, float) and isinstance(value, bool):
+            raise PydanticCustomError("number_type", "Input should be a number, not true/false")
+        if kind is bool and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "Input should be true or false, not a number")
+        return value
+
+
+class ImageSize(StrictScalars):
     model_config = ConfigDict(extra="forbid")
 
     width: int = Field(512, ge=64, le=2048, description="Width in pixels; rounded to a multiple of 16.")
@@ -41,14 +76,18 @@ def round_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
     return max(multiple, int((value + multiple // 2) // multiple) * multiple)
 
 
-class FluxKleinInput(BaseModel):
+class FluxKleinInput(StrictScalars):
     """Input of `fal-ai/flux-2/klein/9b/base`."""
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(..., min_length=1, description="The prompt to generate an image from.",
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="The prompt to generate an image from (at most 8000 characters; the "
+                                    "text encoder reads its first 512 tokens).",
                         json_schema_extra={"ui": "textarea"})
-    negative_prompt: str = Field("", description="What the image should not contain (true CFG).",
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                 description="What the image should not contain (true CFG; at most 8000 "
+                                             "characters).",
                                  json_schema_extra={"ui": "textarea"})
     guidance_scale: float = Field(5.0, ge=0.0, le=20.0,
                                   description="Classifier-free guidance scale; CFG runs when > 1.")

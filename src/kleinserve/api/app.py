@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -118,8 +118,7 @@ class FalProtocolMiddleware:
                 status_holder["status"] = message["status"]
                 headers = list(message.get("headers", []))
                 if not any(k.lower() == b"x-fal-request-id" for k, _ in headers):
-                    rid = str(state.get("fal_request_id", ""))
-                    headers.append((b"x-fal-request-id", rid.encode("latin-1")))
+                    headers.append((b"x-fal-request-id", _header_safe(state.get("fal_request_id"))))
                 message = dict(message)
                 message["headers"] = headers
             await send(message)
@@ -152,6 +151,21 @@ class FalProtocolMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         metrics.record_http_request(template, scope.get("method", "GET"), status, time.perf_counter() - started)
+
+
+def _header_safe(value: Any) -> bytes:
+    """A header value that cannot break the response: printable ASCII, else a fresh id."""
+    text = str(value or "")
+    if not text or not all(" " < c < "\x7f" for c in text):
+        text = str(uuid.uuid4())
+    return text.encode("ascii")
+
+
+def log_safe(text: str, limit: int = 300) -> str:
+    """Client-supplied text (a path) for a log line: control and non-ASCII characters escaped, so it
+    cannot forge a line; bounded."""
+    return text[:limit].encode("ascii", "backslashreplace").decode("ascii").replace("\r", "\\r") \
+        .replace("\n", "\\n").replace("\t", "\\t")
 
 
 def _too_large_detail(limit: int) -> str:
@@ -239,7 +253,8 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/ready", tags=["service"],
-             summary="Readiness: store and storage reachable, the model loaded (role all), live workers")
+             summary="Readiness: store and storage reachable, the model loaded (role all), live workers",
+             responses={200: {"description": "Ready"}, 503: {"description": "Not ready: `status`, `detail`"}})
     async def ready():
         ok, body = await run_in_threadpool(runtime.readiness)
         body["version"] = __version__
@@ -260,12 +275,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, deps.BodyHTTPException):
+            return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        rid = request.scope.get("state", {}).get("fal_request_id") or str(uuid.uuid4())
+        log.exception("unhandled error on %s %s", log_safe(request.method), log_safe(request.url.path))
+        rid = request.scope.get("state", {}).get("fal_request_id")
         return JSONResponse({"detail": f"Internal server error: {type(exc).__name__}", "error_type": "internal"},
-                            status_code=500, headers={deps.REQUEST_ID_HEADER: rid})
+                            status_code=500, headers={deps.REQUEST_ID_HEADER: _header_safe(rid).decode("ascii")})

@@ -33,7 +33,7 @@ import logging
 from typing import Any, AsyncIterator, Optional
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Security
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
@@ -55,7 +55,7 @@ from kleinserve.service.storage import (
 from kleinserve.service.runtime import Services
 
 from . import deps
-from .deps import public_base, require_owner
+from .deps import API_KEY_SCHEME, error_responses, public_base, require_owner
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def _raise(exc: StorageError) -> None:
 # auth
 
 
-def _cdn_or_api_key_owner(request: Request) -> Optional[str]:
+def _cdn_or_api_key_owner(request: Request,
+                          _documented: Optional[str] = Security(API_KEY_SCHEME)) -> Optional[str]:
     """`POST /files/upload` and friends: the CDN token from /storage/auth/token (what the Python
     client sends, `Authorization: Bearer <token>`) or else a normal API key."""
     authz = request.headers.get("authorization", "")
@@ -226,11 +227,12 @@ async def _json_body(request: Request) -> Any:
 # JS client (and the Python client's fallback): initiate + signed PUT
 
 
-@router.post("/storage/upload/initiate")
+@router.post("/storage/upload/initiate", responses=error_responses(400, 401, 415, 422))
 async def initiate_upload(
     request: Request,
     body: InitiateUploadBody,
-    storage_type: Optional[str] = Query(None),
+    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
+                                        description="The fal clients' storage type (all are stored here)."),
     owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
@@ -253,7 +255,7 @@ async def initiate_upload(
     }
 
 
-@router.put("/storage/upload/{file_id}")
+@router.put("/storage/upload/{file_id}", responses=error_responses(400, 401, 403, 413, 415, 422))
 async def put_signed_upload(request: Request, file_id: str, token: Optional[str] = Query(None)):
     svc = _svc(request)
     try:
@@ -274,11 +276,12 @@ async def put_signed_upload(request: Request, file_id: str, token: Optional[str]
     return _uploaded_body(request, svc, stored, "file_url")
 
 
-@router.post("/storage/upload/initiate-multipart")
+@router.post("/storage/upload/initiate-multipart", responses=error_responses(400, 401, 415, 422))
 async def initiate_multipart_upload(
     request: Request,
     body: InitiateUploadBody,
-    storage_type: Optional[str] = Query(None),
+    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
+                                        description="The fal clients' storage type (all are stored here)."),
     owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
@@ -338,7 +341,15 @@ async def _complete(request: Request, svc: Services, upload_id: str):
         _raise(exc)
 
 
-@router.put("/storage/upload/multipart/{upload_id}/{part_number}")
+@router.put("/storage/upload/multipart/{upload_id}/complete", include_in_schema=False)
+@router.put("/files/{file_id}/{file_name}/multipart/{upload_id}/complete", include_in_schema=False)
+async def complete_needs_post() -> None:
+    """`PUT .../complete`: the method is wrong (405), not the part number (422)."""
+    raise HTTPException(status_code=405, detail="Complete a multipart upload with POST, not PUT.",
+                        headers={"Allow": "POST"})
+
+
+@router.put("/storage/upload/multipart/{upload_id}/{part_number}", responses=error_responses(400, 401, 403, 404, 413, 422))
 async def put_signed_part(
     request: Request, upload_id: str, part_number: int, token: Optional[str] = Query(None)
 ):
@@ -348,7 +359,7 @@ async def put_signed_part(
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
 
 
-@router.post("/storage/upload/multipart/{upload_id}/complete")
+@router.post("/storage/upload/multipart/{upload_id}/complete", responses=error_responses(400, 401, 403, 404, 422))
 async def complete_signed_multipart(
     request: Request, upload_id: str, token: Optional[str] = Query(None)
 ):
@@ -362,10 +373,11 @@ async def complete_signed_multipart(
 # Python client: CDN token + POST /files/upload
 
 
-@router.post("/storage/auth/token")
+@router.post("/storage/auth/token", responses=error_responses(400, 401, 422))
 async def storage_auth_token(
     request: Request,
-    storage_type: Optional[str] = Query(None),
+    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
+                                        description="The fal clients' storage type (all are stored here)."),
     owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
@@ -380,7 +392,7 @@ async def storage_auth_token(
     }
 
 
-@router.post("/files/upload")
+@router.post("/files/upload", responses=error_responses(400, 401, 403, 413, 415))
 async def cdn_upload(request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)):
     svc = _svc(request)
     stored = await _store_body(
@@ -394,7 +406,7 @@ async def cdn_upload(request: Request, owner: Optional[str] = Depends(_cdn_or_ap
     return _uploaded_body(request, svc, stored, "access_url")
 
 
-@router.post("/files/upload/multipart")
+@router.post("/files/upload/multipart", responses=error_responses(400, 401, 403, 415))
 async def cdn_multipart_create(
     request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)
 ):
@@ -414,7 +426,7 @@ async def _check_mp_file(svc: Services, file_id: str, file_name: str, upload_id:
         raise HTTPException(status_code=404, detail="no such multipart upload")
 
 
-@router.put("/files/{file_id}/{file_name}/multipart/{upload_id}/{part_number}")
+@router.put("/files/{file_id}/{file_name}/multipart/{upload_id}/{part_number}", responses=error_responses(400, 401, 403, 404, 413, 422))
 async def cdn_multipart_part(
     request: Request,
     file_id: str,
@@ -429,7 +441,7 @@ async def cdn_multipart_part(
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
 
 
-@router.post("/files/{file_id}/{file_name}/multipart/{upload_id}/complete")
+@router.post("/files/{file_id}/{file_name}/multipart/{upload_id}/complete", responses=error_responses(400, 401, 403, 404))
 async def cdn_multipart_complete(
     request: Request,
     file_id: str,
@@ -502,7 +514,7 @@ async def _stream_body(stream: FileStream) -> AsyncIterator[bytes]:
             await run_in_threadpool(stream.close)
 
 
-@router.get("/files/{file_id}/{file_name}")
+@router.get("/files/{file_id}/{file_name}", responses=error_responses(404))
 async def download_file(request: Request, file_id: str, file_name: str):
     svc = _svc(request)
     if not is_valid_file_id(file_id):

@@ -13,7 +13,8 @@ from kleinserve.service import metrics
 router = APIRouter(tags=["service"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 async def prometheus_metrics() -> Response:
     # Rendering reads the queue depth from the store (a small SQL query): keep it off the event loop.
     body = await run_in_threadpool(metrics.render)

@@ -34,15 +34,16 @@ import re
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
 
+from . import deps
 from .run import submit_and_wait
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ _OPENAI_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "ba
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.status = status
         self.message = message
         self.type = type
@@ -70,7 +73,7 @@ class OpenAIError(Exception):
         self.code = code
 
     def response(self, request_id: Optional[str] = None) -> JSONResponse:
-        headers = {"x-request-id": request_id} if request_id else None
+        headers = {**self.headers, **({"x-request-id": request_id} if request_id else {})}
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
                                        "code": self.code}}, status_code=self.status, headers=headers)
 
@@ -197,7 +200,39 @@ def _image_item(image: dict[str, Any], response_format: str, revised_prompt: str
     return item
 
 
-@router.post("/images/generations", summary="OpenAI-compatible image generation")
+class _OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: _OpenAIErrorDetail
+
+
+_OPENAI_ERRORS = {
+    400: "Invalid request (`error.param` names the field).", 401: "Missing or wrong API key.",
+    429: "A queue limit is reached: retry after `Retry-After`.",
+    499: "The client disconnected; the request was cancelled.", 500: "The generation failed.",
+    503: "The model is not available, or the server is restarting.", 504: "The request timed out.",
+}
+_OPENAI_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["prompt"],
+        "properties": {"prompt": {"type": "string", "minLength": 1},
+                       "n": {"type": "integer", "minimum": 1, "maximum": 4},
+                       "size": {"type": "string", "examples": ["1024x1024", "auto"]},
+                       "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+                       "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]}}}}},
+}
+
+
+@router.post("/images/generations", summary="OpenAI-compatible image generation",
+             dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra={"requestBody": _OPENAI_BODY},
+             responses={200: {"description": "OpenAI's images response (`data[].url` or `b64_json`)"},
+                        **{code: {"model": OpenAIErrorBody, "description": d} for code, d in _OPENAI_ERRORS.items()}})
 async def images_generations(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:
@@ -216,11 +251,16 @@ async def images_generations(request: Request) -> JSONResponse:
         try:
             job = await submit_and_wait(request, spec, validated, principal.owner, request_id=rid,
                                         what="OpenAI request")
+        except deps.QueueFull as exc:  # backpressure: OpenAI's rate-limit shape, Retry-After kept
+            raise OpenAIError(429, str(exc.detail), type="rate_limit_error", param=exc.limit,
+                              code="rate_limit_exceeded", headers=exc.headers) from None
         except HTTPException as exc:  # the submit refused it (a header, or no model)
             if 400 <= exc.status_code < 500:
                 raise OpenAIError(400, f"Invalid request: {exc.detail}") from None
             raise OpenAIError(exc.status_code, str(exc.detail), type="server_error",
-                              code="service_unavailable" if exc.status_code == 503 else None) from None
+                              code="service_unavailable" if exc.status_code == 503 else None,
+                              headers={k: v for k, v in (exc.headers or {}).items()
+                                       if k.lower() == "retry-after"}) from None
         if job is None:
             return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                            "param": None, "code": None}}, status_code=499)
@@ -244,7 +284,8 @@ async def images_generations(request: Request) -> JSONResponse:
         return err.response(rid)
 
 
-@router.get("/models", summary="OpenAI-compatible model list")
+@router.get("/models", summary="OpenAI-compatible model list", dependencies=[Security(deps.API_KEY_SCHEME)],
+            responses={401: {"model": OpenAIErrorBody, "description": _OPENAI_ERRORS[401]}})
 async def list_models(request: Request) -> JSONResponse:
     try:
         _authenticate(request)

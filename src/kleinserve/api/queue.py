@@ -31,13 +31,25 @@ log = logging.getLogger(__name__)
 SSE_PING_SECONDS = 5  # keep-alive comments (the JS client gives up after 15 s of silence)
 
 
-def _validate_webhook(url: Optional[str]) -> Optional[str]:
+def _validate_webhook(request: Request, url: Optional[str]) -> Optional[str]:
     if url is None or url == "":
         return None
     try:
-        return validate_webhook_url(url)
+        return validate_webhook_url(url, deps.services(request).net_policy)
     except InvalidWebhookUrl as exc:
         raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "url_parsing"}])
+
+
+_REFUSAL_LOG_EVERY = 10.0  # seconds: a flood of 429s is one log line per limit per period, not one each
+_last_refusal_log: dict[str, float] = {}
+
+
+def _log_refusal(exc: "deps.QueueFull") -> None:
+    now = time.monotonic()
+    if now - _last_refusal_log.get(exc.limit, -_REFUSAL_LOG_EVERY) >= _REFUSAL_LOG_EVERY:
+        _last_refusal_log[exc.limit] = now
+        log.warning("submits refused with 429 (%s; kleinserve_submits_refused_total counts them): %s",
+                    exc.limit, exc.detail)
 
 
 async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owner: str, *, mode: str,
@@ -50,6 +62,12 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
         raise HTTPException(503, f"The model failed to load, so no request can run: {runtime.engine_error}")
     timeout = deps.parse_timeout_header(request)
     priority = deps.parse_priority_header(request)
+    try:
+        await run_in_threadpool(deps.check_backpressure, store, request.app.state.settings, owner)
+    except deps.QueueFull as exc:
+        metrics.observe_submit_refused(exc.limit)
+        _log_refusal(exc)
+        raise
     data = body.model_dump(mode="json")
     if spec.seed_field and spec.seed_field in data and data[spec.seed_field] is None:
         data[spec.seed_field] = deps.draw_seed()
@@ -77,6 +95,8 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
 
 async def load_job(request: Request, request_id: str, owner: str, prefix: Optional[str],
                    *, with_logs: bool = False) -> Job:
+    if not deps.is_request_id(request_id):
+        raise deps.not_found(request_id)
     sv = deps.services(request)
     store, registry = sv.store, sv.registry
     deps.set_request_id(request, request_id)
@@ -114,7 +134,7 @@ def _make_submit(spec: EndpointSpec):
         fal_webhook: Optional[str] = Query(None, description="URL to POST the result to when done."),
         owner: str = Depends(deps.require_owner),
     ):
-        webhook = _validate_webhook(fal_webhook)
+        webhook = _validate_webhook(request, fal_webhook)
         job = await submit_job(request, spec, body, owner, mode=J.MODE_QUEUE, webhook_url=webhook)
         store = deps.services(request).store
         position = await run_in_threadpool(store.queue_position, job.request_id)
@@ -174,11 +194,12 @@ def _make_request_routes(prefix: str):
                                  "detail": "The request was still queued: it is cancelled and will not run."},
                                 status_code=202, headers=headers)
         if outcome.outcome in ("cancel_requested", "already_requested"):
-            detail = ("The request is running: it stops at its next step, and ends cancelled unless its "
-                      "result was already recorded."
+            detail = ("The request is running; the cancellation is recorded. It stops at its next step and "
+                      "completes as cancelled (a result it produces from now on is discarded), unless it "
+                      "fails with another error first."
                       if outcome.outcome == "cancel_requested" else
-                      "Cancellation was already requested; the request stops at its next step, and ends "
-                      "cancelled unless its result was already recorded.")
+                      "Cancellation was already requested: the request completes as cancelled unless it "
+                      "fails with another error first.")
             return JSONResponse({"status": "CANCELLATION_REQUESTED", "request_id": request_id, "detail": detail},
                                 status_code=202, headers=headers)
         job = outcome.job
@@ -202,15 +223,31 @@ def build_queue_router(registry: EndpointRegistry) -> APIRouter:
             f"/{spec.endpoint_id}", _make_submit(spec), methods=["POST"],
             summary=f"Submit to {spec.endpoint_id}",
             description="Queue a request; poll status_url, then GET response_url.",
-            responses={200: {"description": "Queued: request_id, response_url, status_url, cancel_url"}},
+            responses={200: {"description": "Queued: request_id, response_url, status_url, cancel_url"},
+                       **deps.error_responses(400, 401, 413, 422, 429, 503)},
         )
     for prefix in registry.app_prefixes():
         get_status, stream_status, get_result, cancel = _make_request_routes(prefix)
         base = f"/{prefix}/requests/{{request_id}}"
         router.add_api_route(base + "/status", get_status, methods=["GET"],
-                             summary="Request status (202 while pending, 200 when COMPLETED)")
+                             summary="Request status (202 while pending, 200 when COMPLETED)",
+                             responses={200: {"description": "COMPLETED (with `error`/`error_type` when it failed)"},
+                                        202: {"description": "IN_QUEUE (with `queue_position`) or IN_PROGRESS"},
+                                        **deps.error_responses(401, 404)})
         router.add_api_route(base + "/status/stream", stream_status, methods=["GET"],
-                             summary="Server-sent status events until COMPLETED")
-        router.add_api_route(base, get_result, methods=["GET"], summary="Request result")
-        router.add_api_route(base + "/cancel", cancel, methods=["PUT"], summary="Cancel a request")
+                             summary="Server-sent status events until COMPLETED",
+                             response_class=EventSourceResponse,
+                             responses={200: {"description": "SSE: one status object per event",
+                                              "content": {"text/event-stream": {}}},
+                                        **deps.error_responses(401, 404)})
+        router.add_api_route(base, get_result, methods=["GET"], summary="Request result",
+                             responses={200: {"description": "The output"},
+                                        **deps.error_responses(400, 401, 404, 422, 500, 504)})
+        router.add_api_route(base + "/cancel", cancel, methods=["PUT"], summary="Cancel a request",
+                             status_code=202,
+                             responses={202: {"model": deps.CancelBody,
+                                              "description": "CANCELLATION_REQUESTED"},
+                                        400: {"model": deps.CancelBody,
+                                              "description": "ALREADY_COMPLETED: nothing to cancel"},
+                                        **deps.error_responses(401, 404)})
     return router

@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+import uvicorn
+
 from kleinserve.service.auth import AuthConfigError
 from kleinserve.service.logging import configure_logging, uvicorn_log_config
 from kleinserve.service.settings import Settings, add_arguments
@@ -70,6 +72,18 @@ TINY_BANNER = "\n".join([
 ])
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server that tells the app's runtime when a stop signal arrives, before uvicorn starts
+    draining connections (ServiceRuntime.begin_shutdown: claim nothing new, give running requests
+    --shutdown-grace, then answer waiting sync runs and streams)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        runtime = getattr(getattr(self.config.app, "state", None), "runtime", None)
+        if runtime is not None:
+            runtime.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_args(args)
@@ -84,16 +98,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except AuthConfigError as exc:
         print(f"kleinserve serve: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
 
     if settings.model.strip().lower() == "tiny":
         print(TINY_BANNER, file=sys.stderr, flush=True)
     print(_banner(settings), file=sys.stderr, flush=True)
+    # uvicorn waits for open requests this long: the shutdown grace, plus time for the waiting sync
+    # runs and streams to answer once it is over.
     kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
-                  ssl_keyfile=settings.ssl_keyfile, proxy_headers=True, timeout_graceful_shutdown=30,
+                  ssl_keyfile=settings.ssl_keyfile, proxy_headers=True,
+                  timeout_graceful_shutdown=int(settings.shutdown_grace) + 10,
                   lifespan="on", log_level=settings.log_level.lower())
     kwargs["log_config"] = log_config
-    server = uvicorn.Server(uvicorn.Config(app, **kwargs))
+    server = GracefulServer(uvicorn.Config(app, **kwargs))
     server.run()
     return 0 if server.started else 1
 

@@ -117,6 +117,9 @@ class Engine:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.accelerator = Accelerator(self.transformer, self.device, self.dtype)
         self.safety_threshold = safety_threshold
+        # Whether output images carry their recipe (prompt and parameters) in their metadata;
+        # `kleinserve serve --no-image-metadata` turns it off.
+        self.image_metadata = True
         self._safety = None
         # A gamma matrix calibrated for this model, installed beside its weights (CNS, docs/CNS.md).
         self._cns_matrix = cns.find_calibrated_matrix(components.extras.get("folder"))
@@ -328,6 +331,12 @@ class Engine:
             texts.append(("negative prompt", plan.request.negative_prompt))
         out, ran = [], False
         for label, text in texts:
+            n_tokens = self.text.token_count(text)
+            if n_tokens > self.text.max_sequence_length:
+                note = (f"text encoder: the {label} is {n_tokens} tokens; only the first "
+                        f"{self.text.max_sequence_length} are used, the rest is ignored")
+                plan.logs.append(note)
+                log.warning(note)
             emb, hit = self.text.encode(text)
             if hit:
                 plan.techniques.append("embedding_cache")
@@ -510,7 +519,7 @@ class Engine:
 
     def _encode_image(self, image: Image.Image, plan: _Plan, k: int, nsfw: bool) -> EncodedImage:
         fmt = plan.request.output_format
-        data, content_type = encode_image(image, fmt, self.recipe(plan, k))
+        data, content_type = encode_image(image, fmt, self.recipe(plan, k) if self.image_metadata else None)
         return EncodedImage(
             data=data,
             content_type=content_type,

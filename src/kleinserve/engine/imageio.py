@@ -32,8 +32,10 @@ _ALIASES = {"jpg": "jpeg", "image/png": "png", "image/jpeg": "jpeg", "image/webp
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 DEFAULT_QUALITY = {"jpeg": 95, "webp": 95}
-# A JPEG APP1 (EXIF) segment holds at most 65533 bytes; keep the description well below that.
-_JPEG_MAX_DESCRIPTION = 60_000
+# The recipe embedded in an image is bounded (longer prompts are cut, with "truncated": true): a
+# request cannot turn a 64x64 image into megabytes of metadata. (A JPEG APP1 segment holds at most
+# 65533 bytes anyway.)
+MAX_RECIPE_CHARS = 16_000
 _TRUNCATABLE = ("prompt", "negative_prompt")
 
 
@@ -120,16 +122,16 @@ def encode_image(
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         if recipe:
-            info.add_text(RECIPE_KEY, _recipe_json(recipe))
-            info.add_text(PARAMETERS_KEY, format_parameters(recipe))  # iTXt when not latin-1
+            text = _fit_recipe_json(recipe, MAX_RECIPE_CHARS)
+            info.add_text(RECIPE_KEY, text)
+            info.add_text(PARAMETERS_KEY, format_parameters(json.loads(text)))  # iTXt when not latin-1
         info.add_text("Software", SOFTWARE)
         img.save(buf, "PNG", pnginfo=info, compress_level=6)
     else:
         exif = Image.Exif()
         exif[EXIF_SOFTWARE] = SOFTWARE
         if recipe:
-            limit = _JPEG_MAX_DESCRIPTION if fmt == "jpeg" else 1 << 24
-            exif[EXIF_IMAGE_DESCRIPTION] = _fit_recipe_json(recipe, limit)
+            exif[EXIF_IMAGE_DESCRIPTION] = _fit_recipe_json(recipe, MAX_RECIPE_CHARS)
         q = DEFAULT_QUALITY[fmt] if quality is None else int(quality)
         kwargs: dict[str, Any] = {"exif": exif.tobytes(), "quality": q}
         if fmt == "jpeg":

@@ -96,6 +96,15 @@ class PromptEncoder:
             max_length=self.max_sequence_length,
         )
 
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` in its chat template, before truncation (> max_sequence_length: the rest
+        is cut off)."""
+        messages = [{"role": "user", "content": text}]
+        templated = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        return len(self.tokenizer(templated, truncation=False)["input_ids"])
+
     def _forward(self, text: str) -> torch.Tensor:
         inputs = self.tokenize(text)
         if self.offload:

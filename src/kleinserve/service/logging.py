@@ -128,6 +128,12 @@ class TextFormatter(logging.Formatter):
         record.rid = f" [{rid}]" if rid else ""
         return super().format(record)
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: CR/LF inside a message (client text that slipped into it) are
+        # escaped so nobody can forge a log line; tracebacks are appended after this, unchanged.
+        record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        return super().formatMessage(record)
+
 
 def configure_logging(
     fmt: Optional[str] = None,

@@ -123,6 +123,12 @@ ERRORS = Counter(
     ("type",),
     registry=REGISTRY,
 )
+SUBMITS_REFUSED = Counter(
+    "kleinserve_submits_refused",
+    "Submits answered 429 by a backpressure limit (max_queue_depth | max_queued_per_key).",
+    ("limit",),
+    registry=REGISTRY,
+)
 MODEL_LOAD_SECONDS = Gauge(
     "kleinserve_model_load_seconds",
     "Seconds the loaded model took to load.",
@@ -140,6 +146,8 @@ for _stage in STAGES:
     INFERENCE_TIME.labels(stage=_stage)
 for _fmt in ("png", "jpeg", "webp"):
     IMAGES_GENERATED.labels(format=_fmt)
+for _limit in ("max_queue_depth", "max_queued_per_key"):
+    SUBMITS_REFUSED.labels(limit=_limit)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,6 +163,11 @@ def record_http_request(endpoint: str, method: str, status: int | str, seconds: 
         record_error("auth")
     elif status_i in (400, 422):
         record_error("validation")
+
+
+def observe_submit_refused(limit: str) -> None:
+    """A submit refused with 429 by `limit` (max_queue_depth | max_queued_per_key)."""
+    SUBMITS_REFUSED.labels(limit=limit).inc()
 
 
 def observe_job_submitted(endpoint_id: str = "", priority: str = "normal") -> None:

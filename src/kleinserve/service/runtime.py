@@ -25,6 +25,7 @@ import os
 import secrets as pysecrets
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import metrics
 from .events import EventFeed
 from .jobs import Job
+from .netguard import NetPolicy
 from .settings import Settings
 from .storage import FileStorage, UploadTokens, load_or_create_secret, open_storage
 from .store import JobStore, open_store
@@ -70,6 +72,7 @@ class Services:
     tokens: UploadTokens  # signs upload URLs: the same secret on every replica
     signer: WebhookSigner  # signs webhooks: the same key (and JWKS) on every replica
     feed: EventFeed  # this process's view of the store's event log
+    net_policy: NetPolicy  # the SSRF guard every server-side request goes through (webhooks, inputs)
     process_id: str  # this process, as a watcher / in logs
 
     def close(self) -> None:
@@ -121,7 +124,8 @@ def build_services(settings: Settings, registry: "EndpointRegistry", *,
         raise
     process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     return Services(settings=settings, registry=registry, store=store, storage=storage, tokens=tokens,
-                    signer=signer, feed=EventFeed(store, process_id), process_id=process_id)
+                    signer=signer, feed=EventFeed(store, process_id), net_policy=settings.net_policy(),
+                    process_id=process_id)
 
 
 class Runtime:
@@ -148,6 +152,10 @@ class Runtime:
         self.dispatcher: Optional[WebhookDispatcher] = None
         self._start_worker = start_worker and role != "api"
         self._worker_name = worker_name
+        # Graceful shutdown (SIGTERM): set by begin_shutdown; running requests may finish until
+        # stop_deadline (time.monotonic()), then they are released to the queue.
+        self.stopping = threading.Event()
+        self.stop_deadline: Optional[float] = None
         self._loader: Optional[threading.Thread] = None
 
     @property
@@ -163,7 +171,8 @@ class Runtime:
         if recovered:
             log.warning("recovered %d request(s) interrupted by a crash", len(recovered))
         metrics.set_queue_depth_source(sv.store.queue_depth)
-        self.dispatcher = WebhookDispatcher(sv.store, sv.signer, max_attempts=s.webhook_max_attempts,
+        self.dispatcher = WebhookDispatcher(sv.store, sv.signer, policy=sv.net_policy,
+                                            max_attempts=s.webhook_max_attempts,
                                             backoff_base=s.webhook_backoff_base)
         if self._start_worker and s.devices:
             from .supervisor import Supervisor
@@ -183,11 +192,29 @@ class Runtime:
             self._loader = threading.Thread(target=self._load_engine, name="kleinserve-engine-loader", daemon=True)
             self._loader.start()
 
-    def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """The process was asked to stop (SIGTERM / Ctrl-C): claim nothing new; running requests get
+        --shutdown-grace to finish; waiting sync runs and streams answer before it ends (api/run.py)."""
+        if self.stopping.is_set():
+            return
+        self.stop_deadline = time.monotonic() + float(self.settings.shutdown_grace)
+        self.stopping.set()
+        log.warning("shutting down: no new request starts; running ones have %gs to finish",
+                    self.settings.shutdown_grace)
         if self.worker is not None:
-            self.worker.stop(grace=self.settings.shutdown_grace)
+            self.worker.stop_claiming()
+
+    def restart_due(self) -> bool:
+        """Whether a handler waiting on a request must give up now: the shutdown grace is over."""
+        return self.stopping.is_set() and time.monotonic() >= (self.stop_deadline or 0.0)
+
+    def stop(self) -> None:
+        # After begin_shutdown, what is left of the grace; without it (tests, embedding) none.
+        grace = max(0.0, (self.stop_deadline or 0.0) - time.monotonic()) if self.stopping.is_set() else 0.0
+        if self.worker is not None:
+            self.worker.stop(grace=grace)
         if self.supervisor is not None:
-            self.supervisor.stop(grace=self.settings.shutdown_grace)
+            self.supervisor.stop(grace=grace)
         if self.maintenance is not None:
             self.maintenance.stop()
         if self.dispatcher is not None:
@@ -226,6 +253,7 @@ class Runtime:
             self.worker.set_engine(engine)
 
     def _announce_engine(self, engine: "Engine") -> None:
+        engine.image_metadata = not self.settings.no_image_metadata
         info = engine.info
         metrics.observe_model_loaded(info)
         if self.on_model is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from kleinserve.service.storage import check_storage_url
+from kleinserve.service.netguard import NetPolicy, parse_cidr
 from kleinserve.service.webhooks import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS
 
 ENV_PREFIX = "KLEINSERVE_"
@@ -153,19 +154,24 @@ class Settings:
     storage: Optional[str] = None
     storage_redirect: bool = False
     storage_public_url: Optional[str] = None
+    no_image_metadata: bool = False
+    max_queue_depth: int = 1000
+    max_queued_per_key: int = 200
     preview_every: int = 4
     batch_images: int = 1
     max_run_seconds: float = 1800.0
     worker_stale_after: float = 120.0
+    shutdown_grace: float = 60.0
     webhook_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     webhook_backoff_base: float = DEFAULT_BACKOFF_BASE
+    webhook_allow_private: bool = False
+    webhook_allow_cidrs: list[str] = field(default_factory=list)
     log_format: str = "text"
     log_level: str = "info"
     role: str = "all"
     devices: list[str] = field(default_factory=list)
     store: Optional[str] = None
     threads: int = 0
-    shutdown_grace: float = 60.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -175,8 +181,6 @@ class Settings:
             raise ValueError("--devices starts worker processes: it needs --role all (an api replica runs none)")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: a share of the CPU cores per worker)")
-        if self.shutdown_grace < 0:
-            raise ValueError("shutdown grace must be >= 0")
         if self.public_url:
             self.public_url = str(self.public_url).rstrip("/")
         if self.storage:
@@ -195,14 +199,27 @@ class Settings:
             raise ValueError(f"log format must be text or json, not {self.log_format!r}")
         if self.batch_images < 1:
             raise ValueError("batch images must be >= 1 (1: every request runs alone)")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown grace must be >= 0")
+        if self.max_queue_depth < 0 or self.max_queued_per_key < 0:
+            raise ValueError("queue limits must be >= 0 (0: no limit)")
         if self.max_attempts < 1:
             raise ValueError("max attempts must be >= 1")
         if self.webhook_max_attempts < 1:
             raise ValueError("webhook max attempts must be >= 1")
         if self.webhook_backoff_base < 0:
             raise ValueError("webhook backoff base must be >= 0")
+        for cidr in self.webhook_allow_cidrs:
+            try:
+                parse_cidr(cidr)
+            except ValueError as exc:
+                raise ValueError(f"--webhook-allow-cidr: {exc}") from None
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+
+    def net_policy(self) -> NetPolicy:
+        """Where server-side requests (webhooks, and later fetched inputs) may go (service/netguard.py)."""
+        return NetPolicy.from_options(self.webhook_allow_private, self.webhook_allow_cidrs)
 
     @property
     def tls(self) -> bool:
@@ -311,6 +328,15 @@ OPTIONS: list[Option] = [
     Option("storage_public_url", ("--storage-public-url",), "KLEINSERVE_STORAGE_PUBLIC_URL", _opt_str,
            "With --storage-redirect: redirect to this base URL plus the object's key (a CDN or public "
            "bucket in front of the S3 storage) instead of a presigned URL.", metavar="URL"),
+    Option("no_image_metadata", ("--no-image-metadata",), "KLEINSERVE_NO_IMAGE_METADATA", parse_bool,
+           "Store output images without their recipe (prompt, seed and parameters) in the file's metadata "
+           "(it is embedded by default, bounded to 16,000 characters).", kind="flag"),
+    Option("max_queue_depth", ("--max-queue-depth",), "KLEINSERVE_MAX_QUEUE_DEPTH", parse_int,
+           "Most requests waiting in the queue (all keys); a submit beyond it answers 429 with Retry-After "
+           "(0: no limit).", commands=("serve",)),
+    Option("max_queued_per_key", ("--max-queued-per-key",), "KLEINSERVE_MAX_QUEUED_PER_KEY", parse_int,
+           "Most requests one API key may have waiting in the queue; beyond it 429 with Retry-After "
+           "(0: no limit).", commands=("serve",)),
     Option("preview_every", ("--preview-every",), "KLEINSERVE_PREVIEW_EVERY", parse_int,
            "Send a preview image every N denoising steps on /stream (0: never)."),
     Option("batch_images", ("--batch-images",), "KLEINSERVE_BATCH_IMAGES", parse_int,
@@ -322,6 +348,10 @@ OPTIONS: list[Option] = [
            metavar="DURATION"),
     Option("worker_stale_after", ("--worker-stale-after",), "KLEINSERVE_WORKER_STALE_AFTER", parse_duration,
            "A running request whose worker showed no sign of life for this long is re-queued.",
+           metavar="DURATION"),
+    Option("shutdown_grace", ("--shutdown-grace",), "KLEINSERVE_SHUTDOWN_GRACE", parse_duration,
+           "On SIGTERM/Ctrl-C: how long running requests may take to finish; past it they go back to the "
+           "queue (not cancelled). Waiting sync runs then get 503 with the request id to poll.",
            metavar="DURATION"),
     Option("webhook_max_attempts", ("--webhook-max-attempts",), "KLEINSERVE_WEBHOOK_MAX_ATTEMPTS", parse_int,
            "Delivery attempts of a webhook before it is given up."),
@@ -340,9 +370,13 @@ OPTIONS: list[Option] = [
     Option("threads", ("--threads",), "KLEINSERVE_THREADS", parse_int,
            "CPU threads of each worker's torch (0: the cores divided among this box's worker processes).",
            commands=("serve", "worker")),
-    Option("shutdown_grace", ("--shutdown-grace",), "KLEINSERVE_SHUTDOWN_GRACE", parse_duration,
-           "On SIGTERM, how long running requests may take to finish; past it they go back to the queue "
-           "(no attempt counted).", metavar="DURATION"),
+    Option("webhook_allow_private", ("--webhook-allow-private",), "KLEINSERVE_WEBHOOK_ALLOW_PRIVATE", parse_bool,
+           "Let webhooks (and other server-side requests) reach loopback, private and link-local addresses "
+           "(default: public addresses only, against SSRF). For on-prem receivers prefer --webhook-allow-cidr.",
+           kind="flag"),
+    Option("webhook_allow_cidrs", ("--webhook-allow-cidr",), "KLEINSERVE_WEBHOOK_ALLOW_CIDRS", parse_list,
+           "A network that webhooks may reach although it is not public, e.g. 10.20.0.0/16 (repeat the flag; "
+           "the env var is comma-separated).", metavar="CIDR", kind="append"),
     Option("log_format", ("--log-format",), "KLEINSERVE_LOG_FORMAT", str, "text | json (one object a line)."),
     Option("log_level", ("--log-level",), "KLEINSERVE_LOG_LEVEL", str, "debug | info | warning | error."),
 ]

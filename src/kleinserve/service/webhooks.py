@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import logging
 import os
 import random
-import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from kleinserve.service import metrics
 from kleinserve.service.jobs import Job, error_body, error_status
+from kleinserve.service.netguard import BlockedURL, NetPolicy, check_url, guarded_post, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -212,58 +212,17 @@ def verify_webhook(
 # target validation
 
 
-class InvalidWebhookUrl(ValueError):
-    pass
+# Every server-side request goes through service/netguard.py (the SSRF guard).
+InvalidWebhookUrl = BlockedURL
 
 
-def _is_public_ip(ip: ipaddress._BaseAddress) -> bool:
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
-
-
-def validate_webhook_url(url: str, *, allow_private: bool = True, resolve: bool = False) -> str:
-    """Checks a webhook target: absolute http(s) URL with a host, no credentials, at most 2048
-    characters. With `allow_private=False` a literal private/loopback/link-local address is refused
-    (and, with `resolve=True`, a host name resolving to one). Returns the URL; raises
-    InvalidWebhookUrl with a message fit for a 422 otherwise."""
-    if not isinstance(url, str) or not url or len(url) > 2048:
-        raise InvalidWebhookUrl("webhook url must be a non-empty string of at most 2048 characters")
-    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
-        raise InvalidWebhookUrl("webhook url contains whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidWebhookUrl(f"webhook url is malformed: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidWebhookUrl("webhook url must use http or https")
-    if not parts.hostname:
-        raise InvalidWebhookUrl("webhook url has no host")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidWebhookUrl("webhook url must not carry credentials")
-    if not allow_private:
-        host = parts.hostname
-        try:
-            addrs = [ipaddress.ip_address(host)]
-        except ValueError:
-            addrs = []
-            if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-                raise InvalidWebhookUrl("webhook url must not point at a private address")
-            if resolve:
-                try:
-                    infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-                except OSError:
-                    raise InvalidWebhookUrl(f"webhook host {host!r} does not resolve") from None
-                addrs = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
-        if any(not _is_public_ip(a) for a in addrs):
-            raise InvalidWebhookUrl("webhook url must not point at a private address")
-    return url
+def validate_webhook_url(url: str, policy: Optional[NetPolicy] = None) -> str:
+    """Checks a webhook target at submit (no DNS): an absolute http(s) URL with a host, no credentials,
+    at most 2048 characters, and — unless `policy` allows it — not an IP literal (any notation) or
+    `localhost` that is loopback, private, link-local, ... (netguard.check_url). Returns the URL;
+    raises InvalidWebhookUrl (netguard.BlockedURL) with a message fit for a 422. The default policy
+    allows public addresses only."""
+    return check_url(url, policy or NetPolicy())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +252,8 @@ class DeliveryResult:
     delivered: bool
     status_code: Optional[int]
     error: Optional[str]
+    permanent: bool = False  # retrying cannot help (the target is refused by the SSRF guard)
+    target_failed: bool = False  # the target itself is down or overloaded: pause it (per-target backoff)
 
 
 def backoff_delay(attempt: int, base: float, cap: float, jitter: float = 0.1) -> float:
@@ -303,8 +264,42 @@ def backoff_delay(attempt: int, base: float, cap: float, jitter: float = 0.1) ->
     return max(delay, 0.0)
 
 
+def webhook_target(url: str) -> str:
+    """The target a delivery counts against for fairness and backoff: `scheme://host:port` (no path,
+    no query: those may carry the receiver's secrets, so this is also what logs show)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+    except ValueError:
+        return "invalid"
+
+
+@dataclass
+class _Target:
+    """Per-target state of one dispatcher (in memory: another process keeps its own)."""
+
+    inflight: int = 0
+    waiting: deque = field(default_factory=deque)  # (job, monotonic time it was leased)
+    failures: int = 0  # consecutive failed deliveries (connection, timeout, 429, 5xx)
+    blocked_until: float = 0.0  # monotonic: no delivery starts before it
+
+    def idle(self, now: float) -> bool:
+        return not self.inflight and not self.waiting and self.blocked_until <= now
+
+
 class WebhookDispatcher:
-    """Background delivery of due webhooks.
+    """Background delivery of due webhooks, fair across targets.
+
+    Fairness: a target (scheme://host:port) has at most `per_target` (4) deliveries in flight and, after a
+    failure (connection error, timeout, 429, 5xx), a backoff of its own (0.5 s doubling to
+    `target_backoff_max`, reset by a success) during which none of its webhooks is attempted (nor
+    counted as an attempt); every attempt is bounded (`connect_timeout`, `timeout` for the whole
+    exchange). Webhooks waiting for their target stay in memory while their lease has room, else go
+    back to the store, so a slow or failing target holds at most `per_target` threads and never
+    delays the others. The lease (how long a claimed webhook is hidden from other dispatchers) is
+    one attempt plus a margin, so a delivery interrupted by a crash is retried that soon after the
+    restart.
 
     The store interface it relies on (implemented by the job store):
         store.due_webhooks(now: float, limit: int, *, lease_seconds: float) -> list[Job]
@@ -325,13 +320,15 @@ class WebhookDispatcher:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         poll_interval: float = 1.0,
-        timeout: float = 15.0,
-        concurrency: int = 4,
-        batch_size: int = 8,
-        allow_private_targets: bool = True,
+        timeout: float = 10.0,
+        connect_timeout: float = 3.0,
+        concurrency: int = 16,
+        per_target: int = 4,
+        target_backoff_max: float = 60.0,
+        batch_size: int = 32,
+        policy: Optional[NetPolicy] = None,
         payload_builder: Callable[[Job], dict[str, Any]] = webhook_payload,
         user_id_default: str = "kleinserve",
-        client: Optional[httpx.Client] = None,
     ):
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -342,24 +339,25 @@ class WebhookDispatcher:
         self.backoff_max = backoff_max
         self.poll_interval = poll_interval
         self.batch_size = batch_size
-        # A leased job is not handed to another dispatcher (process) until the lease runs out: it
-        # must outlast the wait in our pool plus one POST.
-        self.lease_seconds = max(60.0, 4 * timeout * max(1, batch_size // max(concurrency, 1)))
-        self.allow_private_targets = allow_private_targets
+        self.concurrency = concurrency
+        self.per_target = max(1, per_target)
+        self.target_backoff_max = target_backoff_max
+        self.timeout = timeout
+        self.connect_timeout = min(timeout, connect_timeout)
+        # One attempt plus a margin: a webhook claimed by a dispatcher that crashed is due again
+        # this soon. A waiting webhook is only started while its lease still covers one attempt.
+        self.lease_seconds = timeout + 10.0
+        self.policy = policy or NetPolicy()  # public addresses only unless the operator allows more
         self.payload_builder = payload_builder
         self.user_id_default = user_id_default
-        self._client = client or httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            follow_redirects=False,
-            headers={"User-Agent": "kleinserve-webhooks/1"},
-        )
-        self._owns_client = client is None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._inflight: set[str] = set()
-        self._inflight_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._targets: dict[str, _Target] = {}
+        self._known: set[str] = set()  # request ids waiting or in flight here
+        self._inflight_total = 0
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
@@ -376,8 +374,6 @@ class WebhookDispatcher:
             self._thread.join(timeout)
             self._thread = None
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._owns_client:
-            self._client.close()
 
     def notify(self) -> None:
         """Wake the poller now (the worker calls this right after completing a job)."""
@@ -394,65 +390,107 @@ class WebhookDispatcher:
             self._wake.clear()
 
     def poll_once(self) -> int:
-        """Schedules every due delivery not already in flight; returns how many were scheduled."""
-        jobs = self.store.due_webhooks(time.time(), self.batch_size, lease_seconds=self.lease_seconds)
-        n = 0
-        for job in jobs:
-            rid = job.request_id
-            with self._inflight_lock:
-                if rid in self._inflight:
-                    continue
-                self._inflight.add(rid)
-            try:
-                self._pool.submit(self._deliver_and_record, job)
-            except RuntimeError:  # pool shut down
-                with self._inflight_lock:
-                    self._inflight.discard(rid)
-                break
-            n += 1
-        return n
+        """Takes due webhooks from the store (as many as there is room to hold) and starts every one
+        whose target has a free slot and is not backing off; returns how many were started."""
+        with self._lock:
+            room = self.batch_size - sum(len(t.waiting) for t in self._targets.values())
+        if room > 0:
+            jobs = self.store.due_webhooks(time.time(), room, lease_seconds=self.lease_seconds)
+            now = time.monotonic()
+            with self._lock:
+                for job in jobs:
+                    if job.request_id in self._known:
+                        continue
+                    self._known.add(job.request_id)
+                    target = self._targets.setdefault(webhook_target(job.webhook_url or ""), _Target())
+                    target.waiting.append((job, now))
+        return self._start_ready()
 
-    def _deliver_and_record(self, job: Job) -> None:
+    def _start_ready(self) -> int:
+        started = 0
+        with self._lock:
+            now = time.monotonic()
+            for key, t in list(self._targets.items()):
+                # A webhook whose lease no longer covers one attempt goes back to the store (another
+                # dispatcher, or this one, takes it again when the lease runs out).
+                while t.waiting and now - t.waiting[0][1] > self.lease_seconds - self.timeout - 1.0:
+                    job, _ = t.waiting.popleft()
+                    self._known.discard(job.request_id)
+                while (t.waiting and t.inflight < self.per_target and t.blocked_until <= now
+                       and self._inflight_total < self.concurrency):
+                    job, _ = t.waiting.popleft()
+                    try:
+                        self._pool.submit(self._deliver_and_record, job, key)
+                    except RuntimeError:  # pool shut down
+                        self._known.discard(job.request_id)
+                        return started
+                    t.inflight += 1
+                    self._inflight_total += 1
+                    started += 1
+                if t.idle(now) and not t.failures:
+                    del self._targets[key]
+        return started
+
+    def _deliver_and_record(self, job: Job, target: str) -> None:
         rid = job.request_id
+        result: Optional[DeliveryResult] = None
         try:
             result = self.deliver(job)
             attempts = job.webhook_attempts + 1
             next_at = None
-            if not result.delivered and attempts < self.max_attempts:
+            if not result.delivered and attempts < self.max_attempts and not result.permanent:
                 next_at = time.time() + backoff_delay(attempts, self.backoff_base, self.backoff_max)
             if not result.delivered:
-                log.warning(
-                    "webhook delivery failed",
-                    extra={
-                        "request_id": rid,
-                        "attempt": attempts,
-                        "error": result.error,
-                        "retry_at": next_at,
-                    },
-                )
+                when = ("none: given up" if next_at is None else
+                        f"in {next_at - time.time():.0f}s")
+                log.warning("webhook delivery to %s failed (attempt %d of %d): %s; next try: %s",
+                            target, attempts, self.max_attempts, result.error, when,
+                            extra={"request_id": rid, "target": target, "attempt": attempts,
+                                   "error": result.error, "retry_at": next_at})
                 metrics.record_error("webhook")
             self.store.record_webhook_attempt(rid, result.delivered, next_at, result.error)
         except Exception:
             log.exception("webhook delivery crashed", extra={"request_id": rid})
         finally:
-            with self._inflight_lock:
-                self._inflight.discard(rid)
+            with self._lock:
+                t = self._targets.setdefault(target, _Target())
+                t.inflight -= 1
+                self._inflight_total -= 1
+                self._known.discard(rid)
+                if result is not None and result.target_failed:
+                    t.failures += 1
+                    pause = min(0.5 * 2.0 ** (t.failures - 1), self.target_backoff_max)
+                    t.blocked_until = max(t.blocked_until, time.monotonic() + pause)
+                    if t.failures == 1 or t.failures % 10 == 0:
+                        log.warning("webhook target %s failing (%d in a row): its deliveries pause %.0fs",
+                                    target, t.failures, pause)
+                elif result is not None and result.delivered:
+                    t.failures = 0
+                    t.blocked_until = 0.0
+            self._wake.set()  # a slot is free: start the next waiting one
 
     def deliver(self, job: Job) -> DeliveryResult:
         """One POST of the job's webhook; never raises."""
         url = job.webhook_url
         rid = job.request_id
         try:
-            validate_webhook_url(url, allow_private=self.allow_private_targets)
+            checked = resolve_url(url, self.policy)  # resolved once: the POST goes to this address
+        except BlockedURL as exc:
+            return DeliveryResult(False, None, f"refused: {exc}"[:500], permanent=True)
+        try:
             body = json.dumps(self.payload_builder(job), separators=(",", ":")).encode("utf-8")
-        except (InvalidWebhookUrl, TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:
             return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}")
         user_id = job.owner or self.user_id_default
-        headers = {"Content-Type": "application/json", **self.signer.headers(rid, user_id, body)}
+        headers = {"Content-Type": "application/json", "User-Agent": "kleinserve-webhooks/1",
+                   **self.signer.headers(rid, user_id, body)}
         try:
-            resp = self._client.post(url, content=body, headers=headers)
+            resp = guarded_post(checked, policy=self.policy, content=body, headers=headers,
+                                connect_timeout=self.connect_timeout, total_timeout=self.timeout,
+                                max_bytes=64 * 1024)
         except httpx.HTTPError as exc:
-            return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}"[:500])
+            return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}"[:500], target_failed=True)
         if 200 <= resp.status_code < 300:
             return DeliveryResult(True, resp.status_code, None)
-        return DeliveryResult(False, resp.status_code, f"receiver answered HTTP {resp.status_code}")
+        return DeliveryResult(False, resp.status_code, f"receiver answered HTTP {resp.status_code}",
+                              target_failed=resp.status_code == 429 or resp.status_code >= 500)

@@ -193,10 +193,14 @@ class Worker:
         self._claims.start()
         return self
 
-    def stop(self, grace: float = 0.0, timeout: float = 30.0) -> None:
-        """Stops claiming; gives running jobs `grace` seconds to finish, then stops them at their
-        next step and releases them to the queue (no attempt counted)."""
+    def stop_claiming(self) -> None:
+        """Shutdown begins: no new job is claimed; the running ones go on (then `stop`)."""
         self.draining.set()
+
+    def stop(self, grace: float = 0.0, timeout: float = 30.0) -> None:
+        """Stops claiming; gives running jobs `grace` seconds to finish (heartbeats go on meanwhile),
+        then stops them at their next step and releases them to the queue (no attempt counted)."""
+        self.stop_claiming()
         deadline = time.monotonic() + grace
         while self.running and time.monotonic() < deadline:
             time.sleep(0.05)

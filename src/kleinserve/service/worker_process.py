@@ -59,6 +59,7 @@ def run_worker(argv: Optional[Sequence[str]] = None) -> int:
 
     def on_signal(signum, frame):  # noqa: ARG001
         log.info("worker %s: %s received, stopping", args.name, signal.Signals(signum).name)
+        runtime.begin_shutdown()
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
