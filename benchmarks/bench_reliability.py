@@ -57,7 +57,10 @@ class Server:
 
         # Our own store: it stays open after the server stopped, to read what became of the requests.
         self.store = SQLiteJobStore(Path(data_dir) / "jobs.sqlite3")
-        self.app = create_app(self.settings, store=self.store)
+        from kleinserve.api.endpoints import default_registry
+        from kleinserve.service.runtime import build_services
+
+        self.app = create_app(services=build_services(self.settings, default_registry(), store=self.store))
         self.port = _free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
                                 lifespan="on", timeout_graceful_shutdown=5)
@@ -221,16 +224,17 @@ def cancel_race(tmp: Path, n: int) -> dict:
     """A result committed after a recorded cancel (the worker's last step racing the cancel)."""
     from kleinserve.service import jobs as J
     from kleinserve.service.sqlite_store import SQLiteJobStore
+    from kleinserve.service.store import Lease
 
     store = SQLiteJobStore(tmp / "race.sqlite3")
     ends = []
     for _ in range(n):
         job = store.submit(J.Job(request_id=J.new_request_id(), endpoint_id=EP, owner="o", input={},
                                  created_at=time.time()))
-        store.claim_next("w")
+        claimed = store.claim_next("w")
         outcome = store.request_cancel(job.request_id)
         assert outcome.outcome == "cancel_requested"
-        done = store.complete_ok(job.request_id, {"images": []})
+        done = store.complete_ok(Lease.of(claimed), {"images": []})
         ends.append("cancelled" if (done.error or {}).get("error_type") == "cancelled" else "ok")
     store.close()
     return {"cancels_answered_202_then_result": n, "ended": _tally(ends)}

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # run from a checkout
 
+from kleinserve.service.store import Lease
 from kleinserve.service import jobs as J  # noqa: E402
 from kleinserve.service.sqlite_store import SQLiteJobStore  # noqa: E402
 from kleinserve.service.webhooks import WebhookDispatcher, WebhookSigner  # noqa: E402
@@ -79,8 +80,8 @@ def _dispatcher(store, signer, **kw) -> WebhookDispatcher:
 def _completed(store, url: str, owner: str) -> str:
     job = store.submit(J.Job(request_id=J.new_request_id(), endpoint_id="bench", owner=owner, input={},
                              webhook_url=url, created_at=time.time()))
-    store.claim_next("bench-worker")
-    store.complete_ok(job.request_id, {"ok": True})
+    claimed = store.claim_next("bench-worker")
+    store.complete_ok(Lease.of(claimed), {"ok": True})
     return job.request_id
 
 

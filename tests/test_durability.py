@@ -45,7 +45,7 @@ def wait_for_step(base, rid, timeout=240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = status(base, rid)
-        if st["status"] == "IN_PROGRESS" and any(l["message"].startswith("step ") for l in st["logs"] or []):
+        if st["status"] == "IN_PROGRESS" and (st.get("progress") or {}).get("step", 0) >= 1:
             return st
         assert st["status"] != "COMPLETED", f"{rid} finished before the crash: {st}"
         time.sleep(0.1)
@@ -133,7 +133,9 @@ def test_sigterm_answers_a_waiting_sync_run_503_and_keeps_its_request(tmp_path):
     got = {}
 
     def sync_run():
-        got["r"] = httpx.post(f"{server.base_url}/{EP}", json=SLOW, headers=H, timeout=120)
+        # seconds longer than the 1 s grace, single-threaded
+        got["r"] = httpx.post(f"{server.base_url}/{EP}", json={**SLOW, "num_inference_steps": 50}, headers=H,
+                              timeout=120)
 
     t = threading.Thread(target=sync_run)
     try:

@@ -13,6 +13,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from kleinserve.api.endpoints import default_registry
+from kleinserve.service.runtime import build_services
+from kleinserve.service.store import Lease
 from kleinserve.api.app import create_app
 from kleinserve.service.logging import TextFormatter
 from kleinserve.service.settings import Settings
@@ -237,13 +240,14 @@ def test_after_a_202_cancel_a_result_that_arrives_is_discarded(tmp_path):
     app = create_app(make_settings(tmp_path), start_worker=False)
     with TestClient(app) as c:
         rid = c.post(f"/queue/{EP}", json=BODY, headers=A).json()["request_id"]
-        store = app.state.store
-        assert store.claim_next("w-test").request_id == rid  # it is running
+        store = app.state.services.store
+        claimed = store.claim_next("w-test")
+        assert claimed.request_id == rid  # it is running
         r = c.put(f"/queue/fal-ai/flux-2/requests/{rid}/cancel", headers=A)
         assert r.status_code == 202 and r.json()["status"] == "CANCELLATION_REQUESTED"
         assert "completes as cancelled" in r.json()["detail"]
         # The worker finishes its last step after the cancel was recorded and commits a result.
-        store.complete_ok(rid, {"images": [], "seed": 1})
+        store.complete_ok(Lease.of(claimed), {"images": [], "seed": 1})
         r = c.get(f"/queue/fal-ai/flux-2/requests/{rid}", headers=A)
         assert r.status_code == 400 and r.json()["error_type"] == "cancelled"
         status = c.get(f"/queue/fal-ai/flux-2/requests/{rid}/status", headers=A).json()
@@ -279,7 +283,7 @@ def stoppable(tmp_path):
 def _only_request(app):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        jobs = app.state.store.list_requests(None)
+        jobs = app.state.services.store.list_requests(None)
         if jobs:
             return jobs[0]
         time.sleep(0.05)
@@ -305,7 +309,7 @@ def test_a_waiting_sync_run_gets_503_with_the_request_id_on_sigterm(stoppable):
     body = r.json()
     assert body["request_id"] == job.request_id and body["error_type"] == "server_restarting"
     assert body["status_url"].endswith(f"/requests/{job.request_id}/status")
-    kept = stoppable.app.state.store.get(job.request_id)
+    kept = stoppable.app.state.services.store.get(job.request_id)
     assert kept.status == "IN_QUEUE" and not kept.cancel_requested  # runs after the restart
 
 
@@ -323,7 +327,7 @@ def test_an_open_stream_ends_with_a_restart_event_and_its_request_is_kept(stoppa
     rid = events[0]["request_id"]
     assert last["error_type"] == "server_restarting" and last["status_code"] == 503
     assert last["request_id"] == rid and last["status_url"].endswith(f"/requests/{rid}/status")
-    kept = stoppable.app.state.store.get(rid)
+    kept = stoppable.app.state.services.store.get(rid)
     assert kept.status == "IN_QUEUE" and not kept.cancel_requested
 
 
@@ -339,7 +343,8 @@ def test_running_requests_get_the_shutdown_grace_then_go_back_to_the_queue(tmp_p
     from kleinserve.service.sqlite_store import SQLiteJobStore
 
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    app = create_app(make_settings(tmp_path, shutdown_grace=grace), engine=tiny_engine, store=store)
+    services = build_services(make_settings(tmp_path, shutdown_grace=grace), default_registry(), store=store)
+    app = create_app(engine=tiny_engine, services=services)
     slow = {**BODY, "num_inference_steps": 30, "image_size": {"width": 192, "height": 192},
             "enable_safety_checker": False}
     with TestClient(app) as c:

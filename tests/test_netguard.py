@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from kleinserve.service.store import Lease
 from kleinserve.service import jobs as J
 from kleinserve.service import netguard as ng
 from kleinserve.service.netguard import BlockedURL, NetPolicy
@@ -200,7 +201,7 @@ def test_the_dispatcher_by_default_refuses_a_loopback_target_for_good(tmp_path):
         job = store.submit(J.Job(request_id=J.new_request_id(), endpoint_id="e", owner="o", input={},
                                  webhook_url=f"http://127.1:{srv.port}/x", created_at=time.time()))
         claimed = store.claim_next("w")
-        store.complete_ok(claimed.request_id, {"ok": True})
+        store.complete_ok(Lease.of(claimed), {"ok": True})
         d = WebhookDispatcher(store, signer, poll_interval=0.02)
         try:
             d.start()

@@ -386,7 +386,7 @@ def test_e2e_retries_until_delivered(live):
     assert rx.received[-1]["time"] - rx.received[0]["time"] < 10
     assert all(verify_webhook(x["headers"], x["body"], jwks) for x in rx.received)
     assert json.loads(rx.received[-1]["body"])["request_id"] == request_id
-    job = live.app.state.runtime.store.get(request_id)
+    job = live.app.state.services.store.get(request_id)
     assert job.webhook_state == J.WEBHOOK_DELIVERED and job.webhook_attempts == 3
 
 
