@@ -665,6 +665,63 @@ def cmd_serve(argv: Sequence[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# keys
+
+
+def _key_store(args: argparse.Namespace):
+    from .service.auth import FileKeyStore
+    from .service.settings import Settings
+
+    try:
+        settings = Settings.from_sources({"data_dir": args.data_dir})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return FileKeyStore.in_data_dir(settings.data_dir)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        store = _key_store(args)
+        if args.action == "create":
+            record, key = store.create(label=args.label or "")
+            _eprint(f"created key {record.id} in {store.location} (only its hash is kept: copy it now).")
+            _eprint(f"use it as FAL_KEY, in the playground's key field, or as 'Authorization: Key {key}'")
+            sys.stdout.write(key + "\n")
+            return EXIT_OK
+        if args.action == "revoke":
+            if not args.key_id:
+                raise UsageError("revoke needs the key's id (see `kleinserve keys list`)")
+            if not store.remove(args.key_id):
+                raise UsageError(f"no key {args.key_id!r} in {store.location} (see `kleinserve keys list`)")
+            _eprint(f"revoked key {args.key_id}: it stops working on its next request")
+            return EXIT_OK
+        records = store.list()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not records:
+        _eprint(f"no stored keys in {store.location}; `kleinserve keys create` makes one")
+    for r in records:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)) if r.created_at else "?"
+        sys.stdout.write(f"{r.id}  {r.hint:<16}  created {created}  {r.label}\n")
+    return EXIT_OK
+
+
+def add_keys_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "keys", help="list, create or revoke the stored API keys",
+        description="The API keys `kleinserve serve` accepts besides --api-key, kept hashed in "
+                    "<data-dir>/keys/api_keys.json (mode 0600). `create` prints the new key once on stdout.")
+    p.add_argument("action", choices=("list", "create", "revoke"), nargs="?", default="list",
+                   help="list (default), create, or revoke ID")
+    p.add_argument("key_id", nargs="?", default=None, metavar="ID", help="the key to revoke (its id from `list`)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the server's data dir (default: $KLEINSERVE_DATA_DIR or ./data)")
+    p.add_argument("--label", default=None, metavar="TEXT", help="a note stored with a created key")
+    p.set_defaults(func=cmd_keys)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -672,10 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kleinserve",
         description="Self-hosted, fal-compatible inference for FLUX.2 [klein] 9B base.")
     parser.add_argument("--version", action="version", version=f"kleinserve {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,calibrate}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,calibrate,keys}")
     add_generate_parser(sub)
     add_serve_parser(sub)
     add_calibrate_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 

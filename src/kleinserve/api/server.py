@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from kleinserve.service.auth import AuthConfigError
+from kleinserve.service.auth import AuthConfigError, FileKeyStore, KeyStore, first_start_key
 from kleinserve.service.logging import configure_logging, uvicorn_log_config
 from kleinserve.service.settings import Settings, add_arguments
 
@@ -32,17 +32,47 @@ def _configure_logging(settings: Settings) -> dict:
     return uvicorn_log_config(settings.log_format, settings.log_level.upper())
 
 
-def _banner(settings: Settings) -> str:
+def _auth_lines(settings: Settings, store: Optional[KeyStore], new_key: Optional[str], base: str) -> list[str]:
+    """The banner's auth part: what a user needs to make the first request."""
+    if settings.no_auth:
+        return ["  auth      : OFF (--no-auth): anyone who can reach this port can use it"]
+    stored = store.list() if store is not None else []
+    if new_key:
+        return [
+            f"  auth      : created an API key (only its hash is kept, in {store.location if store else '?'}):",
+            "",
+            f"                {new_key}",
+            "",
+            "              It is shown only now. Use it as",
+            f"                playground : paste it into the key field of {base}/",
+            f"                clients    : export FAL_KEY={new_key}",
+            f"                curl       : -H 'Authorization: Key {new_key}'",
+            "              More keys: kleinserve keys create | list | revoke ID",
+        ]
+    parts = []
+    if settings.api_keys:
+        parts.append(f"{len(settings.api_keys)} from --api-key/KLEINSERVE_API_KEYS")
+    if stored:
+        hints = ", ".join(r.hint for r in stored[:3]) + (", ..." if len(stored) > 3 else "")
+        parts.append(f"{len(stored)} stored ({hints}) in {store.location if store else '?'}")
+    lines = ["  auth      : API keys: " + "; ".join(parts)]
+    if stored and not settings.api_keys:
+        lines.append("              lost the key? `kleinserve keys create` makes a new one (and "
+                     "`kleinserve keys revoke ID` retires the old)")
+    return lines
+
+
+def _banner(settings: Settings, store: Optional[KeyStore] = None, new_key: Optional[str] = None) -> str:
     scheme = "https" if settings.tls else "http"
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     base = settings.public_url or f"{scheme}://{host}:{settings.port}"
     lines = [
         f"kleinserve: serving on {scheme}://{settings.host}:{settings.port}  (data: {settings.data_dir})",
+        f"  playground: {base}/",
         f"  queue API : {base}/queue/<endpoint id>     run API: {base}/<endpoint id>",
         f"  docs      : {base}/docs                    ready: {base}/ready",
         f"  model     : {settings.model}" + (" (loading in the background)" if settings.model else ""),
-        "  auth      : " + ("OFF (--no-auth): anyone who can reach this port can use it"
-                            if settings.no_auth else f"{len(settings.api_keys)} API key(s)"),
+        *_auth_lines(settings, store, new_key, base),
     ]
     if not settings.tls:
         lines.append("  note      : no TLS. The fal clients only speak https: pass --ssl-certfile/--ssl-keyfile "
@@ -65,18 +95,24 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"kleinserve serve: {exc}", file=sys.stderr)
         return 2
     log_config = _configure_logging(settings)
+    store: Optional[KeyStore] = None
+    new_key: Optional[str] = None
     try:
+        if not settings.no_auth:
+            store = FileKeyStore.in_data_dir(settings.data_dir)
+            if not settings.api_keys:  # neither keys nor --no-auth: make one on the first start
+                new_key = first_start_key(store)
         from .app import create_app
 
         app = create_app(settings, load_engine=True)
-    except AuthConfigError as exc:
+    except (AuthConfigError, ValueError, OSError) as exc:
         print(f"kleinserve serve: {exc}", file=sys.stderr)
         return 2
     import uvicorn
 
     if settings.model.strip().lower() == "tiny":
         print(TINY_BANNER, file=sys.stderr, flush=True)
-    print(_banner(settings), file=sys.stderr, flush=True)
+    print(_banner(settings, store, new_key), file=sys.stderr, flush=True)
     kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
                   ssl_keyfile=settings.ssl_keyfile, proxy_headers=True, timeout_graceful_shutdown=30,
                   lifespan="on", log_level=settings.log_level.lower())
