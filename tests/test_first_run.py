@@ -1,6 +1,6 @@
 """A new user's first minutes: `kleinserve serve` with no key flags makes a key and prints it with how
-to use it; `kleinserve keys` manages keys (kept hashed, mode 0600). The servers are real
-`kleinserve serve` processes."""
+to use it; `kleinserve keys` manages keys (kept hashed, mode 0600); `--tls-self-signed` makes a
+certificate the official clients trust through SSL_CERT_FILE / NODE_EXTRA_CA_CERTS. The servers are real `kleinserve serve` processes."""
 
 from __future__ import annotations
 
@@ -111,6 +111,68 @@ def _stop(proc: subprocess.Popen) -> str:
         proc.kill()
         out, _ = proc.communicate()
     return out or ""
+
+
+FAL_SCRIPT = textwrap.dedent(r'''
+    import json, fal_client
+    out = fal_client.subscribe("fal-ai/flux-2/klein/9b/base",
+                               arguments={"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64},
+                                          "num_inference_steps": 4, "seed": 3})
+    print(json.dumps({"seed": out["seed"], "url": out["images"][0]["url"]}))
+''')
+
+
+def test_first_serve_prints_a_usable_key_and_a_trusted_certificate(tmp_path):
+    data = tmp_path / "data"
+    port = free_port()
+    proc = _serve(data, port, "--tls-self-signed")
+    try:
+        banner = _read_until(proc, r"NODE_EXTRA_CA_CERTS=")  # the last banner line
+        keys = KEY_RE.findall(banner)
+        assert keys, banner
+        key = keys[0]
+        assert f"export FAL_KEY={key}" in banner and "playground" in banner
+        cert = Path(re.search(r"SSL_CERT_FILE=(\S+)", banner).group(1))
+        assert cert == (data / "tls" / "cert.pem").resolve() and cert.is_file()
+        assert stat.S_IMODE((data / "tls" / "key.pem").stat().st_mode) == 0o600
+        assert stat.S_IMODE((data / "keys" / "api_keys.json").stat().st_mode) == 0o600
+        assert key not in (data / "keys" / "api_keys.json").read_text()
+        base = f"https://127.0.0.1:{port}"
+        trust = ssl.create_default_context(cafile=str(cert))
+        wait_for_http(base + "/ready", timeout=120, verify=trust, proc=proc)
+        assert httpx.get(base + "/queue/fal-ai/flux-2/requests/x/status", verify=trust).status_code == 401
+
+        # The official Python client with exactly what the banner said (it speaks https only).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "KLEINSERVE_"))}
+        env.update(FAL_KEY=key, SSL_CERT_FILE=str(cert), FAL_RUN_HOST=f"127.0.0.1:{port}",
+                   FAL_QUEUE_RUN_HOST=f"127.0.0.1:{port}/queue", PYTHONUNBUFFERED="1")
+        done = run_fal_client_script(FAL_SCRIPT, env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["seed"] == 3
+
+        # Node's fetch (what @fal-ai/client uses) trusts it through NODE_EXTRA_CA_CERTS.
+        node = shutil.which("node")
+        if node:
+            js = f"fetch('{base}/health').then(r => r.json()).then(b => console.log(JSON.stringify(b)))"
+            plain = subprocess.run([node, "-e", js], capture_output=True, text=True, timeout=60)
+            assert plain.returncode != 0  # untrusted without it: the failure the docs warn about
+            trusted = subprocess.run([node, "-e", js], capture_output=True, text=True, timeout=60,
+                                     env={**os.environ, "NODE_EXTRA_CA_CERTS": str(cert)})
+            assert trusted.returncode == 0 and json.loads(trusted.stdout)["status"] == "ok", trusted.stderr
+
+    finally:
+        _stop(proc)
+
+    # A later start shows where the key is and its prefix, never a new key; the certificate is reused.
+    proc = _serve(data, port, "--tls-self-signed")
+    try:
+        banner = _read_until(proc, r"NODE_EXTRA_CA_CERTS=")
+        assert "lost the key?" in banner
+        assert not KEY_RE.search(banner)
+        assert f"ks_{key.split('_')[1]}_..." in banner and "api_keys.json" in banner
+        assert "self-signed certificate reused" in banner
+    finally:
+        _stop(proc)
 
 
 def test_explicit_key_or_no_auth_creates_nothing(tmp_path):

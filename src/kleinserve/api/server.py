@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from kleinserve.service.auth import AuthConfigError, FileKeyStore, KeyStore, first_start_key
 from kleinserve.service.logging import configure_logging, uvicorn_log_config
 from kleinserve.service.settings import Settings, add_arguments
+from kleinserve.service.tls import SelfSignedCert, ensure_self_signed
 
 log = logging.getLogger("kleinserve.server")
 
@@ -62,7 +63,8 @@ def _auth_lines(settings: Settings, store: Optional[KeyStore], new_key: Optional
     return lines
 
 
-def _banner(settings: Settings, store: Optional[KeyStore] = None, new_key: Optional[str] = None) -> str:
+def _banner(settings: Settings, store: Optional[KeyStore] = None, new_key: Optional[str] = None,
+            cert: Optional[SelfSignedCert] = None) -> str:
     scheme = "https" if settings.tls else "http"
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     base = settings.public_url or f"{scheme}://{host}:{settings.port}"
@@ -74,9 +76,17 @@ def _banner(settings: Settings, store: Optional[KeyStore] = None, new_key: Optio
         f"  model     : {settings.model}" + (" (loading in the background)" if settings.model else ""),
         *_auth_lines(settings, store, new_key, base),
     ]
+    if cert is not None:
+        path = cert.cert_path.resolve()
+        lines += [
+            f"  TLS       : self-signed certificate {'made' if cert.created else 'reused'}: {path}",
+            f"              for {', '.join(cert.hosts)}. Trust it in the clients:",
+            f"                Python (fal-client, openai, httpx): export SSL_CERT_FILE={path}",
+            f"                Node (@fal-ai/client)            : export NODE_EXTRA_CA_CERTS={path}",
+        ]
     if not settings.tls:
-        lines.append("  note      : no TLS. The fal clients only speak https: pass --ssl-certfile/--ssl-keyfile "
-                     "or put a TLS proxy in front.")
+        lines.append("  note      : no TLS. The fal clients only speak https: pass --tls-self-signed (or "
+                     "--ssl-certfile/--ssl-keyfile) or put a TLS proxy in front.")
     return "\n".join(lines)
 
 
@@ -97,7 +107,11 @@ def run_serve(args: argparse.Namespace) -> int:
     log_config = _configure_logging(settings)
     store: Optional[KeyStore] = None
     new_key: Optional[str] = None
+    cert: Optional[SelfSignedCert] = None
     try:
+        if settings.tls_self_signed:
+            cert = ensure_self_signed(settings.data_dir, settings.host)
+            settings.ssl_certfile, settings.ssl_keyfile = str(cert.cert_path), str(cert.key_path)
         if not settings.no_auth:
             store = FileKeyStore.in_data_dir(settings.data_dir)
             if not settings.api_keys:  # neither keys nor --no-auth: make one on the first start
@@ -112,7 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if settings.model.strip().lower() == "tiny":
         print(TINY_BANNER, file=sys.stderr, flush=True)
-    print(_banner(settings, store, new_key), file=sys.stderr, flush=True)
+    print(_banner(settings, store, new_key, cert), file=sys.stderr, flush=True)
     kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
                   ssl_keyfile=settings.ssl_keyfile, proxy_headers=True, timeout_graceful_shutdown=30,
                   lifespan="on", log_level=settings.log_level.lower())
