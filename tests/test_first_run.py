@@ -1,6 +1,9 @@
 """A new user's first minutes: `kleinserve serve` with no key flags makes a key and prints it with how
 to use it; `kleinserve keys` manages keys (kept hashed, mode 0600); `--tls-self-signed` makes a
-certificate the official clients trust through SSL_CERT_FILE / NODE_EXTRA_CA_CERTS. The servers are real `kleinserve serve` processes."""
+certificate the official clients trust through SSL_CERT_FILE / NODE_EXTRA_CA_CERTS; a busy port is
+reported before anything claims to serve. The servers are real `kleinserve serve` processes.
+And `kleinserve generate`: one naming scheme per run, the subcommand's usage for an unknown flag, the
+tiny-model banner once, a sane first progress reading."""
 
 from __future__ import annotations
 
@@ -160,6 +163,11 @@ def test_first_serve_prints_a_usable_key_and_a_trusted_certificate(tmp_path):
                                      env={**os.environ, "NODE_EXTRA_CA_CERTS": str(cert)})
             assert trusted.returncode == 0 and json.loads(trusted.stdout)["status"] == "ok", trusted.stderr
 
+        # A second server on the busy port says so and never claims to serve.
+        busy = _serve(data, port)
+        out, _ = busy.communicate(timeout=120)
+        assert busy.returncode == 1
+        assert f"port {port} on 127.0.0.1 is already in use" in out and "serving on" not in out, out
     finally:
         _stop(proc)
 
@@ -185,3 +193,54 @@ def test_explicit_key_or_no_auth_creates_nothing(tmp_path):
         finally:
             _stop(proc)
     assert not (data / "keys" / "api_keys.json").exists()
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+SMALL = ("--model", "tiny", "--image-size", "64x64", "--num-inference-steps", "4", "--guidance-scale", "1")
+
+
+def test_run_stem_never_mixes_runs(tmp_path):
+    assert cli.run_stem(tmp_path, 42, 2) == "42"
+    (tmp_path / "42-0.png").write_bytes(b"x")  # an earlier one-image run
+    assert cli.run_stem(tmp_path, 42, 2) == "42-run2"  # not 42-0-2 beside 42-1
+    (tmp_path / "42-run2-1.webp").write_bytes(b"x")  # any extension counts
+    assert cli.run_stem(tmp_path, 42, 2) == "42-run3"
+    assert cli.run_stem(tmp_path, 7, 1) == "7"
+
+
+def test_generate_runs_keep_their_own_names(tmp_path, capsys):
+    out = tmp_path / "out"
+    names = []
+    for _ in range(2):
+        assert cli.main(["generate", *SMALL, "--seed", "42", "--num-images", "2", "--out", str(out), "-q", "x"]) == 0
+        names.append([im["file_name"] for im in json.loads(capsys.readouterr().out)["images"]])
+    assert names == [["42-0.png", "42-1.png"], ["42-run2-0.png", "42-run2-1.png"]]
+    assert sorted(p.name for p in out.iterdir()) == ["42-0.png", "42-1.png", "42-run2-0.png", "42-run2-1.png"]
+
+
+def test_unknown_flag_prints_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "x", "--definitely-not-a-flag"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: kleinserve generate" in err and "unrecognized arguments: --definitely-not-a-flag" in err
+    with pytest.raises(SystemExit):
+        cli.main(["keys", "--bogus"])
+    assert "usage: kleinserve keys" in capsys.readouterr().err
+
+
+def test_generate_banner_once_and_a_sane_first_progress_reading(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEINSERVE_")}
+    p = subprocess.run([sys.executable, "-m", "kleinserve", "generate", *SMALL, "--num-inference-steps", "8",
+                        "--out", str(tmp_path), "x"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("TINY RANDOM") == 1 and "!!!!" not in p.stderr, p.stderr  # one banner, not two
+    readings = [float(r) for r in re.findall(r"([0-9.]+)step/s", p.stderr)]
+    readings += [1 / float(r) for r in re.findall(r"([0-9.]+)s/step", p.stderr)]
+    assert readings, p.stderr
+    # The bar starts before the run: its first rate covers real work, not "22310 step/s".
+    first = re.search(r"([0-9.]+)(step/s|s/step)", p.stderr)
+    rate = float(first.group(1)) if first.group(2) == "step/s" else 1 / float(first.group(1))
+    assert rate < 500, p.stderr

@@ -270,16 +270,18 @@ def _eprint(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _warn_if_tiny(engine) -> None:
-    info = engine.info
-    if info.is_tiny:
-        bar = "!" * 78
-        _eprint(bar)
-        _eprint("!! WARNING: running the TINY RANDOM-WEIGHT model, NOT FLUX.2 [klein] 9B.")
-        _eprint("!! Images are noise-like; this is for development and tests only.")
-        _eprint(f"!! (model spec {info.spec!r} -> {info.source!r} on {info.device}; pass --model with")
-        _eprint("!!  a local diffusers folder or a Hugging Face repo id, on a CUDA machine, for real images)")
-        _eprint(bar)
+def _show_engine_warnings() -> None:
+    """The engine's own warnings (the tiny-model banner, which it logs once per load) on stderr, as
+    plain lines: the CLI does not print a banner of its own, so it appears once."""
+    import logging
+
+    logger = logging.getLogger("kleinserve")
+    if not any(getattr(h, "_kleinserve_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._kleinserve_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
 
 
 def _load_engine(args: argparse.Namespace, command: str):
@@ -289,12 +291,12 @@ def _load_engine(args: argparse.Namespace, command: str):
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
                               "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    _show_engine_warnings()
     try:
         engine = load_engine(args.model, **kwargs)
     except ModelUnavailable as exc:
         _eprint(f"kleinserve {command}: model unavailable: {exc}")
         return None
-    _warn_if_tiny(engine)
     return engine
 
 
@@ -326,15 +328,27 @@ class _Progress:
         self.bar = None
         self._lock = threading.Lock()
 
+    def start(self, total: int) -> None:
+        """Shows the bar at 0 now, so its first rate reading measures a real step (prompt encoding
+        included), not the instant between the first event and the bar's creation."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self.bar is None:
+                self.bar = self._new_bar(total)
+
+    def _new_bar(self, total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True,
+                    smoothing=0.1)
+
     def __call__(self, event) -> None:
         if not self.enabled:
             return
         with self._lock:
             if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=event.total, desc=self.desc, unit="step", file=sys.stderr,
-                                dynamic_ncols=True, leave=True)
+                self.bar = self._new_bar(event.total)
             if self.bar.total != event.total:
                 self.bar.total = event.total
             self.bar.n = min(event.step, event.total)
@@ -388,13 +402,18 @@ def _run_cancellable(fn, cancel: threading.Event, what: str = "generation"):
 # generate
 
 
-def _unique_path(directory: Path, stem: str, ext: str) -> Path:
-    path = directory / f"{stem}.{ext}"
-    n = 2
-    while path.exists():
-        path = directory / f"{stem}-{n}.{ext}"
+def run_stem(directory: Path, seed: int, count: int) -> str:
+    """The name stem of one run's files: image k is `<stem>-<k>.<ext>`. `<seed>` when no file of that
+    run's names exists yet, else `<seed>-run2`, `<seed>-run3`, ...: a run's files share one scheme and
+    never mix with an earlier run's (whatever their extension)."""
+    def taken(stem: str) -> bool:
+        return any(next(directory.glob(f"{stem}-{k}.*"), None) is not None for k in range(count))
+
+    stem, n = str(seed), 2
+    while directory.is_dir() and taken(stem):
+        stem = f"{seed}-run{n}"
         n += 1
-    return path
+    return stem
 
 
 def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> FluxKleinOutput:
@@ -402,12 +421,15 @@ def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> Fl
     from .engine.imageio import data_uri
 
     files = []
+    stem = str(result.seed)
+    if out_dir is not None and not request.sync_mode:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = run_stem(out_dir, result.seed, len(result.images))
     for k, img in enumerate(result.images):
         if request.sync_mode or out_dir is None:
             files.append((data_uri(img.data, img.content_type), f"{result.seed}-{k}.{img.extension}"))
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = _unique_path(out_dir, f"{result.seed}-{k}", img.extension)
+            path = out_dir / f"{stem}-{k}.{img.extension}"
             path.write_bytes(img.data)
             files.append((str(path.resolve()), path.name))
     return FluxKleinOutput.from_result(request, result, files)
@@ -435,6 +457,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 _eprint("note: --cns-matrix only matters with --enable-cns and --cns-gamma-source matrix")
 
     progress = _Progress(enabled=not quiet and not args.no_progress)
+    progress.start(int(request.num_inference_steps))
     try:
         result = _run_cancellable(
             lambda: engine.generate(request, on_step=progress, should_cancel=cancel.is_set),
@@ -486,7 +509,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cns-matrix", metavar="FILE", default=None,
                    help="a calibrated CNS gamma matrix CSV (from `kleinserve calibrate`) for cns_gamma_source=matrix")
     p.add_argument("--out", default="outputs", metavar="DIR",
-                   help="where images are written as <seed>-<k>.<ext> (nothing is written with --sync-mode)")
+                   help="where images are written as <seed>-<k>.<ext> (<seed>-run2-<k>.<ext>, ... when an earlier "
+                        "run wrote those names; nothing is written with --sync-mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes on stderr")
     add_schema_arguments(p)
@@ -737,6 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -746,8 +777,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if extra:
-        parser.error("unrecognized arguments: " + " ".join(extra))  # exits 2
+    if extra:  # the subcommand's usage, not the top level's
+        _subparser(parser, args.command).error("unrecognized arguments: " + " ".join(extra))  # exits 2
     prog = f"kleinserve {args.command}"
     try:
         rc = args.func(args)

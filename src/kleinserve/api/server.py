@@ -10,7 +10,9 @@ turns 200 when it is in memory. Every flag has a KLEINSERVE_* env var fallback (
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from typing import Optional, Sequence
 
@@ -90,12 +92,22 @@ def _banner(settings: Settings, store: Optional[KeyStore] = None, new_key: Optio
     return "\n".join(lines)
 
 
-TINY_BANNER = "\n".join([
-    "#" * 78,
-    "#  WARNING: --model tiny serves a TINY RANDOM MODEL. Its images are NOISE.",
-    "#  It exists for tests and demos of the API; it is NOT FLUX.2 [klein].",
-    "#" * 78,
-])
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now, so a busy port is reported before anything claims to serve.
+    Raises OSError with a message that says what to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"port {port} on {host} is already in use (another kleinserve?): stop "
+                                     f"that process or pass --port N") from None
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -124,15 +136,21 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    if settings.model.strip().lower() == "tiny":
-        print(TINY_BANNER, file=sys.stderr, flush=True)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(f"kleinserve serve: {exc.strerror}", file=sys.stderr)
+        return 1
     print(_banner(settings, store, new_key, cert), file=sys.stderr, flush=True)
     kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
                   ssl_keyfile=settings.ssl_keyfile, proxy_headers=True, timeout_graceful_shutdown=30,
                   lifespan="on", log_level=settings.log_level.lower())
     kwargs["log_config"] = log_config
     server = uvicorn.Server(uvicorn.Config(app, **kwargs))
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0 if server.started else 1
 
 
