@@ -270,18 +270,34 @@ def _eprint(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _show_engine_warnings() -> None:
-    """The engine's own warnings (the tiny-model banner, which it logs once per load) on stderr, as
-    plain lines: the CLI does not print a banner of its own, so it appears once."""
-    import logging
+class _EngineWarnings:
+    """The engine's own warnings on stderr as plain lines (the CLI configures no logging). The tiny
+    model's banner is one of them, logged by the loader; `saw_tiny_banner` tells whether it was, so
+    the CLI prints it itself only when the loader did not (an engine it got ready-made)."""
 
-    logger = logging.getLogger("kleinserve")
-    if not any(getattr(h, "_kleinserve_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.setLevel(logging.WARNING)
-        handler._kleinserve_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    def __init__(self) -> None:
+        import logging
+
+        self.saw_tiny_banner = False
+        outer = self
+
+        class Handler(logging.StreamHandler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "TINY RANDOM" in record.getMessage():
+                    outer.saw_tiny_banner = True
+                super().emit(record)
+
+        self.handler = Handler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.handler.setLevel(logging.WARNING)
+        self.logger = logging.getLogger("kleinserve")
+
+    def __enter__(self) -> "_EngineWarnings":
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self.handler)
 
 
 def _load_engine(args: argparse.Namespace, command: str):
@@ -291,12 +307,16 @@ def _load_engine(args: argparse.Namespace, command: str):
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
                               "cpu_offload": bool(getattr(args, "cpu_offload", False))}
-    _show_engine_warnings()
-    try:
-        engine = load_engine(args.model, **kwargs)
-    except ModelUnavailable as exc:
-        _eprint(f"kleinserve {command}: model unavailable: {exc}")
-        return None
+    with _EngineWarnings() as warnings:
+        try:
+            engine = load_engine(args.model, **kwargs)
+        except ModelUnavailable as exc:
+            _eprint(f"kleinserve {command}: model unavailable: {exc}")
+            return None
+    if engine.info.is_tiny and not warnings.saw_tiny_banner:
+        from .engine.models import TINY_BANNER
+
+        _eprint(TINY_BANNER)
     return engine
 
 
