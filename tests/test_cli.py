@@ -247,10 +247,10 @@ def test_generate_writes_files_and_prints_output(engine, capsys, tmp_path):
     rc, out2, err = run_cli(capsys, *argv)
     assert rc == 0, err
     again = FluxKleinOutput.model_validate_json(out2)
-    assert [i.file_name for i in again.images] == ["5-0-2.jpeg", "5-1-2.jpeg"]
+    assert [i.file_name for i in again.images] == ["5-run2-0.jpeg", "5-run2-1.jpeg"]  # one scheme per run
     _check_written(again, out_dir)
     assert [Path(i.url).read_bytes() for i in again.images] == [first, second]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["5-0-2.jpeg", "5-0.jpeg", "5-1-2.jpeg", "5-1.jpeg"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["5-0.jpeg", "5-1.jpeg", "5-run2-0.jpeg", "5-run2-1.jpeg"]
 
 
 def _data(result: FluxKleinOutput, k: int = 0) -> bytes:

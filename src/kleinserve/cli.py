@@ -270,16 +270,34 @@ def _eprint(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _warn_if_tiny(engine) -> None:
-    info = engine.info
-    if info.is_tiny:
-        bar = "!" * 78
-        _eprint(bar)
-        _eprint("!! WARNING: running the TINY RANDOM-WEIGHT model, NOT FLUX.2 [klein] 9B.")
-        _eprint("!! Images are noise-like; this is for development and tests only.")
-        _eprint(f"!! (model spec {info.spec!r} -> {info.source!r} on {info.device}; pass --model with")
-        _eprint("!!  a local diffusers folder or a Hugging Face repo id, on a CUDA machine, for real images)")
-        _eprint(bar)
+class _EngineWarnings:
+    """The engine's own warnings on stderr as plain lines (the CLI configures no logging). The tiny
+    model's banner is one of them, logged by the loader; `saw_tiny_banner` tells whether it was, so
+    the CLI prints it itself only when the loader did not (an engine it got ready-made)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.saw_tiny_banner = False
+        outer = self
+
+        class Handler(logging.StreamHandler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "TINY RANDOM" in record.getMessage():
+                    outer.saw_tiny_banner = True
+                super().emit(record)
+
+        self.handler = Handler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.handler.setLevel(logging.WARNING)
+        self.logger = logging.getLogger("kleinserve")
+
+    def __enter__(self) -> "_EngineWarnings":
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self.handler)
 
 
 def _load_engine(args: argparse.Namespace, command: str):
@@ -289,12 +307,16 @@ def _load_engine(args: argparse.Namespace, command: str):
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
                               "cpu_offload": bool(getattr(args, "cpu_offload", False))}
-    try:
-        engine = load_engine(args.model, **kwargs)
-    except ModelUnavailable as exc:
-        _eprint(f"kleinserve {command}: model unavailable: {exc}")
-        return None
-    _warn_if_tiny(engine)
+    with _EngineWarnings() as warnings:
+        try:
+            engine = load_engine(args.model, **kwargs)
+        except ModelUnavailable as exc:
+            _eprint(f"kleinserve {command}: model unavailable: {exc}")
+            return None
+    if engine.info.is_tiny and not warnings.saw_tiny_banner:
+        from .engine.models import TINY_BANNER
+
+        _eprint(TINY_BANNER)
     return engine
 
 
@@ -326,15 +348,27 @@ class _Progress:
         self.bar = None
         self._lock = threading.Lock()
 
+    def start(self, total: int) -> None:
+        """Shows the bar at 0 now, so its first rate reading measures a real step (prompt encoding
+        included), not the instant between the first event and the bar's creation."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self.bar is None:
+                self.bar = self._new_bar(total)
+
+    def _new_bar(self, total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True,
+                    smoothing=0.1)
+
     def __call__(self, event) -> None:
         if not self.enabled:
             return
         with self._lock:
             if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=event.total, desc=self.desc, unit="step", file=sys.stderr,
-                                dynamic_ncols=True, leave=True)
+                self.bar = self._new_bar(event.total)
             if self.bar.total != event.total:
                 self.bar.total = event.total
             self.bar.n = min(event.step, event.total)
@@ -388,13 +422,18 @@ def _run_cancellable(fn, cancel: threading.Event, what: str = "generation"):
 # generate
 
 
-def _unique_path(directory: Path, stem: str, ext: str) -> Path:
-    path = directory / f"{stem}.{ext}"
-    n = 2
-    while path.exists():
-        path = directory / f"{stem}-{n}.{ext}"
+def run_stem(directory: Path, seed: int, count: int) -> str:
+    """The name stem of one run's files: image k is `<stem>-<k>.<ext>`. `<seed>` when no file of that
+    run's names exists yet, else `<seed>-run2`, `<seed>-run3`, ...: a run's files share one scheme and
+    never mix with an earlier run's (whatever their extension)."""
+    def taken(stem: str) -> bool:
+        return any(next(directory.glob(f"{stem}-{k}.*"), None) is not None for k in range(count))
+
+    stem, n = str(seed), 2
+    while directory.is_dir() and taken(stem):
+        stem = f"{seed}-run{n}"
         n += 1
-    return path
+    return stem
 
 
 def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> FluxKleinOutput:
@@ -402,12 +441,15 @@ def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> Fl
     from .engine.imageio import data_uri
 
     files = []
+    stem = str(result.seed)
+    if out_dir is not None and not request.sync_mode:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = run_stem(out_dir, result.seed, len(result.images))
     for k, img in enumerate(result.images):
         if request.sync_mode or out_dir is None:
             files.append((data_uri(img.data, img.content_type), f"{result.seed}-{k}.{img.extension}"))
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = _unique_path(out_dir, f"{result.seed}-{k}", img.extension)
+            path = out_dir / f"{stem}-{k}.{img.extension}"
             path.write_bytes(img.data)
             files.append((str(path.resolve()), path.name))
     return FluxKleinOutput.from_result(request, result, files)
@@ -435,6 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 _eprint("note: --cns-matrix only matters with --enable-cns and --cns-gamma-source matrix")
 
     progress = _Progress(enabled=not quiet and not args.no_progress)
+    progress.start(int(request.num_inference_steps))
     try:
         result = _run_cancellable(
             lambda: engine.generate(request, on_step=progress, should_cancel=cancel.is_set),
@@ -486,7 +529,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cns-matrix", metavar="FILE", default=None,
                    help="a calibrated CNS gamma matrix CSV (from `kleinserve calibrate`) for cns_gamma_source=matrix")
     p.add_argument("--out", default="outputs", metavar="DIR",
-                   help="where images are written as <seed>-<k>.<ext> (nothing is written with --sync-mode)")
+                   help="where images are written as <seed>-<k>.<ext> (<seed>-run2-<k>.<ext>, ... when an earlier "
+                        "run wrote those names; nothing is written with --sync-mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes on stderr")
     add_schema_arguments(p)
@@ -678,6 +722,63 @@ def cmd_worker(argv: Sequence[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# keys
+
+
+def _key_store(args: argparse.Namespace):
+    from .service.auth import FileKeyStore
+    from .service.settings import Settings
+
+    try:
+        settings = Settings.from_sources({"data_dir": args.data_dir})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return FileKeyStore.in_data_dir(settings.data_dir)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        store = _key_store(args)
+        if args.action == "create":
+            record, key = store.create(label=args.label or "")
+            _eprint(f"created key {record.id} in {store.location} (only its hash is kept: copy it now).")
+            _eprint(f"use it as FAL_KEY, in the playground's key field, or as 'Authorization: Key {key}'")
+            sys.stdout.write(key + "\n")
+            return EXIT_OK
+        if args.action == "revoke":
+            if not args.key_id:
+                raise UsageError("revoke needs the key's id (see `kleinserve keys list`)")
+            if not store.remove(args.key_id):
+                raise UsageError(f"no key {args.key_id!r} in {store.location} (see `kleinserve keys list`)")
+            _eprint(f"revoked key {args.key_id}: it stops working on its next request")
+            return EXIT_OK
+        records = store.list()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not records:
+        _eprint(f"no stored keys in {store.location}; `kleinserve keys create` makes one")
+    for r in records:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)) if r.created_at else "?"
+        sys.stdout.write(f"{r.id}  {r.hint:<16}  created {created}  {r.label}\n")
+    return EXIT_OK
+
+
+def add_keys_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "keys", help="list, create or revoke the stored API keys",
+        description="The API keys `kleinserve serve` accepts besides --api-key, kept hashed in "
+                    "<data-dir>/keys/api_keys.json (mode 0600). `create` prints the new key once on stdout.")
+    p.add_argument("action", choices=("list", "create", "revoke"), nargs="?", default="list",
+                   help="list (default), create, or revoke ID")
+    p.add_argument("key_id", nargs="?", default=None, metavar="ID", help="the key to revoke (its id from `list`)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the server's data dir (default: $KLEINSERVE_DATA_DIR or ./data)")
+    p.add_argument("--label", default=None, metavar="TEXT", help="a note stored with a created key")
+    p.set_defaults(func=cmd_keys)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,11 +786,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kleinserve",
         description="Self-hosted, fal-compatible inference for FLUX.2 [klein] 9B base.")
     parser.add_argument("--version", action="version", version=f"kleinserve {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,worker,calibrate}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,serve,worker,calibrate,keys}")
     add_generate_parser(sub)
     add_serve_parser(sub)
     add_worker_parser(sub)
     add_calibrate_parser(sub)
+    add_keys_parser(sub)
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
     return parser
 
 
@@ -704,8 +813,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if extra:
-        parser.error("unrecognized arguments: " + " ".join(extra))  # exits 2
+    if extra:  # the subcommand's usage, not the top level's
+        _subparser(parser, args.command).error("unrecognized arguments: " + " ".join(extra))  # exits 2
     prog = f"kleinserve {args.command}"
     try:
         rc = args.func(args)

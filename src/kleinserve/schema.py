@@ -7,9 +7,11 @@ generated from these models, so a field added here shows up everywhere.
 from __future__ import annotations
 
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from types import UnionType
+from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base"
@@ -168,3 +170,139 @@ class FluxKleinOutput(BaseModel):
                   for im, (url, name) in zip(result.images, files)]
         return cls(images=images, seed=int(result.seed), has_nsfw_concepts=[bool(im.nsfw) for im in result.images],
                    prompt=request.prompt, timings=Timings(**{k: float(v) for k, v in (result.timings or {}).items()}))
+
+
+# ------------------------------------------------------------------------------ validation messages
+
+JSON_BODY_HINT = 'send the input as application/json: a JSON object such as {"prompt": "a lighthouse at dusk"}'
+_BODY_NOT_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+_RANGE_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}
+
+
+def _members(annotation: Any) -> tuple:
+    if get_origin(annotation) in (Union, UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _model_members(annotation: Any) -> list[type[BaseModel]]:
+    return [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
+def _is_union(annotation: Any) -> bool:
+    return len([m for m in _members(annotation) if m is not type(None)]) > 1
+
+
+def _bounds(field: FieldInfo) -> tuple[Any, Any, bool, bool]:
+    """(low, high, low inclusive, high inclusive) of a numeric field (None: unbounded)."""
+    low = high = None
+    low_inc = high_inc = True
+    for m in field.metadata:
+        if getattr(m, "ge", None) is not None:
+            low = m.ge
+        if getattr(m, "gt", None) is not None:
+            low, low_inc = m.gt, False
+        if getattr(m, "le", None) is not None:
+            high = m.le
+        if getattr(m, "lt", None) is not None:
+            high, high_inc = m.lt, False
+    return low, high, low_inc, high_inc
+
+
+def _range_message(field: FieldInfo) -> Optional[str]:
+    low, high, low_inc, high_inc = _bounds(field)
+    if low is not None and high is not None and low_inc and high_inc:
+        return f"must be {low}..{high}"
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_inc else '>'} {low}")
+    if high is not None:
+        parts.append(f"{'<=' if high_inc else '<'} {high}")
+    return ("must be " + " and ".join(parts)) if parts else None
+
+
+def _preset_message(field_name: str, model: type[BaseModel]) -> str:
+    field = model.model_fields[field_name]
+    presets = [v for m in _members(field.annotation) if get_origin(m) is Literal for v in get_args(m)]
+    objects = _model_members(field.annotation)
+    keys = ", ".join(f'"{k}": ...' for k in objects[0].model_fields) if objects else ""
+    return ("must be one of " + ", ".join(repr(p) for p in presets)
+            + (f", or an object {{{keys}}}" if keys else ""))
+
+
+def _got(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return f" (got {text[:60] + '...' if len(text) > 60 else text})"
+
+
+def tidy_validation_errors(errors: Iterable[dict[str, Any]],
+                           model: type[BaseModel] = FluxKleinInput) -> list[dict[str, Any]]:
+    """pydantic/FastAPI errors -> one clear `{"loc", "msg", "type"}` per problem.
+
+    - a body that is not a JSON object (a form, text/plain, a list, invalid JSON, nothing): one error
+      at `["body"]` saying to send the input as application/json;
+    - a union field (`image_size`): only the branch the value was meant for (an object: its fields'
+      errors, with the branch tag dropped from `loc`; a string or anything else: one message listing
+      the presets and the object form);
+    - a number out of range: "must be 64..2048 (got 5000)".
+    """
+    errors = list(errors)
+    out: list[dict[str, Any]] = []
+    union_values: dict[str, Any] = {}
+    for e in errors:  # what each union field was given (the literal branch's error carries it)
+        loc = list(e.get("loc", ()))
+        body = 1 if loc[:1] == ["body"] else 0
+        if len(loc) > body + 1 and isinstance(loc[body + 1], str) and loc[body + 1].startswith("literal["):
+            union_values[str(loc[body])] = e.get("input")
+    reported_unions: set[str] = set()
+    for e in errors:
+        loc = list(e.get("loc", ()))
+        kind = str(e.get("type", ""))
+        msg = str(e.get("msg", ""))
+        body = 1 if loc[:1] == ["body"] else 0
+        if body and len(loc) == 1 and kind in _BODY_NOT_OBJECT | {"missing"}:
+            msg = ("the body is empty: " if kind == "missing" else "the body is not a JSON object: ") + JSON_BODY_HINT
+            out.append({"loc": ["body"], "msg": msg, "type": kind})
+            continue
+        if kind == "json_invalid":
+            where = f" (at character {loc[1]})" if len(loc) > 1 and isinstance(loc[1], int) else ""
+            out.append({"loc": ["body"], "msg": f"the body is not valid JSON{where}: {JSON_BODY_HINT}", "type": kind})
+            continue
+        path = loc[body:]
+        name = str(path[0]) if path else ""
+        field = model.model_fields.get(name)
+        if field is not None and _is_union(field.annotation) and len(path) > 1 and isinstance(path[1], str):
+            given = union_values.get(name, e.get("input"))
+            if isinstance(given, dict):
+                if path[1].startswith("literal["):
+                    continue  # an object was given: the preset branch's complaint is noise
+                path = [path[0], *path[2:]]  # drop the member tag ("ImageSize")
+            else:
+                if name in reported_unions:
+                    continue
+                reported_unions.add(name)
+                out.append({"loc": loc[:body] + [name], "msg": _preset_message(name, model) + _got(given),
+                            "type": "union_tag_invalid" if isinstance(given, str) else "union_type"})
+                continue
+        leaf = _leaf_field(model, path)
+        if kind in _RANGE_ERRORS and leaf is not None:
+            msg = (_range_message(leaf) or msg) + _got(e.get("input"))
+        elif kind not in ("missing",) and "input" in e and not isinstance(e.get("input"), (dict, list)):
+            msg = msg + _got(e.get("input"))
+        item = {"loc": loc[:body] + path, "msg": msg, "type": kind}
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def _leaf_field(model: type[BaseModel], path: list) -> Optional[FieldInfo]:
+    """The FieldInfo at a (tag-free) loc path, through nested models; None when it is not a field."""
+    current: Optional[type[BaseModel]] = model
+    found: Optional[FieldInfo] = None
+    for part in path:
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return None
+        found = current.model_fields[part]
+        members = _model_members(found.annotation)
+        current = members[0] if members else None
+    return found

@@ -40,7 +40,7 @@ from kleinserve.service.logging import install_access_log_redaction, request_id_
 from kleinserve.service.runtime import TINY_WARNING, Runtime, Services, build_services
 from kleinserve.service.settings import Settings
 
-from . import deps, files, openai, web
+from . import deps, docs, files, openai, web
 from . import metrics as metrics_routes
 from .endpoints import EndpointRegistry, default_registry
 from .queue import build_queue_router
@@ -229,8 +229,8 @@ def create_app(
         description=("Self-hosted, fal-compatible inference service. Authenticate with "
                      "`Authorization: Key <your key>`. Queue API under `/queue` (or a `queue.*` host); "
                      "sync run and streaming at the root."),
-        docs_url="/docs",
-        redoc_url="/redoc",
+        docs_url=None,  # api/docs.py serves /docs and /redoc with packaged assets (no CDN)
+        redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
@@ -263,7 +263,7 @@ def create_app(
     app.include_router(build_queue_router(registry))
     app.include_router(build_run_router(registry))
     # The web playground owns "/": it comes last.
-    for router in (files.router, openai.router, metrics_routes.router, web.router):
+    for router in (docs.router, files.router, openai.router, metrics_routes.router, web.router):
         app.include_router(router)
     return app
 

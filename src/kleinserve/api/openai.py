@@ -34,11 +34,13 @@ import re
 import time
 from typing import Any, Optional
 
+from typing import Literal
+
 from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS
+from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, ImageSize, tidy_validation_errors
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
@@ -99,18 +101,123 @@ def _spec(request: Request) -> Any:
         return next(iter(registry))
 
 
+# ---------------------------------------------------------------------------------- the schema
+# The route reads its body itself (to answer in OpenAI's error shape); these models document it in
+# /openapi.json (`openapi_extra` below) and are what docs/OPENAI.md describes.
+
+_MIN_SIDE = next(m.ge for m in ImageSize.model_fields["width"].metadata if getattr(m, "ge", None) is not None)
+_MAX_SIDE = next(m.le for m in ImageSize.model_fields["width"].metadata if getattr(m, "le", None) is not None)
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's images.generate request, as this server reads it. Any other field of the endpoint's
+    input (negative_prompt, seed, num_inference_steps, guidance_scale, acceleration,
+    enable_safety_checker, cns_*) may be added as is (the openai package's `extra_body=`)."""
+
+    model_config = ConfigDict(extra="allow", title="OpenAIImageRequest")
+
+    prompt: str = Field(..., min_length=1, description="The prompt (required, non-empty).")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"Number of images, 1..{MAX_N}.")
+    size: Optional[str] = Field(
+        None, examples=["1024x768", "auto", "landscape_4_3"],
+        description=(f"'WIDTHxHEIGHT' (each side {_MIN_SIDE}..{_MAX_SIDE}, rounded to a multiple of 16), a "
+                     f"preset ({', '.join(IMAGE_SIZE_PRESETS)}), or 'auto' / absent: the endpoint's default "
+                     "(1024x768)."))
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="b64_json: images in the response, nothing stored; url: images stored and "
+                                "served by this server under /files.")
+    output_format: Optional[Literal["png", "jpeg", "webp"]] = Field(None, description="Image file format (png).")
+    background: Optional[Literal["auto", "opaque"]] = Field(None, description="Only opaque images are made.")
+    stream: Optional[bool] = Field(None, description="Not supported (400 when true): use the fal /stream route.")
+    model: Optional[str] = Field(None, description="Accepted and ignored (this server serves one model).")
+    quality: Optional[str] = Field(None, description="Accepted and ignored.")
+    style: Optional[str] = Field(None, description="Accepted and ignored.")
+    user: Optional[str] = Field(None, description="Accepted and ignored.")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: Optional[str] = Field(None, description="The image file, base64 (response_format b64_json).")
+    url: Optional[str] = Field(None, description="Where the stored image is served (response_format url).")
+    revised_prompt: str
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    size: Optional[str] = Field(None, description="'WIDTHxHEIGHT' generated.")
+    output_format: Optional[str] = None
+    seed: Optional[int] = Field(None, description="Not OpenAI's: image k was made with seed + k.")
+    has_nsfw_concepts: Optional[list[bool]] = None
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorBody
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its $defs inlined (openapi_extra does not register components)."""
+    schema = model.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": _inline(OpenAIErrorResponse)}}}
+
+
+OPENAPI_EXTRA: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": _inline(OpenAIImageRequest),
+        "example": {"prompt": "a red fox in the snow", "size": "1024x768", "n": 1, "response_format": "b64_json",
+                    "negative_prompt": "blurry", "seed": 42}}}},
+    "responses": {
+        "200": {"description": "The images", "content": {"application/json": {"schema": _inline(OpenAIImagesResponse)}}},
+        "400": _error_response("Invalid request (OpenAI's error shape; `param` names the field)"),
+        "401": _error_response("Missing or invalid API key (`Authorization: Bearer <key>`)"),
+        "500": _error_response("Generation failed"),
+        "503": _error_response("No model loaded yet"),
+        "504": _error_response("Timed out"),
+    },
+}
+
+
 def _parse_size(size: Any) -> Any:
     if size is None or (isinstance(size, str) and size.strip().lower() in ("", "auto")):
         return None
+    usage = (f"use 'WIDTHxHEIGHT' with each side {_MIN_SIDE}..{_MAX_SIDE} (e.g. '1024x768'; rounded to a "
+             f"multiple of 16), a preset ({', '.join(IMAGE_SIZE_PRESETS)}) or 'auto'")
     if isinstance(size, str):
         if size.strip() in IMAGE_SIZE_PRESETS:
             return size.strip()
         m = _SIZE_RE.match(size)
         if m:
-            return {"width": int(m.group(1)), "height": int(m.group(2))}
-    raise OpenAIError(400, f"Invalid size {size!r}: use 'WIDTHxHEIGHT' (e.g. '1024x768', each side "
-                      f"64..2048, rounded to a multiple of 16), a preset ({', '.join(IMAGE_SIZE_PRESETS)}) "
-                      "or 'auto'.", param="size", code="invalid_size")
+            width, height = int(m.group(1)), int(m.group(2))
+            bad = [f"{name} {v}" for name, v in (("width", width), ("height", height))
+                   if not _MIN_SIDE <= v <= _MAX_SIDE]
+            if bad:
+                raise OpenAIError(400, f"Invalid size {size!r}: {' and '.join(bad)} out of range; {usage}.",
+                                  param="size", code="invalid_size")
+            return {"width": width, "height": height}
+    raise OpenAIError(400, f"Invalid size {size!r}: {usage}.", param="size", code="invalid_size")
 
 
 def map_request(body: Any) -> tuple[dict[str, Any], str]:
@@ -158,17 +265,20 @@ _PARAM_NAMES = {"num_images": "n", "image_size": "size", "sync_mode": "response_
 
 
 def _validation_error(exc: ValidationError) -> OpenAIError:
-    errs = exc.errors(include_url=False)
-    first = errs[0] if errs else {}
-    loc = [str(p) for p in first.get("loc", ()) if not str(p)[:1].isupper() and "[" not in str(p)]
-    field = loc[0] if loc else None
-    param = _PARAM_NAMES.get(field, field) if field else None
-    where = ".".join(loc) or "input"
-    if field == "image_size" and len(loc) > 1:
-        where = f"size ({loc[-1]})"
-    message = f"Invalid {where}: {first.get('msg', 'invalid value')}"
-    if len(errs) > 1:
-        message += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
+    """The endpoint's validation errors in OpenAI's terms: one message naming each bad parameter
+    (`n`, `size`, `response_format` for the fields they map onto), `param` the first of them."""
+    errs = tidy_validation_errors(exc.errors(include_url=False))
+    problems = []
+    param = None
+    for e in errs:
+        loc = [str(p) for p in e.get("loc", ())]
+        field = loc[0] if loc else None
+        name = _PARAM_NAMES.get(field, field) if field else "input"
+        if field == "image_size" and len(loc) > 1:
+            name = f"size ({loc[-1]})"
+        param = param or (_PARAM_NAMES.get(field, field) if field else None)
+        problems.append(f"{name}: {e.get('msg', 'invalid value')}")
+    message = "Invalid request: " + ("; ".join(problems) or "invalid input")
     return OpenAIError(400, message, param=param, code="invalid_value")
 
 
@@ -217,22 +327,14 @@ _OPENAI_ERRORS = {
     499: "The client disconnected; the request was cancelled.", 500: "The generation failed.",
     503: "The model is not available, or the server is restarting.", 504: "The request timed out.",
 }
-_OPENAI_BODY = {
-    "required": True,
-    "content": {"application/json": {"schema": {
-        "type": "object", "required": ["prompt"],
-        "properties": {"prompt": {"type": "string", "minLength": 1},
-                       "n": {"type": "integer", "minimum": 1, "maximum": 4},
-                       "size": {"type": "string", "examples": ["1024x1024", "auto"]},
-                       "response_format": {"type": "string", "enum": ["url", "b64_json"]},
-                       "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]}}}}},
-}
 
 
-@router.post("/images/generations", summary="OpenAI-compatible image generation",
-             dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra={"requestBody": _OPENAI_BODY},
-             responses={200: {"description": "OpenAI's images response (`data[].url` or `b64_json`)"},
-                        **{code: {"model": OpenAIErrorBody, "description": d} for code, d in _OPENAI_ERRORS.items()}})
+@router.post("/images/generations", summary="OpenAI-compatible image generation (docs/OPENAI.md)",
+             description="OpenAI's `images.generate` on this server: the request goes through the same job "
+                         "queue and engine as the fal routes. Authenticate with `Authorization: Bearer <key>`. "
+                         "Errors use OpenAI's shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
+             dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra=OPENAPI_EXTRA,
+             responses={**{code: {"model": OpenAIErrorBody, "description": d} for code, d in _OPENAI_ERRORS.items()}})
 async def images_generations(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:

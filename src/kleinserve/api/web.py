@@ -17,14 +17,19 @@ sends as `Authorization: Key <key>` on the queue calls, exactly as the fal clien
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import logging
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from PIL import Image
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -111,6 +116,37 @@ async def api_schema(request: Request) -> JSONResponse:
 
 # -------------------------------------------------------------------------------------- history
 
+THUMB_SIDE = 96
+_thumbs: "OrderedDict[str, Optional[str]]" = OrderedDict()
+_thumbs_lock = threading.Lock()
+
+
+def data_uri_thumbnail(key: str, url: str, side: int = THUMB_SIDE) -> Optional[str]:
+    """A `data:image/jpeg` thumbnail (<= side px) of an image data URI, cached per request id (the
+    history refreshes every few seconds); None when it cannot be decoded."""
+    with _thumbs_lock:
+        if key in _thumbs:
+            _thumbs.move_to_end(key)
+            return _thumbs[key]
+    thumb: Optional[str]
+    try:
+        raw = base64.b64decode(url.split(",", 1)[1], validate=False)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.draft("RGB", (side, side))  # JPEG: decode at a reduced scale
+            small = im.convert("RGB")
+            small.thumbnail((side, side))
+            buf = io.BytesIO()
+            small.save(buf, "JPEG", quality=80)
+        thumb = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except Exception:  # noqa: BLE001 - a broken result just has no thumbnail
+        thumb = None
+    with _thumbs_lock:
+        _thumbs[key] = thumb
+        while len(_thumbs) > 512:
+            _thumbs.popitem(last=False)
+    return thumb
+
+
 def _history_row(request: Request, job: Job) -> dict[str, Any]:
     inp = dict(job.input or {})
     row: dict[str, Any] = {
@@ -145,7 +181,8 @@ def _history_row(request: Request, job: Job) -> dict[str, Any]:
         row["seed"] = result.get("seed", row["seed"])
         first = images[0]
         url = first.get("url", "")
-        row["thumbnail_url"] = url if not url.startswith("data:") or len(url) < 200_000 else None
+        # sync_mode / b64_json results are data URIs (megabytes): the history gets a small copy.
+        row["thumbnail_url"] = data_uri_thumbnail(job.request_id, url) if url.startswith("data:") else url
         row["images"] = [{k: im.get(k) for k in ("url", "width", "height", "content_type", "file_size")}
                          for im in images if not str(im.get("url", "")).startswith("data:")]
     return row
@@ -161,7 +198,7 @@ async def api_requests(
     jobs = await run_in_threadpool(store.list_requests, principal.owner, limit)
     rows = []
     for job in jobs:
-        row = _history_row(request, job)
+        row = await run_in_threadpool(_history_row, request, job)  # may decode a data URI thumbnail
         if job.status == "IN_QUEUE":
             try:
                 row["queue_position"] = await run_in_threadpool(store.queue_position, job.request_id)

@@ -37,9 +37,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 TINY_BANNER = """
 ************************************************************************************
-*  SERVING THE `tiny` MODEL: small RANDOM weights built in-process, NOT FLUX.2.      *
-*  Images are noise-like test patterns. Pass --model black-forest-labs/FLUX.2-klein- *
-*  base-9B (or a local diffusers folder) on a CUDA machine to serve the real model.  *
+*  WARNING: the TINY RANDOM model (`tiny`): small random weights built in-process,  *
+*  NOT FLUX.2 [klein]. Images are noise-like test patterns, for development and     *
+*  tests only. Pass --model black-forest-labs/FLUX.2-klein-base-9B (or a local      *
+*  diffusers folder) on a CUDA machine for real images.                             *
 ************************************************************************************"""
 
 _DTYPES = {

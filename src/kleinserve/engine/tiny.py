@@ -22,7 +22,13 @@ TINY_SEED = 20260115
 # Text encoder: the real depth (36 layers, read at text.OUT_LAYERS = 9/18/27), tiny width.
 TEXT_LAYERS = 36
 TEXT_HIDDEN = 32
-# Transformer: real in/out channels (128 = 32 VAE channels x 2x2 patch), tiny width.
+# Transformer: real in/out channels (128 = 32 VAE channels x 2x2 patch), tiny width, and one block of
+# each kind (a double-stream block, then a single-stream one: the real model's 8 + 24 in miniature).
+# At the default 1024x768 the sequence is 3,072 image + 512 text tokens and attention is ~80% of a
+# step, so each block costs ~30 ms a forward on a 2-core CPU: one of each keeps the default request
+# (28 steps, CFG, previews) to a few seconds there (docs/ENGINE.md, "The tiny model").
+TRANSFORMER_DOUBLE_BLOCKS = 1
+TRANSFORMER_SINGLE_BLOCKS = 1
 TRANSFORMER_HEADS = 2
 TRANSFORMER_HEAD_DIM = 16
 LATENT_CHANNELS = 32
@@ -180,8 +186,8 @@ def build_transformer():
     model = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,
-        num_layers=2,
-        num_single_layers=2,
+        num_layers=TRANSFORMER_DOUBLE_BLOCKS,
+        num_single_layers=TRANSFORMER_SINGLE_BLOCKS,
         attention_head_dim=TRANSFORMER_HEAD_DIM,
         num_attention_heads=TRANSFORMER_HEADS,
         joint_attention_dim=len(OUT_LAYERS) * TEXT_HIDDEN,

@@ -172,9 +172,12 @@ class Job:
 # ------------------------------------------------------------------------------ a failed job's answer
 
 def validation_detail(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """pydantic/FastAPI validation errors as the 422 `detail` list: [{"loc", "msg", "type"}]."""
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-            for e in errors]
+    """pydantic/FastAPI validation errors as the 422 `detail` list: [{"loc", "msg", "type"}], one clear
+    message per problem (schema.tidy_validation_errors: union noise dropped, ranges spelled out, a
+    non-JSON body told to send application/json)."""
+    from kleinserve.schema import tidy_validation_errors
+
+    return tidy_validation_errors(errors)
 
 
 def error_status(job: Job) -> int:

@@ -258,9 +258,8 @@ class Runtime:
         metrics.observe_model_loaded(info)
         if self.on_model is not None:
             self.on_model(info)
-        if info.is_tiny:
-            for line in ("!" * 78, "!! " + TINY_WARNING, "!" * 78):
-                log.warning(line)
+        if info.is_tiny:  # the loader printed the big banner; one line here for the service log
+            log.warning(TINY_WARNING)
         else:
             log.info("model ready: %s on %s (%s), loaded in %.1fs", info.source, info.device, info.dtype,
                      info.load_seconds)

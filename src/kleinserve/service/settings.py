@@ -138,6 +138,7 @@ class Settings:
     port: int = 8000
     ssl_certfile: Optional[str] = None
     ssl_keyfile: Optional[str] = None
+    tls_self_signed: bool = False
     model: str = "auto"
     device: Optional[str] = None
     dtype: Optional[str] = None
@@ -216,6 +217,9 @@ class Settings:
                 raise ValueError(f"--webhook-allow-cidr: {exc}") from None
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        if self.tls_self_signed and self.ssl_certfile:
+            raise ValueError("--tls-self-signed makes its own certificate: drop --ssl-certfile/--ssl-keyfile, "
+                             "or drop --tls-self-signed to serve yours")
 
     def net_policy(self) -> NetPolicy:
         """Where server-side requests (webhooks, and later fetched inputs) may go (service/netguard.py)."""
@@ -290,6 +294,10 @@ OPTIONS: list[Option] = [
            metavar="PATH", commands=("serve",)),
     Option("ssl_keyfile", ("--ssl-keyfile",), "KLEINSERVE_SSL_KEYFILE", _opt_str, "TLS private key (PEM).",
            metavar="PATH", commands=("serve",)),
+    Option("tls_self_signed", ("--tls-self-signed",), "KLEINSERVE_TLS_SELF_SIGNED", parse_bool,
+           "Serve https with a self-signed certificate made once and kept in <data-dir>/tls/ (its path is "
+           "printed at startup: trust it with SSL_CERT_FILE / NODE_EXTRA_CA_CERTS).", kind="flag",
+           commands=("serve",)),
     Option("model", ("--model",), "KLEINSERVE_MODEL", str,
            "Model spec: auto | tiny | a local diffusers folder | a Hugging Face repo id.", metavar="SPEC"),
     Option("device", ("--device",), "KLEINSERVE_DEVICE", _opt_str, "Torch device (default: cuda if available)."),

@@ -528,14 +528,19 @@
     if (lang === "curl") {
       return [
         `# Synchronous run: waits and prints the output JSON (images[].url, seed, timings).`,
-        `curl -sS -X POST "${run}/${id}" \\`,
+        `curl -sS -w '\\n' -X POST "${run}/${id}" \\`,
         `  -H "Authorization: Key $FAL_KEY" \\`,
         `  -H "Content-Type: application/json" \\`,
         `  -d '${body.replace(/'/g, "'\\''")}'`,
         ``,
-        `# Or through the queue: submit, then poll status_url and fetch response_url.`,
-        `curl -sS -X POST "${queue}/${id}" -H "Authorization: Key $FAL_KEY" \\`,
-        `  -H "Content-Type: application/json" -d @input.json`,
+        `# Or through the queue: submit, wait until COMPLETED, then fetch the output.`,
+        `handle=$(curl -sS -X POST "${queue}/${id}" \\`,
+        `  -H "Authorization: Key $FAL_KEY" \\`,
+        `  -H "Content-Type: application/json" \\`,
+        `  -d '${body.replace(/'/g, "'\\''")}')`,
+        `field() { printf '%s' "$handle" | python3 -c "import json, sys; print(json.load(sys.stdin)['$1'])"; }`,
+        `until curl -sS "$(field status_url)" -H "Authorization: Key $FAL_KEY" | grep -q '"COMPLETED"'; do sleep 1; done`,
+        `curl -sS -w '\\n' "$(field response_url)" -H "Authorization: Key $FAL_KEY"`,
       ].join("\n");
     }
     if (lang === "python") {
@@ -598,10 +603,43 @@
     ].join("\n");
   }
 
+  // The API tab: snippets for the form's current input, from the start (no run needed).
   function renderSnippet() {
-    if (!state.lastSubmitted) return;
-    $("#snippet").textContent = snippet(state.snippetLang, state.lastSubmitted.input);
+    if (!state.meta) return;
+    $("#snippet").textContent = snippet(state.snippetLang, collectInput());
     for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.lang === state.snippetLang);
+  }
+
+  function showView(name) {
+    for (const t of document.querySelectorAll(".view-tab")) {
+      const on = t.dataset.view === name;
+      t.classList.toggle("active", on);
+      t.setAttribute("aria-selected", on ? "true" : "false");
+    }
+    $("#view-api").hidden = name !== "api";
+    $("#view-logs").hidden = name !== "logs";
+  }
+
+  // The Logs tab: the request's log lines as the fal clients get them (status with logs=1).
+  function setLogs(lines, note) {
+    const text = (lines || []).map((l) => {
+      const t = l.timestamp ? String(l.timestamp).replace(/^.*T/, "").replace(/(\.\d{3})\d*/, "$1").replace(/Z|\+00:00$/, "") : "";
+      return `${t ? t + "  " : ""}${(l.level || "INFO").padEnd(5)}  ${l.message || ""}`;
+    });
+    if (note) text.push(note);
+    $("#logs").textContent = text.join("\n") || "No log lines yet.";
+    $("#logs-count").textContent = lines && lines.length ? `(${lines.length})` : "";
+    const box = $("#logs"); box.scrollTop = box.scrollHeight;
+  }
+
+  async function fetchLogs(cur) {
+    try {
+      const url = cur.handle.status_url;
+      const resp = await fetch(`${url}${url.includes("?") ? "&" : "?"}logs=1`, { headers: authHeaders(), cache: "no-store" });
+      if (!resp.ok && resp.status !== 202) return;
+      const body = await resp.json();
+      if (Array.isArray(body.logs)) setLogs(body.logs);
+    } catch (_) { /* the logs are a convenience */ }
   }
 
   async function copyText(text, button) {
@@ -672,6 +710,7 @@
   function onStatusEvent(ev) {
     const cur = state.current;
     if (!cur || (ev.request_id && ev.request_id !== cur.id)) return;
+    if (Array.isArray(ev.logs)) setLogs(ev.logs);
     if (ev.status === "IN_QUEUE") {
       const pos = ev.queue_position ?? 0;
       setStatus("queued", pos === 0 ? "In queue: next to run." : `In queue: position ${pos + 1} (${pos} ahead).`, "in queue");
@@ -771,6 +810,7 @@
     }
     const handle = await resp.json();
     state.current = { id: handle.request_id, handle, input, abort: controller, t0 };
+    setLogs([], `request ${handle.request_id} submitted; its log lines follow when it runs.`);
     state.lastSubmitted = { input, requestId: handle.request_id };
     $("#request-id").textContent = handle.request_id;
     onStatusEvent({ status: handle.status || "IN_QUEUE", queue_position: handle.queue_position ?? 0, request_id: handle.request_id });
@@ -790,6 +830,7 @@
         final = null; // fall back to polling below
       }
       if (!final || final.status !== "COMPLETED") final = await pollStatus(statusUrl, onStatusEvent, cur.abort.signal);
+      await fetchLogs(cur);
       await showOutcome(cur, final);
     } catch (err) {
       if (err.name === "AbortError") return;
@@ -868,7 +909,6 @@
     }));
     if (input) state.lastSubmitted = { input, requestId, result };
     $("#result").hidden = false;
-    renderSnippet();
   }
 
   async function cancelCurrent() {
@@ -962,6 +1002,7 @@
     for (const [name, f] of Object.entries(state.fields)) {
       if (name in input) f.set(input[name]); else f.reset();
     }
+    renderSnippet();
     if (Object.keys(input).some(isCns)) $("#advanced").open = true;
     window.scrollTo({ top: 0, behavior: "smooth" });
   }
@@ -1012,6 +1053,14 @@
       keyInput.placeholder = "not needed here";
     }
     buildForm();
+    let snippetTimer = null;
+    const followForm = () => { clearTimeout(snippetTimer); snippetTimer = setTimeout(renderSnippet, 120); };
+    $("#gen-form").addEventListener("input", followForm);
+    $("#gen-form").addEventListener("change", followForm);
+    $("#gen-form").addEventListener("click", followForm);  // preset cards, seed buttons, reset
+    for (const t of document.querySelectorAll(".view-tab")) t.addEventListener("click", () => showView(t.dataset.view));
+    setLogs([], "Logs of your next request appear here.");
+    renderSnippet();
 
     $("#gen-form").addEventListener("submit", submit);
     $("#gen-form").addEventListener("keydown", (ev) => {
