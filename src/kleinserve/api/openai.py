@@ -310,17 +310,6 @@ def _image_item(image: dict[str, Any], response_format: str, revised_prompt: str
     return item
 
 
-class _OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class OpenAIErrorBody(BaseModel):
-    error: _OpenAIErrorDetail
-
-
 _OPENAI_ERRORS = {
     400: "Invalid request (`error.param` names the field).", 401: "Missing or wrong API key.",
     429: "A queue limit is reached: retry after `Retry-After`.",
@@ -334,7 +323,7 @@ _OPENAI_ERRORS = {
                          "queue and engine as the fal routes. Authenticate with `Authorization: Bearer <key>`. "
                          "Errors use OpenAI's shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
              dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra=OPENAPI_EXTRA,
-             responses={**{code: {"model": OpenAIErrorBody, "description": d} for code, d in _OPENAI_ERRORS.items()}})
+             responses={**{code: {"model": OpenAIErrorResponse, "description": d} for code, d in _OPENAI_ERRORS.items()}})
 async def images_generations(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:
@@ -387,7 +376,7 @@ async def images_generations(request: Request) -> JSONResponse:
 
 
 @router.get("/models", summary="OpenAI-compatible model list", dependencies=[Security(deps.API_KEY_SCHEME)],
-            responses={401: {"model": OpenAIErrorBody, "description": _OPENAI_ERRORS[401]}})
+            responses={401: {"model": OpenAIErrorResponse, "description": _OPENAI_ERRORS[401]}})
 async def list_models(request: Request) -> JSONResponse:
     try:
         _authenticate(request)
