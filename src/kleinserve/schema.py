@@ -6,11 +6,17 @@ generated from these models, so a field added here shows up everywhere.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base"
+EDIT_ENDPOINT_ID = ENDPOINT_ID + "/edit"
+LORA_ENDPOINT_ID = ENDPOINT_ID + "/lora"
+EDIT_LORA_ENDPOINT_ID = ENDPOINT_ID + "/edit/lora"
+
+MAX_REFERENCE_IMAGES = 4
+MAX_LORAS = 3
 
 # (width, height) of each preset, as the hosted endpoint defines them.
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -93,6 +99,61 @@ class FluxKleinInput(BaseModel):
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+
+IMAGE_URL_SCHEMES = ("https://", "http://", "data:")
+
+
+class FluxKleinEditInput(FluxKleinInput):
+    """Input of `.../edit`: the base input plus 1..4 reference images. Without `image_size` the output
+    takes the first reference image's size (after its preprocessing: multiples of 16, <= 1 MP)."""
+
+    image_urls: list[str] = Field(
+        ..., min_length=1, max_length=MAX_REFERENCE_IMAGES,
+        description="The URLs of the images for editing (1..4): https URLs, data: URIs or URLs of "
+                    "files uploaded to this server.", json_schema_extra={"ui": "images"})
+    image_size: Optional[Union[ImageSizePreset, ImageSize]] = Field(  # type: ignore[assignment]
+        None, description="A preset name or {width, height}; absent: the first input image's size.")
+
+    @field_validator("image_urls")
+    @classmethod
+    def _url_schemes(cls, urls: list[str]) -> list[str]:
+        for k, url in enumerate(urls):
+            if not url.strip().lower().startswith(IMAGE_URL_SCHEMES):
+                raise ValueError(f"image_urls[{k}]: not an https URL or a data: URI: {url[:60]!r}")
+        return [u.strip() for u in urls]
+
+    def resolved_size(self) -> tuple[int, int]:
+        if self.image_size is None:
+            raise ValueError("this edit request takes its size from its first reference image "
+                             "(Engine plans it from the decoded image)")
+        return super().resolved_size()
+
+
+class LoraWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1, max_length=2048,
+                      description="URL or path to the LoRA weights (safetensors): an https URL, a file "
+                                  "uploaded to this server, a Hugging Face repo id (or repo/file.safetensors)"
+                                  ", or a path under the server's LoRA folder.")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="How strongly the LoRA applies.")
+
+
+class FluxKleinLoraInput(FluxKleinInput):
+    """Input of `.../lora`: the base input plus 0..3 LoRA adapters."""
+
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS,
+                                    description="LoRA adapters to apply (at most 3), each {path, scale}.",
+                                    json_schema_extra={"ui": "loras"})
+
+
+class FluxKleinEditLoraInput(FluxKleinEditInput):
+    """Input of `.../edit/lora`: reference images and LoRA adapters."""
+
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS,
+                                    description="LoRA adapters to apply (at most 3), each {path, scale}.",
+                                    json_schema_extra={"ui": "loras"})
 
 
 class OutputImage(BaseModel):
