@@ -26,7 +26,17 @@ from typing import Any, Callable, Iterable, Optional
 
 from pydantic import BaseModel
 
-from kleinserve.schema import ENDPOINT_ID, FluxKleinInput, FluxKleinOutput
+from kleinserve.schema import (
+    EDIT_ENDPOINT_ID,
+    EDIT_LORA_ENDPOINT_ID,
+    ENDPOINT_ID,
+    LORA_ENDPOINT_ID,
+    FluxKleinEditInput,
+    FluxKleinEditLoraInput,
+    FluxKleinInput,
+    FluxKleinLoraInput,
+    FluxKleinOutput,
+)
 
 NAMESPACES = ("workflows", "comfy")
 
@@ -136,7 +146,36 @@ FLUX_KLEIN_9B_BASE = EndpointSpec(
     description="Self-hosted, fal-compatible FLUX.2 [klein] 9B base text-to-image.",
 )
 
+FLUX_KLEIN_9B_BASE_EDIT = EndpointSpec(
+    endpoint_id=EDIT_ENDPOINT_ID,
+    input_model=FluxKleinEditInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — edit with reference images",
+    description="Edits or composes 1..4 reference images (image_urls) by the prompt; without image_size "
+                "the output takes the first image's size.",
+    tags=("edit",),
+)
+
+FLUX_KLEIN_9B_BASE_LORA = EndpointSpec(
+    endpoint_id=LORA_ENDPOINT_ID,
+    input_model=FluxKleinLoraInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — text to image with LoRA",
+    description="Text to image with up to 3 LoRA adapters (loras: [{path, scale}]).",
+    tags=("lora",),
+)
+
+FLUX_KLEIN_9B_BASE_EDIT_LORA = EndpointSpec(
+    endpoint_id=EDIT_LORA_ENDPOINT_ID,
+    input_model=FluxKleinEditLoraInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — edit with LoRA",
+    description="Edits 1..4 reference images with up to 3 LoRA adapters.",
+    tags=("edit", "lora"),
+)
+
 
 def default_registry() -> EndpointRegistry:
     """A fresh registry with the endpoints this server ships (each app gets its own copy)."""
-    return EndpointRegistry([FLUX_KLEIN_9B_BASE])
+    return EndpointRegistry([FLUX_KLEIN_9B_BASE, FLUX_KLEIN_9B_BASE_EDIT, FLUX_KLEIN_9B_BASE_LORA,
+                             FLUX_KLEIN_9B_BASE_EDIT_LORA])

@@ -370,6 +370,7 @@ class Accelerator:
         for m in clone.modules():
             if hasattr(m, "_compiled_call_impl"):
                 m._compiled_call_impl = None
+        _strip_adapters(clone)
         return clone
 
     def _quantize_fp8(self, model, techniques: list[str]) -> None:
@@ -417,15 +418,24 @@ class Accelerator:
 
     # -- public --------------------------------------------------------------------------------------
 
-    def forward(self, level: str) -> tuple[LevelForward, list[str]]:
+    def forward(self, level: str, *, adapters: bool = False) -> tuple[LevelForward, list[str]]:
         """(fn, techniques) for one generation at `level`; call again for the next generation (fn holds
         that run's block cache). `techniques` lists what runs, and what was skipped and why.
+
+        adapters: the run has LoRA adapters active on the reference transformer. `none` and `regular`
+        run that transformer anyway; `high` then runs it too (the block cache, no FP8: the FP8 tree is a
+        separate module tree without the adapters).
 
         After `warmup` has compiled a level, its fn runs under the ``eager_on_recompile`` stance: a shape
         the warm-up did not cover runs eagerly (same result, slower) instead of stalling the request on a
         compile.
         """
         s = self._setup(level)
+        if adapters and level == "high":
+            regular = self._setup("regular")
+            techniques = [t for t in regular.techniques] + ["fp8_rowwise:skipped(lora)", FirstBlockCache(**s.cache).name]
+            s = _LevelSetup(self.transformer, techniques, regular.stance, regular.sdpa_backends, s.cache)
+            level = "regular"  # for the warm-up stance: the reference tree's compiled blocks
         stance = s.stance
         if stance == "default" and level in self._warmed and self.compile:
             stance = "eager_on_recompile"
@@ -493,6 +503,19 @@ class Accelerator:
         if not levels:
             return {}
         return self.warmup(list(IMAGE_SIZE_PRESETS.values()), levels=levels, text_len=text_len)
+
+
+def _strip_adapters(model: torch.nn.Module) -> None:
+    """Replaces every PEFT LoRA layer of `model` by its base layer (a clone made after adapters were
+    loaded into the reference transformer must not carry them: their switches live on the reference)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapters
+        return
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                parent._modules[name] = child.get_base_layer()
 
 
 def fp8_filter(module: torch.nn.Module, fqn: str) -> bool:

@@ -33,6 +33,7 @@ from PIL import Image
 from . import cns, sampling
 from .acceleration import Accelerator
 from .imageio import encode_image, make_preview, normalize_format
+from .loras import LoraAdapters
 from .models import Components, load_components
 from .safety import SafetyChecker
 from .text import OUT_LAYERS, PromptEncoder
@@ -105,6 +106,7 @@ class _Plan:
         self.techniques: list[str] = []
         # (reference tokens (1, N, 4C), their position ids (1, N, 4)), encoded once per request.
         self.reference_tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.loras = False  # LoRA adapters active in this run
         if engine.info.is_tiny:
             self.logs.append("model: tiny (random weights, NOT FLUX.2 [klein]; for tests only)")
 
@@ -140,6 +142,7 @@ class Engine:
         self.latent_channels = int(self.transformer.config.in_channels) // 4
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.accelerator = Accelerator(self.transformer, self.device, self.dtype)
+        self.loras = LoraAdapters(self.transformer)  # hot-swapped per run; none active: the base model
         self.safety_threshold = safety_threshold
         self._safety = None
         # A gamma matrix calibrated for this model, installed beside its weights (CNS, docs/CNS.md).
@@ -240,17 +243,29 @@ class Engine:
         plan.logs.append(f"{len(plan.references)} reference image(s) ({sizes}): {tokens.shape[1]} tokens "
                          f"of context per step, encoded once")
 
+    def _activate_loras(self, plans: Sequence["_Plan"], loras: Sequence[LoraFile]) -> None:
+        """Makes exactly this run's LoRA adapters active (none: the base model); notes in each plan."""
+        with torch.inference_mode(False):  # adapters loaded now are ordinary parameters
+            notes = self.loras.activate(loras)
+        for plan in plans:
+            plan.loras = bool(loras)
+            plan.logs.extend(notes)
+            if loras:
+                plan.techniques.append("lora")
+
     def batch_key(self, request) -> Optional[tuple]:
         """Requests with equal keys can share every transformer forward (`generate_batch`); None: this
         one runs alone. Equal keys mean the same latent shape and schedule (size, steps), the same
         branches (CFG on or off), level and CNS settings; prompts, seeds, guidance scales, image counts,
-        formats and the safety checker may differ. Edit requests run alone. `high` always runs alone: its block cache decides
+        formats and the safety checker may differ; LoRA sets (paths and scales) must be equal. Edit requests
+        run alone. `high` always runs alone: its block cache decides
         per forward whether to skip, so a neighbour would change its images."""
         if request.acceleration == "high" or getattr(request, "image_urls", None):
             return None  # edits run alone: their reference tokens are theirs
         cns_params = cns.CNSParams.from_request(request) if request.enable_cns else None
+        loras = tuple((str(lora.path), float(lora.scale)) for lora in (getattr(request, "loras", None) or ()))
         return (request.resolved_size(), int(request.num_inference_steps), request.uses_cfg,
-                request.acceleration, cns_params)
+                request.acceleration, cns_params, loras)
 
     def generate(
         self,
@@ -289,12 +304,15 @@ class Engine:
             keys = {self.batch_key(t.request) for t in tasks}
             if None in keys or len(keys) > 1:
                 raise ValueError("these requests cannot share a batch: their Engine.batch_key differs")
+            if len({tuple((str(f.file), f.scale) for f in t.loras) for t in tasks}) > 1:
+                raise ValueError("these requests cannot share a batch: their LoRA files differ")
         with self._lock, torch.inference_mode():
             t_start = time.perf_counter()
             plans: list[_Plan] = []
             for task in tasks:
                 plans.append(_Plan(self, task.request, first_row=plans[-1].rows.stop if plans else 0,
                                    reference_images=task.reference_images))
+            self._activate_loras(plans, tasks[0].loras)
             encode_seconds, embeddings = [], []
             for plan in plans:
                 t0 = time.perf_counter()
@@ -378,11 +396,12 @@ class Engine:
                                 techniques=_unique(plan.techniques), logs=plan.logs)
 
     def sample_latents(self, request, callback: Optional[sampling.SamplerCallback] = None,
-                       reference_images: Sequence[Image.Image] = ()) -> torch.Tensor:
+                       reference_images: Sequence[Image.Image] = (), loras: Sequence[LoraFile] = ()) -> torch.Tensor:
         """The final packed latents (B, seq, 4C) of a request (no decode); `callback(i, x, x0_hat)`
         after each step. For CNS calibration. Uses request.seed (random when None)."""
         with self._lock, torch.inference_mode():
             plan = _Plan(self, request, reference_images=reference_images)
+            self._activate_loras([plan], loras)
             embedding = self._encode(plan)
             self._encode_references(plan)
             return self._denoise([plan], [embedding], callback)
@@ -469,7 +488,7 @@ class Engine:
             guidance = torch.tensor(scales, dtype=torch.float32, device=self.device).view(-1, 1, 1)
 
         # The transformer call at the level of the requests (a fresh block cache per run).
-        forward, acc_techniques = self.accelerator.forward(first.request.acceleration)
+        forward, acc_techniques = self.accelerator.forward(first.request.acceleration, adapters=first.loras)
         branches = 2 if first.guided else 1
         for plan in plans:
             plan.techniques.extend(acc_techniques)

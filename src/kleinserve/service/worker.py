@@ -31,12 +31,13 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from kleinserve.engine.types import GenerationCancelled, GenerationTask, ModelUnavailable
+from kleinserve.engine.types import GenerationCancelled, GenerationTask, LoraFormatError, ModelUnavailable
 
 from . import jobs as J
 from . import metrics
 from ..engine.imageio import data_uri, preview_data_uri
 from .events import EventHub
+from .inputs import InputError, RequestInputs
 from .jobs import Job, job_error
 from .logging import request_context
 from .store import JobStore
@@ -102,6 +103,11 @@ def classify_exception(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ValidationError):
         return job_error(f"Invalid input: {exc.errors(include_url=False)}", J.ERR_VALIDATION, 422,
                          detail=J.validation_detail(exc.errors()))
+    if isinstance(exc, LoraFormatError):  # a LoRA file the model cannot take
+        return job_error(f"Invalid input: {exc}", J.ERR_VALIDATION, 422,
+                         detail=[{"loc": ["body", "loras"], "msg": str(exc), "type": "lora_format"}])
+    if isinstance(exc, InputError):  # a bad input file (image_urls, loras): names the item and the reason
+        return job_error(f"Invalid input: {exc}", J.ERR_VALIDATION, 422, detail=exc.detail())
     if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return job_error("The accelerator ran out of memory while generating this request; try a "
                          "smaller image size or fewer images.", J.ERR_MODEL, 500)
@@ -155,6 +161,7 @@ class Worker:
         self._hb_thread: Optional[threading.Thread] = None
         self._listener = self._on_store_change
         self.last_error: Optional[str] = None
+        self.inputs = RequestInputs(settings, storage)  # image_urls and loras -> decoded images, LoRA files
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Worker":
@@ -289,7 +296,8 @@ class Worker:
 
     def _generate(self, runs: list["_Run"]) -> None:
         tasks = [GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
-                                wants_preview=self._has_listeners(run.rid)) for run in runs]
+                                wants_preview=self._has_listeners(run.rid), reference_images=run.files.images,
+                                loras=run.files.loras) for run in runs]
         # Engine log lines carry the request id when there is one request to name.
         context = request_context(runs[0].rid) if len(runs) == 1 else contextlib.nullcontext()
         failure: Optional[BaseException] = None
@@ -437,6 +445,7 @@ class _Run:
         self.started = time.monotonic()
         self.spec: Any = None
         self.request: Any = None
+        self.files: Any = None  # inputs.RequestFiles: its decoded input images and LoRA files
         self.why: Optional[str] = None  # why it was stopped: shutdown | timeout | cancel
         self.finished = False
         self._last_check = 0.0
@@ -449,6 +458,8 @@ class _Run:
             try:
                 self.spec = w.registry.get(self.job.endpoint_id)
                 self.request = self.spec.validate_input(self.job.input)
+                self.files = w.inputs.resolve(self.request, public_base=w._public_base(self.job),
+                                              log=lambda line: w.store.append_log(self.rid, line, source="service"))
                 info = w.engine.info
                 note = " (TINY RANDOM MODEL)" if info.is_tiny else ""
                 w.store.append_log(self.rid, f"Generating with {info.source}{note}, attempt {self.job.attempts}",
