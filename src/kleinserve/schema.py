@@ -156,6 +156,15 @@ class FluxKleinEditLoraInput(FluxKleinEditInput):
                                     json_schema_extra={"ui": "loras"})
 
 
+# The input model of each endpoint id (the API registry declares these; the CLI's --endpoint picks one).
+INPUT_MODELS: dict[str, type[FluxKleinInput]] = {
+    ENDPOINT_ID: FluxKleinInput,
+    EDIT_ENDPOINT_ID: FluxKleinEditInput,
+    LORA_ENDPOINT_ID: FluxKleinLoraInput,
+    EDIT_LORA_ENDPOINT_ID: FluxKleinEditLoraInput,
+}
+
+
 class OutputImage(BaseModel):
     url: str
     content_type: str
