@@ -32,8 +32,10 @@ DEFAULT_MAX_LOADED = 8
 
 
 def _file_key(path: Path) -> tuple:
+    """Which loaded adapter a file is: its path, inode and size. Not its mtime: the service's download
+    cache touches files to mark them recently used; files are replaced (new inode), not rewritten."""
     st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return (str(path.resolve()), st.st_ino, st.st_size)
 
 
 class LoraAdapters:
