@@ -47,6 +47,7 @@ from kleinserve.service.worker import Maintenance, Worker
 from . import deps, files, openai, web
 from . import metrics as metrics_routes
 from .endpoints import EndpointRegistry, default_registry
+from .families import build_unserved_router
 from .queue import build_queue_router
 from .run import build_run_router
 
@@ -397,6 +398,7 @@ def create_app(
 
     app.include_router(build_queue_router(registry))
     app.include_router(build_run_router(registry))
+    app.include_router(build_unserved_router(registry))  # klein families without a checkpoint: 503
     # The web playground owns "/": it comes last.
     for router in (files.router, openai.router, metrics_routes.router, web.router):
         app.include_router(router)

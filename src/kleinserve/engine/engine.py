@@ -99,7 +99,8 @@ class _Plan:
         self.num_images = int(request.num_images)
         self.rows = range(first_row, first_row + self.num_images)
         self.steps = int(request.num_inference_steps)
-        self.guided = request.uses_cfg
+        # A distilled checkpoint never runs CFG (as diffusers' pipeline with is_distilled).
+        self.guided = request.uses_cfg and not engine.info.distilled
         self.guidance = float(request.guidance_scale)
         self.timesteps, self.sigmas = engine._schedule(self.h16 * self.w16, self.steps)
         self.logs: list[str] = []

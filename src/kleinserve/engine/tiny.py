@@ -236,7 +236,10 @@ def build_scheduler():
     return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
 
 
-def build_tiny_components() -> dict:
+TINY_DISTILLED_SEED_OFFSET = 101  # the distilled twin: same classes and text encoder, its own transformer
+
+
+def build_tiny_components(distilled: bool = False) -> dict:
     """All five pipeline components (keys as in Flux2KleinPipeline's constructor), float32, CPU.
 
     Seeded without touching the caller's global RNG state.
@@ -245,7 +248,7 @@ def build_tiny_components() -> dict:
         tokenizer = build_tokenizer()
         torch.manual_seed(TINY_SEED)
         text_encoder = build_text_encoder(_vocab_size(tokenizer))
-        torch.manual_seed(TINY_SEED + 1)
+        torch.manual_seed(TINY_SEED + 1 + (TINY_DISTILLED_SEED_OFFSET if distilled else 0))
         transformer = build_transformer()
         torch.manual_seed(TINY_SEED + 2)
         vae = build_vae()
@@ -258,12 +261,13 @@ def build_tiny_components() -> dict:
     }
 
 
-def save_tiny_model(path: str | Path) -> Path:
-    """Write the tiny model as a diffusers-layout folder (loadable by Flux2KleinPipeline and by us)."""
+def save_tiny_model(path: str | Path, distilled: bool = False) -> Path:
+    """Write the tiny model as a diffusers-layout folder (loadable by Flux2KleinPipeline and by us).
+    distilled: the distilled twin (`tiny-distilled`: its own transformer weights, is_distilled=True)."""
     from diffusers import Flux2KleinPipeline
 
     path = Path(path)
-    Flux2KleinPipeline(**build_tiny_components(), is_distilled=False).save_pretrained(path)
+    Flux2KleinPipeline(**build_tiny_components(distilled), is_distilled=distilled).save_pretrained(path)
     (path / TINY_MARKER).write_text("random tiny test weights built by kleinserve.engine.tiny; NOT FLUX.2\n")
     return path
 

@@ -58,6 +58,7 @@ class ModelInfo:
     device: str
     dtype: str
     load_seconds: float
+    distilled: bool = False  # a distilled checkpoint (is_distilled): served without CFG
 
 
 StepCallback = Callable[[StepEvent], None]
