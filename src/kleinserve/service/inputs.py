@@ -26,7 +26,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Optional, Sequence
 
 from PIL import Image
 
@@ -94,10 +94,11 @@ def check_fetch_target(url: str) -> None:
         raise ValueError(f"only http(s) URLs can be fetched, not {scheme or 'a relative URL'}")
 
 
-def fetch_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
+def fetch_url(url: str, *, max_bytes: int, timeout: float, into: Optional[BinaryIO] = None) -> bytes:
     """The bytes at `url`: the one network fetch of input files. Follows up to MAX_REDIRECTS redirects
     (each checked by `check_fetch_target`), stops reading past `max_bytes`, gives up after `timeout`
-    seconds in all. Raises FetchError with a short reason."""
+    seconds in all. `into`: write the bytes there instead of returning them (large files; b"" is
+    returned). Raises FetchError with a short reason."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -117,13 +118,17 @@ def fetch_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
                     declared = resp.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > max_bytes:
                         raise FetchError(f"larger than {format_size(max_bytes)}")
-                    buf = bytearray()
+                    buf, size = bytearray(), 0
                     for chunk in resp.iter_bytes():
-                        buf += chunk
-                        if len(buf) > max_bytes:
+                        size += len(chunk)
+                        if size > max_bytes:
                             raise FetchError(f"larger than {format_size(max_bytes)}")
                         if time.monotonic() > deadline:
                             raise FetchError(f"could not fetch (took longer than {timeout:g}s)")
+                        if into is not None:
+                            into.write(chunk)
+                        else:
+                            buf += chunk
                     return bytes(buf)
             except httpx.TimeoutException:
                 raise FetchError(f"could not fetch (took longer than {timeout:g}s)") from None

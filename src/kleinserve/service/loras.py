@@ -29,17 +29,10 @@ from .inputs import FetchError, InputError, InputSources, fetch_url, local_path,
 log = logging.getLogger(__name__)
 
 MAX_LORA_BYTES = 2 * 1024**3  # one LoRA file
+DOWNLOAD_TIMEOUT = 600.0  # a LoRA download may take longer than an input image (--input-fetch-timeout)
 SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+\.safetensors)?$")
 FIELD = "loras"
-
-
-def is_safetensors(data: bytes) -> bool:
-    """A safetensors file starts with an 8-byte little-endian header length and a JSON object."""
-    if len(data) < 10:
-        return False
-    n = int.from_bytes(data[:8], "little")
-    return 2 <= n <= min(SAFETENSORS_MAGIC_MAX_HEADER, len(data) - 8) and data[8:9] == b"{"
 
 
 class LoraCache:
@@ -87,17 +80,22 @@ class LoraCache:
         if target.is_file():
             os.utime(target)  # most recently used
             return target
-        file_id = own_file_id(url, sources.own_bases)
-        if file_id is not None and sources.storage is not None:
-            data = read_stored_file(sources.storage, file_id, MAX_LORA_BYTES)
-        else:
-            data = fetch_url(url, max_bytes=MAX_LORA_BYTES, timeout=max(sources.timeout, 600.0))
-        if not is_safetensors(data):
-            raise FetchError("not a safetensors file (LoRA weights must be .safetensors)")
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        try:
+            file_id = own_file_id(url, sources.own_bases)
+            if file_id is not None and sources.storage is not None:
+                tmp.write_bytes(read_stored_file(sources.storage, file_id, MAX_LORA_BYTES))
+            else:  # streamed to disk: LoRA files can be large
+                with open(tmp, "wb") as f:
+                    fetch_url(url, max_bytes=MAX_LORA_BYTES, timeout=max(sources.timeout, DOWNLOAD_TIMEOUT), into=f)
+            try:
+                _checked(tmp)
+            except FetchError:
+                raise FetchError("not a safetensors file (LoRA weights must be .safetensors)") from None
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         self._evict(keep=target)
         return target
 
