@@ -29,11 +29,12 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, FluxKleinInput, FluxKleinOutput
+from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, INPUT_MODELS, FluxKleinInput, FluxKleinOutput
 from kleinserve.service.auth import Principal
 from kleinserve.service.events import watch
 from kleinserve.service.jobs import Job
 
+from . import deps
 from .deps import request_urls, require_principal
 from .endpoints import app_prefix
 from .queue import SSE_PING_SECONDS, load_job, status_payload
@@ -88,9 +89,19 @@ async def web_static(name: str) -> Response:
 # --------------------------------------------------------------------------------------- schema
 
 @router.get("/api/schema")
-async def api_schema(request: Request) -> JSONResponse:
-    spec = next(iter(request.app.state.registry), None)  # the first declared: the one the page drives
-    engine = request.app.state.engine
+async def api_schema(request: Request, endpoint: Optional[str] = Query(None)) -> JSONResponse:
+    """One endpoint's input schema (`?endpoint=<id>`; default: the first declared), and the list of
+    the endpoints this server serves (the playground's picker)."""
+    registry = request.app.state.registry
+    if endpoint:
+        try:
+            spec = registry.get(endpoint)
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"this server does not serve {endpoint!r}; it serves "
+                                                        + ", ".join(registry.ids())) from None
+    else:
+        spec = next(iter(registry), None)  # the first declared: the page's default
+    info = request.app.state.model_info
     input_model = getattr(spec, "input_model", FluxKleinInput)
     output_model = getattr(spec, "output_model", FluxKleinOutput)
     endpoint_id = getattr(spec, "endpoint_id", ENDPOINT_ID)
@@ -103,7 +114,9 @@ async def api_schema(request: Request) -> JSONResponse:
         "queue_path": "/queue",
         "run_path": "",
         "auth_required": request.app.state.auth.enabled,
-        "model": dataclasses.asdict(engine.info) if engine is not None else None,
+        "model": dataclasses.asdict(info) if info is not None else None,
+        "endpoints": [{"endpoint_id": s.endpoint_id, "title": s.title or s.endpoint_id, "tags": list(s.tags)}
+                      for s in registry],
     }
     return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
@@ -132,7 +145,7 @@ def _history_row(request: Request, job: Job) -> dict[str, Any]:
         **request_urls(request, app_prefix(job.endpoint_id), job.request_id),
     }
     try:
-        w, h = FluxKleinInput.model_validate(inp).resolved_size()
+        w, h = INPUT_MODELS.get(job.endpoint_id, FluxKleinInput).model_validate(inp).resolved_size()
         row["width"], row["height"] = w, h
     except Exception:
         pass
@@ -156,9 +169,7 @@ async def api_requests(
     limit: int = Query(20, ge=1, le=200),
     principal: Principal = Depends(require_principal),
 ) -> JSONResponse:
-    store = getattr(request.app.state, "store", None)
-    if store is None:
-        raise HTTPException(status_code=503, detail="The job store is not ready.")
+    store = deps.services(request).store
     jobs = await run_in_threadpool(store.list_requests, principal.owner, limit)
     rows = []
     for job in jobs:
@@ -180,17 +191,16 @@ async def api_request_progress(
 ) -> Response:
     owner = principal.owner
     await load_job(request, request_id, owner, None)  # 404 as plain JSON before the stream starts
-    store = request.app.state.store
-    hub = getattr(request.app.state, "hub", None)
+    sv = deps.services(request)
 
     async def events():
         step: Optional[dict[str, Any]] = None
-        async for ev in watch(store, hub, request_id, owner, with_logs=False, steps=True):
-            if ev.kind == "step" and ev.data is not None:
-                step = {"step": int(ev.data.get("step") or 0), "total": int(ev.data.get("total") or 0)}
+        async for ev in watch(sv.store, sv.feed, request_id, owner, with_logs=False, steps=True):
+            if ev.kind == "progress" and ev.progress is not None:
+                step = {"step": ev.progress.step, "total": ev.progress.total}
                 payload: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": request_id, "progress": step}
-                if ev.data.get("preview"):
-                    payload["preview"] = ev.data["preview"]
+                if ev.progress.preview:
+                    payload["preview"] = ev.progress.preview
                 yield {"data": json.dumps(payload)}
             elif ev.kind == "status" and ev.job is not None:
                 body = await status_payload(request, ev.job, with_logs=False, position=ev.position)
