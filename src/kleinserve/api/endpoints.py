@@ -131,6 +131,16 @@ class EndpointRegistry:
     def ids(self) -> list[str]:
         return list(self._specs)
 
+    def subset(self, engine: str) -> "EndpointRegistry":
+        """The endpoints run by one engine (a klein family): what that family's worker claims."""
+        sub = EndpointRegistry([s for s in self._specs.values() if s.engine == engine])
+        sub.unserved = dict(self.unserved)
+        return sub
+
+    def engines(self) -> list[str]:
+        """The engine (family) names the declared endpoints need, in declaration order."""
+        return list(dict.fromkeys(s.engine for s in self._specs.values()))
+
     def app_prefixes(self) -> list[str]:
         """Distinct `[namespace/]owner/alias` prefixes (the queue request routes are per prefix)."""
         seen: dict[str, None] = {}

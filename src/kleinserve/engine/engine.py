@@ -261,12 +261,7 @@ class Engine:
         formats and the safety checker may differ; LoRA sets (paths and scales) must be equal. Edit requests
         run alone. `high` always runs alone: its block cache decides
         per forward whether to skip, so a neighbour would change its images."""
-        if request.acceleration == "high" or getattr(request, "image_urls", None):
-            return None  # edits run alone: their reference tokens are theirs
-        cns_params = cns.CNSParams.from_request(request) if request.enable_cns else None
-        loras = tuple((str(lora.path), float(lora.scale)) for lora in (getattr(request, "loras", None) or ()))
-        return (request.resolved_size(), int(request.num_inference_steps), request.uses_cfg,
-                request.acceleration, cns_params, loras)
+        return request_batch_key(request)
 
     def generate(
         self,
@@ -632,6 +627,16 @@ class Engine:
             seed=plan.seed + k,
             nsfw=nsfw,
         )
+
+
+def request_batch_key(request) -> Optional[tuple]:
+    """`Engine.batch_key`: it reads only the request (so a pool can key requests without loading)."""
+    if request.acceleration == "high" or getattr(request, "image_urls", None):
+        return None  # edits run alone: their reference tokens are theirs
+    cns_params = cns.CNSParams.from_request(request) if request.enable_cns else None
+    loras = tuple((str(lora.path), float(lora.scale)) for lora in (getattr(request, "loras", None) or ()))
+    return (request.resolved_size(), int(request.num_inference_steps), request.uses_cfg,
+            request.acceleration, cns_params, loras)
 
 
 def _unique(items: list[str]) -> list[str]:
