@@ -90,3 +90,17 @@ def test_edit_fields_are_not_flags_of_the_base_endpoint(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["generate", "x", "--image-urls", "a.png"])
     assert info.value.code == 2
+
+
+def test_a_distilled_endpoint_gets_its_family_model(capsys, monkeypatch):
+    """--model auto follows the endpoint's family: on a CPU box, the tiny distilled twin."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rc, out, err = run(capsys, "generate", "--endpoint", "fal-ai/flux-2/klein/9b", "a fox", "--device", "cpu",
+                       "--dtype", "float32", "--no-progress", "--sync-mode", "--image-size", "64x64",
+                       "--no-enable-safety-checker", "--seed", "1")
+    assert rc == 0, err
+    assert "tiny-distilled" in err and "cfg_batched" not in err
+    assert json.loads(out)["images"][0]["width"] == 64
+    with pytest.raises(SystemExit) as info:  # not a field of the distilled endpoints
+        cli.main(["generate", "--endpoint", "fal-ai/flux-2/klein/9b", "a fox", "--guidance-scale", "3"])
+    assert info.value.code == 2

@@ -327,8 +327,16 @@ def _load_engine(args: argparse.Namespace, command: str):
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
                               "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    spec = args.model
+    endpoint = getattr(args, "endpoint", None)
+    if spec.strip() == "auto" and endpoint:  # the checkpoint of the endpoint's family
+        from .engine.models import resolve_spec
+        from .schema import family_of
+
+        family = family_of(endpoint)
+        spec = resolve_spec("auto", repo_id=family.default_repo, distilled=family.distilled)
     try:
-        engine = load_engine(args.model, **kwargs)
+        engine = load_engine(spec, **kwargs)
     except ModelUnavailable as exc:
         _eprint(f"kleinserve {command}: model unavailable: {exc}")
         return None

@@ -88,11 +88,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_spec(spec: Optional[str]) -> str:
-    """`auto` -> the real repo id when CUDA is available, else `tiny`; other specs unchanged."""
+def resolve_spec(spec: Optional[str], *, repo_id: str = DEFAULT_REPO_ID, distilled: bool = False) -> str:
+    """`auto` -> the real repo id (`repo_id`: a klein family's checkpoint) when CUDA is available,
+    else `tiny` (`tiny-distilled` for a distilled family); other specs unchanged."""
     spec = (spec or "auto").strip()
     if spec == "auto":
-        return DEFAULT_REPO_ID if torch.cuda.is_available() else "tiny"
+        return repo_id if torch.cuda.is_available() else ("tiny-distilled" if distilled else "tiny")
     return spec
 
 
