@@ -247,3 +247,18 @@ def test_files_that_are_not_loras_are_named_errors(lora_engine, tmp_path):
         assert path.name in str(info.value)
     # and nothing of them stays behind: the base image is unchanged
     assert lora_engine.generate(lora_request()).images[0].data == lora_engine.generate(lora_request()).images[0].data
+
+
+def test_adapters_live_in_a_weight_sharing_tree(lora_engine, lora_files):
+    """The reference transformer never gets a PEFT layer; the adapter tree shares its weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    loras = [LoraFile(lora_files["diffusers"], 1.0, "a")]
+    lora_engine.generate(lora_request(loras), loras=loras)
+    assert not any(isinstance(m, BaseTunerLayer) for m in lora_engine.transformer.modules())
+    tree = lora_engine.accelerator.adapter_model()
+    assert any(isinstance(m, BaseTunerLayer) for m in tree.modules())
+    ref = dict(lora_engine.transformer.named_parameters())
+    shared = [n for n, p in tree.named_parameters() if "lora_" not in n]
+    assert shared and all(p.data_ptr() == ref[n.replace(".base_layer", "")].data_ptr()
+                          for n, p in tree.named_parameters() if "lora_" not in n)

@@ -143,7 +143,9 @@ class Engine:
         self.latent_channels = int(self.transformer.config.in_channels) // 4
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.accelerator = Accelerator(self.transformer, self.device, self.dtype)
-        self.loras = LoraAdapters(self.transformer)  # hot-swapped per run; none active: the base model
+        # Hot-swapped per run, on the accelerator's adapter tree (a weight-sharing clone): the model that
+        # serves requests without LoRAs never carries an adapter.
+        self.loras = LoraAdapters(self.accelerator.adapter_model)
         self.safety_threshold = safety_threshold
         self._safety = None
         # A gamma matrix calibrated for this model, installed beside its weights (CNS, docs/CNS.md).

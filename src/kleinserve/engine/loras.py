@@ -1,18 +1,20 @@
-"""LoRA adapters on the loaded transformer, hot-swapped per request (the base weights are never touched).
+"""LoRA adapters, hot-swapped per request; the model that serves requests without LoRAs never changes.
 
-    adapters = LoraAdapters(transformer, max_loaded=8)
-    notes = adapters.activate([LoraFile(file, scale, name), ...])   # before a run; [] -> base model
+    adapters = LoraAdapters(accelerator.adapter_model, max_loaded=8)
+    notes = adapters.activate([LoraFile(file, scale, name), ...])   # before a LoRA run; [] -> none
 
 A file is read by diffusers' `Flux2LoraLoaderMixin.lora_state_dict` -- the converter that understands
 diffusers/PEFT, kohya/ComfyUI (`lora_down`/`lora_up`/`alpha`), BFL/ai-toolkit (`diffusion_model.`), and
 LyCORIS/LoKr layouts -- and injected as a PEFT adapter with `load_lora_into_transformer`, exactly as
-`pipeline.load_lora_weights` does. Loaded adapters stay in memory (least recently used dropped beyond
-`max_loaded`); each run activates its own set with its scales (`set_adapters`), and a run without LoRAs
-disables them all, so the base model computes exactly what it computed before any LoRA was loaded
-(PEFT's disabled LoRA layer returns its base layer's output, untouched).
+`pipeline.load_lora_weights` does. The adapters live in the Accelerator's adapter tree: a clone of the
+transformer that shares every weight (so it costs only the adapters' memory). Runs with LoRAs use that
+tree; runs without use the reference tree, which never carries a PEFT layer -- base images stay exactly
+what they were, and the reference's compiled blocks stay warm. Loaded adapters stay in memory (least
+recently used dropped beyond `max_loaded`); each LoRA run activates its own set with its scales
+(`set_adapters`).
 
 The adapters run unfused (base + scale * B(A x) per layer): fusing would save those two thin matmuls per
-adapted Linear but rewrite the base weights per request; see docs/PERFORMANCE.md.
+adapted Linear but rewrite the shared base weights per request; see docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from .types import LoraFile, LoraFormatError
 
@@ -39,13 +43,24 @@ def _file_key(path: Path) -> tuple:
 
 
 class LoraAdapters:
-    def __init__(self, transformer, *, max_loaded: int = DEFAULT_MAX_LOADED):
-        self.transformer = transformer
+    """`model`: the transformer the adapters go into, or a callable giving it on first use (the
+    Accelerator's adapter tree: a weight-sharing clone, so the reference model never changes)."""
+
+    def __init__(self, model, *, max_loaded: int = DEFAULT_MAX_LOADED):
+        self._model = model
+        self._transformer = None
         self.max_loaded = max(1, int(max_loaded))
         self._loaded: "OrderedDict[tuple, str]" = OrderedDict()  # file key -> adapter name (LRU order)
         self._counter = 0
         self._lock = threading.RLock()
         self.before_first_load = None  # callable run once before the first adapter is injected
+
+    @property
+    def transformer(self):
+        if self._transformer is None:
+            self._transformer = self._model() if callable(self._model) and not isinstance(
+                self._model, torch.nn.Module) else self._model
+        return self._transformer
 
     @property
     def loaded(self) -> list[str]:
@@ -56,8 +71,8 @@ class LoraAdapters:
         with self._lock:
             if not loras:
                 # Always (not only after a LoRA run): a failed load may have left layers switched on.
-                if getattr(self.transformer, "_hf_peft_config_loaded", False):
-                    self.transformer.disable_adapters()
+                if self._transformer is not None and getattr(self._transformer, "_hf_peft_config_loaded", False):
+                    self._transformer.disable_adapters()
                 return []
             merged: "OrderedDict[tuple, list]" = OrderedDict()  # the same file twice: scales add up
             for lora in loras:
