@@ -134,8 +134,8 @@ def lora_engine():
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
-    return {layout: save_tiny_lora(d / f"{layout}.safetensors", layout=layout, seed=3 if layout == "kohya" else 1)
-            for layout in ("diffusers", "kohya")}
+    return {layout: save_tiny_lora(d / f"{layout}.safetensors", layout=layout, seed=seed)
+            for layout, seed in (("diffusers", 1), ("kohya", 3), ("bfl", 5))}
 
 
 LORA_KW = dict(prompt="a red fox in fresh snow", negative_prompt="", guidance_scale=3.0, num_inference_steps=4,
@@ -158,7 +158,8 @@ def pipe_image(pipe, lora=None, scale=1.0):
             pipe.unload_lora_weights()
 
 
-@pytest.mark.parametrize("layout,scale", [("diffusers", 1.0), ("diffusers", 0.6), ("kohya", 1.0), ("kohya", 0.7)])
+@pytest.mark.parametrize("layout,scale", [("diffusers", 1.0), ("diffusers", 0.6), ("kohya", 1.0), ("kohya", 0.7),
+                                          ("bfl", 0.9)])
 def test_lora_matches_load_lora_weights(lora_engine, pipe, lora_files, layout, scale):
     loras = [LoraFile(lora_files[layout], scale, f"{layout}.safetensors")]
     reference = pipe_image(pipe, lora_files[layout], scale)

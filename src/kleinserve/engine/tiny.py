@@ -283,7 +283,8 @@ def save_tiny_lora(path: str | Path, *, layout: str = "diffusers", seed: int = 1
     - "diffusers": PEFT keys `transformer.<module>.lora_A/B.weight` with PEFT metadata (rank, alpha),
       as `Flux2KleinPipeline.save_lora_weights` writes them;
     - "kohya": `lora_unet_{double,single}_blocks_N_<name>.lora_down/lora_up.weight` + `.alpha`, with the
-      fused img/txt qkv of the original BFL layout (what kohya/ComfyUI trainers write).
+      fused img/txt qkv of the original BFL layout (what kohya/ComfyUI trainers write);
+    - "bfl": `diffusion_model.{double,single}_blocks.N.*.lora_A/B.weight` (BFL / ai-toolkit / fal's trainer).
     `strength` sizes the weights so the LoRA changes the image clearly (but not to noise)."""
     from diffusers import Flux2KleinPipeline
     from safetensors.torch import save_file
@@ -336,4 +337,21 @@ def save_tiny_lora(path: str | Path, *, layout: str = "diffusers", seed: int = 1
             sd[f"lora_unet_single_blocks_{i}_linear1.alpha"] = torch.tensor(float(alpha))
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
         return path
-    raise ValueError(f"unknown LoRA layout {layout!r}: diffusers | kohya")
+    if layout == "bfl":  # BFL / ai-toolkit names (what fal's trainer writes): diffusion_model.*, fused qkv
+        sd = {}
+        for i, block in enumerate(transformer.transformer_blocks):
+            dim = block.attn.to_q.in_features
+            for key, (in_f, out_f) in {
+                f"double_blocks.{i}.img_attn.qkv": (dim, 3 * block.attn.to_q.out_features),
+                f"double_blocks.{i}.txt_attn.qkv": (dim, 3 * block.attn.add_q_proj.out_features),
+            }.items():
+                down, up = pair(in_f, out_f)
+                sd[f"diffusion_model.{key}.lora_A.weight"], sd[f"diffusion_model.{key}.lora_B.weight"] = down, up
+        for i, block in enumerate(transformer.single_transformer_blocks):
+            lin = block.attn.to_qkv_mlp_proj
+            down, up = pair(lin.in_features, lin.out_features)
+            sd[f"diffusion_model.single_blocks.{i}.linear1.lora_A.weight"] = down
+            sd[f"diffusion_model.single_blocks.{i}.linear1.lora_B.weight"] = up
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        return path
+    raise ValueError(f"unknown LoRA layout {layout!r}: diffusers | kohya | bfl")
