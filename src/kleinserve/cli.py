@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 from pydantic import BaseModel, ValidationError
 
 from . import __version__
-from .schema import FluxKleinInput, FluxKleinOutput
+from .schema import ENDPOINT_ID, INPUT_MODELS, FluxKleinInput, FluxKleinOutput
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -94,6 +94,15 @@ def _is_bool(annotation: Any) -> bool:
     return members == [bool]
 
 
+def _list_item(annotation: Any) -> Any:
+    """The item type of a list field (None when not a list)."""
+    members = [m for m in _union_members(annotation) if m is not type(None)]
+    if len(members) == 1 and typing.get_origin(members[0]) is list:
+        args = typing.get_args(members[0])
+        return args[0] if args else str
+    return None
+
+
 def _is_union_field(annotation: Any) -> bool:
     return len([m for m in _union_members(annotation) if m is not type(None)]) > 1
 
@@ -140,8 +149,14 @@ def add_schema_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
     for name, field in model.model_fields.items():
         annotation = field.annotation
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help_for(name, field)}
+        item = _list_item(annotation)
         if _is_bool(annotation):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif item is not None and isinstance(item, type) and issubclass(item, BaseModel):
+            kwargs["metavar"] = "JSON"  # a JSON list of objects, e.g. --loras '[{"path": ..., "scale": 0.8}]'
+        elif item is not None:
+            kwargs["nargs"] = "+"  # --image-urls A B C
+            kwargs["metavar"] = "URL|PATH" if name.endswith("urls") else "VALUE"
         else:
             literals = _literal_values(annotation)
             if literals and not _is_union_field(annotation) and all(isinstance(v, str) for v in literals):
@@ -165,6 +180,13 @@ def _coerce_value(name: str, raw: Any, model: type[BaseModel] = FluxKleinInput) 
     text = raw.strip()
     if _is_optional(annotation) and text.lower() in _NONE_WORDS:
         return None
+    item = _list_item(annotation)
+    if item is not None and isinstance(item, type) and issubclass(item, BaseModel):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{flag_for(name)}: not valid JSON (a list like '[{{\"path\": \"a.safetensors\", "
+                             f"\"scale\": 0.8}}]'): {exc}") from exc
     models = _model_members(annotation)
     if models:
         m = _SIZE_RE.match(text)
@@ -244,6 +266,20 @@ def format_validation_error(exc: ValidationError, data: dict, model: type[BaseMo
     return "\n".join(lines)
 
 
+def _local_image_as_data_uri(value: Any, index: int) -> Any:
+    """A local file given to --image-urls, as a data: URI (the endpoint's input takes URLs only)."""
+    if not isinstance(value, str) or value.lower().startswith(("http://", "https://", "data:")):
+        return value
+    import base64
+    import mimetypes
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--image-urls[{index}]: no such file: {value} (give a local file, an https URL or a data: URI)")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
 def build_request(args: argparse.Namespace, model: type[BaseModel] = FluxKleinInput) -> FluxKleinInput:
     """--input, then the flags the user gave (flags override), validated by the schema."""
     data: dict[str, Any] = {}
@@ -256,6 +292,8 @@ def build_request(args: argparse.Namespace, model: type[BaseModel] = FluxKleinIn
         if hasattr(args, name):
             data[name] = getattr(args, name)
     data = {k: _coerce_value(k, v, model) for k, v in data.items()}
+    if isinstance(data.get("image_urls"), list):
+        data["image_urls"] = [_local_image_as_data_uri(v, k) for k, v in enumerate(data["image_urls"])]
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -307,9 +345,17 @@ def _load_engine(args: argparse.Namespace, command: str):
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
                               "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    spec = args.model
+    endpoint = getattr(args, "endpoint", None)
+    if spec.strip() == "auto" and endpoint:  # the checkpoint of the endpoint's family
+        from .engine.models import resolve_spec
+        from .schema import family_of
+
+        family = family_of(endpoint)
+        spec = resolve_spec("auto", repo_id=family.default_repo, distilled=family.distilled)
     with _EngineWarnings() as warnings:
         try:
-            engine = load_engine(args.model, **kwargs)
+            engine = load_engine(spec, **kwargs)
         except ModelUnavailable as exc:
             _eprint(f"kleinserve {command}: model unavailable: {exc}")
             return None
@@ -455,8 +501,30 @@ def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> Fl
     return FluxKleinOutput.from_result(request, result, files)
 
 
+def _resolve_files(request: Any, args: argparse.Namespace) -> tuple[list, list]:
+    """The request's input images and LoRA files (local paths allowed), or UsageError naming the item."""
+    images, loras = [], []
+    if not (getattr(request, "image_urls", None) or getattr(request, "loras", None)):
+        return images, loras
+    from .service.inputs import InputError, InputSources, resolve_images
+    from .service.loras import LoraCache
+
+    sources = InputSources(allow_local_paths=True)
+    try:
+        if getattr(request, "image_urls", None):
+            images = resolve_images(request.image_urls, sources)
+        if getattr(request, "loras", None):
+            cache = LoraCache(Path(args.lora_cache).expanduser(), max_bytes=args.lora_cache_bytes)
+            loras = cache.resolve(request.loras, sources)
+    except InputError as exc:
+        raise UsageError(f"invalid input: {flag_for(exc.field_name)}"
+                         f"{'' if exc.index is None else f'[{exc.index}]'}: {exc.reason}") from None
+    return images, loras
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    request = build_request(args)
+    model = INPUT_MODELS[args.endpoint]
+    request = build_request(args, model)
     quiet = args.quiet
     matrix = _read_cns_matrix(args.cns_matrix) if args.cns_matrix else None
     for key in getattr(args, "unknown_input_keys", []):
@@ -464,7 +532,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _eprint(f"note: --input key {key!r} is not a field of the endpoint's input; ignored")
 
     from .engine import GenerationCancelled
+    from .engine.types import LoraFormatError
 
+    images, loras = _resolve_files(request, args)
     cancel = threading.Event()
     engine = _load_engine(args, "generate")
     if engine is None:
@@ -480,8 +550,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     progress.start(int(request.num_inference_steps))
     try:
         result = _run_cancellable(
-            lambda: engine.generate(request, on_step=progress, should_cancel=cancel.is_set),
+            lambda: engine.generate(request, on_step=progress, should_cancel=cancel.is_set,
+                                    reference_images=images, loras=loras),
             cancel, "generation")
+    except LoraFormatError as exc:
+        progress.close()
+        raise UsageError(f"invalid input: --loras: {exc}") from None
     except GenerationCancelled:
         progress.close()
         _eprint("cancelled: nothing written")
@@ -515,7 +589,7 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep weights in CPU memory and move each model to the GPU only while it runs")
 
 
-def add_generate_parser(sub) -> argparse.ArgumentParser:
+def add_generate_parser(sub, endpoint: str = ENDPOINT_ID) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", help="generate images from the command line",
         description="Generate images with the same input as the HTTP endpoint. Every field of the "
@@ -523,6 +597,13 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                     "Prints the endpoint's output JSON on stdout; progress and notes go to stderr.")
     p.add_argument("prompt_arg", nargs="?", default=None, metavar="PROMPT",
                    help="the prompt (same as --prompt; --prompt wins when both are given)")
+    p.add_argument("--endpoint", default=endpoint, choices=list(INPUT_MODELS), metavar="ENDPOINT_ID",
+                   help=f"which endpoint's input to take: {', '.join(INPUT_MODELS)} (default: {ENDPOINT_ID}); "
+                        "edit endpoints take --image-urls (URLs, data: URIs or local files), LoRA ones --loras")
+    p.add_argument("--lora-cache", default=str(Path.home() / ".cache" / "kleinserve" / "lora-cache"), metavar="DIR",
+                   help="where LoRA files given by URL are kept (default: ~/.cache/kleinserve/lora-cache)")
+    p.add_argument("--lora-cache-bytes", type=int, default=8 * 1024**3, metavar="BYTES",
+                   help="the most that folder may hold; least recently used files go first (default: 8 GiB)")
     p.add_argument("--input", metavar="JSON|FILE|-",
                    help="a request as inline JSON ('{...}'), a JSON file, or - for stdin")
     _add_engine_arguments(p)
@@ -533,7 +614,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                         "run wrote those names; nothing is written with --sync-mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes on stderr")
-    add_schema_arguments(p)
+    add_schema_arguments(p, INPUT_MODELS[endpoint])
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -781,13 +862,21 @@ def add_keys_parser(sub) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _endpoint_in(argv: Sequence[str]) -> str:
+    """The --endpoint of a `generate` command line (its flags depend on it), else the base endpoint."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--endpoint", default=ENDPOINT_ID)
+    known, _ = pre.parse_known_args(list(argv))
+    return known.endpoint if known.endpoint in INPUT_MODELS else ENDPOINT_ID
+
+
+def build_parser(endpoint: str = ENDPOINT_ID) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kleinserve",
         description="Self-hosted, fal-compatible inference for FLUX.2 [klein] 9B base.")
     parser.add_argument("--version", action="version", version=f"kleinserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{generate,serve,worker,calibrate,keys}")
-    add_generate_parser(sub)
+    add_generate_parser(sub, endpoint)
     add_serve_parser(sub)
     add_worker_parser(sub)
     add_calibrate_parser(sub)
@@ -804,7 +893,7 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(_endpoint_in(argv) if "generate" in argv else ENDPOINT_ID)
     args, extra = parser.parse_known_args(argv)
     if args.command == "serve":
         return cmd_serve(extra)

@@ -7,6 +7,7 @@ generated from these models, so a field added here shows up everywhere.
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from types import UnionType
 from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
 
@@ -15,6 +16,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base"
+EDIT_ENDPOINT_ID = ENDPOINT_ID + "/edit"
+LORA_ENDPOINT_ID = ENDPOINT_ID + "/lora"
+EDIT_LORA_ENDPOINT_ID = ENDPOINT_ID + "/edit/lora"
+
+MAX_REFERENCE_IMAGES = 4
+MAX_LORAS = 3
 
 # (width, height) of each preset, as the hosted endpoint defines them.
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -134,6 +141,174 @@ class FluxKleinInput(StrictScalars):
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+
+IMAGE_URL_SCHEMES = ("https://", "http://", "data:")
+
+
+class FluxKleinEditInput(FluxKleinInput):
+    """Input of `.../edit`: the base input plus 1..4 reference images. Without `image_size` the output
+    takes the first reference image's size (after its preprocessing: multiples of 16, <= 1 MP)."""
+
+    image_urls: list[str] = Field(
+        ..., min_length=1, max_length=MAX_REFERENCE_IMAGES,
+        description="The URLs of the images for editing (1..4): https URLs, data: URIs or URLs of "
+                    "files uploaded to this server.", json_schema_extra={"ui": "images"})
+    image_size: Optional[Union[ImageSizePreset, ImageSize]] = Field(  # type: ignore[assignment]
+        None, description="A preset name or {width, height}; absent: the first input image's size.")
+
+    @field_validator("image_urls")
+    @classmethod
+    def _url_schemes(cls, urls: list[str]) -> list[str]:
+        for k, url in enumerate(urls):
+            if not url.strip().lower().startswith(IMAGE_URL_SCHEMES):
+                raise ValueError(f"image_urls[{k}]: not an https URL or a data: URI: {url[:60]!r}")
+        return [u.strip() for u in urls]
+
+    def resolved_size(self) -> tuple[int, int]:
+        if self.image_size is None:
+            raise ValueError("this edit request takes its size from its first reference image "
+                             "(Engine plans it from the decoded image)")
+        return super().resolved_size()
+
+
+class LoraWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1, max_length=2048,
+                      description="URL or path to the LoRA weights (safetensors): an https URL, a file "
+                                  "uploaded to this server, a Hugging Face repo id (or repo/file.safetensors)"
+                                  ", or a path under the server's LoRA folder.")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="How strongly the LoRA applies.")
+
+
+class FluxKleinLoraInput(FluxKleinInput):
+    """Input of `.../lora`: the base input plus 0..3 LoRA adapters."""
+
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS,
+                                    description="LoRA adapters to apply (at most 3), each {path, scale}.",
+                                    json_schema_extra={"ui": "loras"})
+
+
+class FluxKleinEditLoraInput(FluxKleinEditInput):
+    """Input of `.../edit/lora`: reference images and LoRA adapters."""
+
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS,
+                                    description="LoRA adapters to apply (at most 3), each {path, scale}.",
+                                    json_schema_extra={"ui": "loras"})
+
+
+# ------------------------------------------------------------------------------ distilled checkpoints
+
+DISTILLED_DROPPED = ("negative_prompt", "guidance_scale", "acceleration")  # not in fal's distilled schemas
+DISTILLED_STEPS = Field(4, ge=4, le=8, description="Number of denoising steps (the distilled model: 4..8).")
+
+
+class _Distilled:
+    """What the engine reads of the fields a distilled endpoint does not have: no CFG, no negative
+    prompt, the lossless acceleration level."""
+
+    negative_prompt = ""
+    guidance_scale = 1.0
+    acceleration = "regular"
+
+    @property
+    def uses_cfg(self) -> bool:
+        return False
+
+
+def _distilled(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
+    """`model` without the fields the distilled endpoints lack, with 4..8 steps (default 4)."""
+    from pydantic import create_model
+
+    fields = {k: (f.annotation, f) for k, f in model.model_fields.items() if k not in DISTILLED_DROPPED}
+    fields["num_inference_steps"] = (int, DISTILLED_STEPS)
+    distilled = create_model(name, __base__=(_Distilled, model), __doc__=doc, **fields)  # type: ignore[call-overload]
+    for k in DISTILLED_DROPPED:  # a subclass cannot drop fields: take them out of the model again
+        distilled.model_fields.pop(k, None)
+    distilled.model_rebuild(force=True)
+    return distilled
+
+
+FluxKleinDistilledInput = _distilled(FluxKleinInput, "FluxKleinDistilledInput",
+                                     "Input of `fal-ai/flux-2/klein/9b` and `.../4b` (distilled: no CFG).")
+FluxKleinDistilledEditInput = _distilled(FluxKleinEditInput, "FluxKleinDistilledEditInput",
+                                         "Input of the distilled `.../edit` endpoints.")
+FluxKleinDistilledLoraInput = _distilled(FluxKleinLoraInput, "FluxKleinDistilledLoraInput",
+                                         "Input of the distilled `.../lora` endpoints.")
+FluxKleinDistilledEditLoraInput = _distilled(FluxKleinEditLoraInput, "FluxKleinDistilledEditLoraInput",
+                                             "Input of the distilled `.../edit/lora` endpoints.")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One checkpoint family and the endpoints it serves (`<base_id>`, `/edit`, `/lora`, `/edit/lora`)."""
+
+    name: str  # what `--model NAME=SPEC` calls it
+    base_id: str
+    title: str
+    distilled: bool
+    default_repo: str
+    licence: str
+
+    def endpoint_ids(self) -> list[str]:
+        return [self.base_id + suffix for suffix in ("", "/edit", "/lora", "/edit/lora")]
+
+    def input_model(self, endpoint_id: str) -> type[BaseModel]:
+        suffix = endpoint_id[len(self.base_id):]
+        plain = {"": FluxKleinInput, "/edit": FluxKleinEditInput, "/lora": FluxKleinLoraInput,
+                 "/edit/lora": FluxKleinEditLoraInput}
+        distilled = {"": FluxKleinDistilledInput, "/edit": FluxKleinDistilledEditInput,
+                     "/lora": FluxKleinDistilledLoraInput, "/edit/lora": FluxKleinDistilledEditLoraInput}
+        return (distilled if self.distilled else plain)[suffix]
+
+
+NON_COMMERCIAL = "FLUX Non-Commercial License"
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("9b-base", ENDPOINT_ID, "FLUX.2 [klein] 9B base", False, "black-forest-labs/FLUX.2-klein-base-9B",
+           NON_COMMERCIAL),
+    Family("9b", "fal-ai/flux-2/klein/9b", "FLUX.2 [klein] 9B", True, "black-forest-labs/FLUX.2-klein-9B",
+           NON_COMMERCIAL),
+    Family("4b-base", "fal-ai/flux-2/klein/4b/base", "FLUX.2 [klein] 4B base", False,
+           "black-forest-labs/FLUX.2-klein-base-4B", "Apache-2.0"),
+    Family("4b", "fal-ai/flux-2/klein/4b", "FLUX.2 [klein] 4B", True, "black-forest-labs/FLUX.2-klein-4B",
+           "Apache-2.0"),
+)}
+DEFAULT_FAMILY = "9b-base"
+
+
+def family_of(endpoint_id: str) -> Family:
+    """The family whose endpoints include `endpoint_id` (KeyError when none)."""
+    for family in FAMILIES.values():
+        if endpoint_id in family.endpoint_ids():
+            return family
+    raise KeyError(f"no klein family serves {endpoint_id!r}")
+
+
+def parse_model_specs(text: str) -> dict[str, str]:
+    """`--model`: one spec (the 9B base family, as before) or `FAMILY=SPEC[,FAMILY=SPEC...]` for
+    several checkpoints, e.g. `9b-base=black-forest-labs/FLUX.2-klein-base-9B,9b=/models/klein-9b`.
+    ValueError naming the bad part."""
+    text = (text or "").strip() or "auto"
+    if "=" not in text:
+        return {DEFAULT_FAMILY: text}
+    specs: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, spec = part.partition("=")
+        name, spec = name.strip(), spec.strip()
+        if not sep or not spec:
+            raise ValueError(f"{part.strip()!r}: expected FAMILY=SPEC (families: {', '.join(FAMILIES)})")
+        if name not in FAMILIES:
+            raise ValueError(f"{name!r} is not a klein family; expected one of {', '.join(FAMILIES)}")
+        if name in specs:
+            raise ValueError(f"{name!r} is given twice")
+        specs[name] = spec
+    return specs
+
+
+# The input model of each endpoint id (the API registry declares these; the CLI's --endpoint picks one).
+INPUT_MODELS: dict[str, type[BaseModel]] = {
+    eid: family.input_model(eid) for family in FAMILIES.values() for eid in family.endpoint_ids()}
 
 
 class OutputImage(BaseModel):

@@ -43,6 +43,7 @@ from kleinserve.service.settings import Settings
 from . import deps, docs, files, openai, web
 from . import metrics as metrics_routes
 from .endpoints import EndpointRegistry, default_registry
+from .families import build_unserved_router
 from .queue import build_queue_router
 from .run import build_run_router
 
@@ -262,6 +263,7 @@ def create_app(
 
     app.include_router(build_queue_router(registry))
     app.include_router(build_run_router(registry))
+    app.include_router(build_unserved_router(registry))  # klein families without a checkpoint: 503
     # The web playground owns "/": it comes last.
     for router in (docs.router, files.router, openai.router, metrics_routes.router, web.router):
         app.include_router(router)

@@ -26,7 +26,20 @@ from typing import Any, Callable, Iterable, Optional
 
 from pydantic import BaseModel
 
-from kleinserve.schema import ENDPOINT_ID, FluxKleinInput, FluxKleinOutput
+from kleinserve.schema import (
+    DEFAULT_FAMILY,
+    EDIT_ENDPOINT_ID,
+    FAMILIES,
+    EDIT_LORA_ENDPOINT_ID,
+    ENDPOINT_ID,
+    LORA_ENDPOINT_ID,
+    FluxKleinEditInput,
+    FluxKleinEditLoraInput,
+    FluxKleinInput,
+    FluxKleinLoraInput,
+    FluxKleinOutput,
+    family_of,
+)
 
 NAMESPACES = ("workflows", "comfy")
 
@@ -88,6 +101,8 @@ class EndpointSpec:
 class EndpointRegistry:
     def __init__(self, specs: Iterable[EndpointSpec] = ()):
         self._specs: dict[str, EndpointSpec] = {}
+        # Endpoints of klein families with no checkpoint on this server: id -> how to enable it.
+        self.unserved: dict[str, str] = {}
         for s in specs:
             self.declare(s)
 
@@ -116,6 +131,16 @@ class EndpointRegistry:
     def ids(self) -> list[str]:
         return list(self._specs)
 
+    def subset(self, engine: str) -> "EndpointRegistry":
+        """The endpoints run by one engine (a klein family): what that family's worker claims."""
+        sub = EndpointRegistry([s for s in self._specs.values() if s.engine == engine])
+        sub.unserved = dict(self.unserved)
+        return sub
+
+    def engines(self) -> list[str]:
+        """The engine (family) names the declared endpoints need, in declaration order."""
+        return list(dict.fromkeys(s.engine for s in self._specs.values()))
+
     def app_prefixes(self) -> list[str]:
         """Distinct `[namespace/]owner/alias` prefixes (the queue request routes are per prefix)."""
         seen: dict[str, None] = {}
@@ -129,6 +154,7 @@ class EndpointRegistry:
 
 
 FLUX_KLEIN_9B_BASE = EndpointSpec(
+    engine=DEFAULT_FAMILY,
     endpoint_id=ENDPOINT_ID,
     input_model=FluxKleinInput,
     output_model=FluxKleinOutput,
@@ -136,7 +162,82 @@ FLUX_KLEIN_9B_BASE = EndpointSpec(
     description="Self-hosted, fal-compatible FLUX.2 [klein] 9B base text-to-image.",
 )
 
+FLUX_KLEIN_9B_BASE_EDIT = EndpointSpec(
+    engine=DEFAULT_FAMILY,
+    endpoint_id=EDIT_ENDPOINT_ID,
+    input_model=FluxKleinEditInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — edit with reference images",
+    description="Edits or composes 1..4 reference images (image_urls) by the prompt; without image_size "
+                "the output takes the first image's size.",
+    tags=("edit",),
+)
 
-def default_registry() -> EndpointRegistry:
-    """A fresh registry with the endpoints this server ships (each app gets its own copy)."""
-    return EndpointRegistry([FLUX_KLEIN_9B_BASE])
+FLUX_KLEIN_9B_BASE_LORA = EndpointSpec(
+    engine=DEFAULT_FAMILY,
+    endpoint_id=LORA_ENDPOINT_ID,
+    input_model=FluxKleinLoraInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — text to image with LoRA",
+    description="Text to image with up to 3 LoRA adapters (loras: [{path, scale}]).",
+    tags=("lora",),
+)
+
+FLUX_KLEIN_9B_BASE_EDIT_LORA = EndpointSpec(
+    engine=DEFAULT_FAMILY,
+    endpoint_id=EDIT_LORA_ENDPOINT_ID,
+    input_model=FluxKleinEditLoraInput,
+    output_model=FluxKleinOutput,
+    title="FLUX.2 [klein] 9B base — edit with LoRA",
+    description="Edits 1..4 reference images with up to 3 LoRA adapters.",
+    tags=("edit", "lora"),
+)
+
+_DESCRIPTIONS = {
+    "": "Text to image.",
+    "/edit": "Edits or composes 1..4 reference images (image_urls) by the prompt; without image_size the "
+             "output takes the first image's size.",
+    "/lora": "Text to image with up to 3 LoRA adapters (loras: [{path, scale}]).",
+    "/edit/lora": "Edits 1..4 reference images with up to 3 LoRA adapters.",
+}
+_SUFFIX_TITLES = {"": "text to image", "/edit": "edit with reference images", "/lora": "text to image with LoRA",
+                  "/edit/lora": "edit with LoRA"}
+
+
+def family_specs(family_name: str) -> list[EndpointSpec]:
+    """The four endpoints of a klein family, run by the engine named after the family."""
+    if family_name == DEFAULT_FAMILY:  # the objects above (other modules import them)
+        return [FLUX_KLEIN_9B_BASE, FLUX_KLEIN_9B_BASE_EDIT, FLUX_KLEIN_9B_BASE_LORA, FLUX_KLEIN_9B_BASE_EDIT_LORA]
+    family = FAMILIES[family_name]
+    specs = []
+    for eid in family.endpoint_ids():
+        suffix = eid[len(family.base_id):]
+        specs.append(EndpointSpec(
+            endpoint_id=eid, input_model=family.input_model(eid), output_model=FluxKleinOutput,
+            title=f"{family.title} — {_SUFFIX_TITLES[suffix]}",
+            description=f"{_DESCRIPTIONS[suffix]} Licence: {family.licence}.", engine=family.name,
+            tags=tuple(t for t in ("edit", "lora") if t in suffix)))
+    return specs
+
+
+def how_to_enable(endpoint_id: str) -> str:
+    """What a server must be started with to serve `endpoint_id` (for the 503 of an unserved endpoint)."""
+    family = family_of(endpoint_id)
+    return (f"{endpoint_id} is not served here: no {family.title} checkpoint is loaded. Start the server "
+            f"with --model {family.name}=<folder or Hugging Face repo id> (e.g. {family.name}={family.default_repo};"
+            f" {family.licence}) beside the others, comma-separated: --model 9b-base=...,{family.name}=...")
+
+
+def default_registry(families: Iterable[str] = (DEFAULT_FAMILY,)) -> EndpointRegistry:
+    """A fresh registry with the endpoints of the served `families` (each app gets its own copy); the
+    other families' endpoints are listed in `unserved` with how to enable them."""
+    served = list(dict.fromkeys(families))
+    for name in served:
+        if name not in FAMILIES:
+            raise ValueError(f"unknown klein family {name!r}; expected one of {', '.join(FAMILIES)}")
+    registry = EndpointRegistry([spec for name in served for spec in family_specs(name)])
+    for name, family in FAMILIES.items():
+        if name not in served:
+            for eid in family.endpoint_ids():
+                registry.unserved[eid] = how_to_enable(eid)
+    return registry

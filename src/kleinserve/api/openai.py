@@ -1,4 +1,4 @@
-"""OpenAI-compatible images API: `POST /v1/images/generations` (and `GET /v1/models`).
+"""OpenAI-compatible images API: `POST /v1/images/generations`, `POST /v1/images/edits` (and `GET /v1/models`).
 
 Point the official `openai` package at the server and it works unchanged:
 
@@ -21,6 +21,11 @@ routes: priorities, deadlines, cancellation and metrics are shared):
     guidance_scale, acceleration, enable_safety_checker, cns_*) may be passed as is (the openai
     package's `extra_body=`).
 
+`POST /v1/images/edits` (multipart/form-data, `client.images.edit(image=..., prompt=...)`) runs the edit
+endpoint (fal-ai/flux-2/klein/9b/base/edit): `image` or `image[]` (1..4 image files) become its
+`image_urls` (as data: URIs), the other form fields map as above (numbers as text); without `size`
+the output takes the first image's size. `mask` is refused (no inpainting).
+
 Response: {"created", "data": [{"b64_json" | "url", "revised_prompt"}], "output_format", "size"}.
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with 400 (invalid
 request), 401 (missing/invalid key: `Authorization: Bearer <key>`), 404, 500, 503, 504.
@@ -40,7 +45,8 @@ from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, ImageSize, tidy_validation_errors
+from kleinserve.schema import (EDIT_ENDPOINT_ID, ENDPOINT_ID, IMAGE_SIZE_PRESETS, MAX_REFERENCE_IMAGES, ImageSize,
+                               tidy_validation_errors)
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
@@ -93,11 +99,13 @@ def _authenticate(request: Request) -> Principal:
             type="invalid_request_error", code="invalid_api_key") from None
 
 
-def _spec(request: Request) -> Any:
+def _spec(request: Request, endpoint_id: str = ENDPOINT_ID) -> Any:
     registry = request.app.state.registry
     try:
-        return registry.get(ENDPOINT_ID)
+        return registry.get(endpoint_id)
     except KeyError:
+        if endpoint_id != ENDPOINT_ID:
+            raise OpenAIError(404, f"This server does not serve {endpoint_id}.", code="model_not_found") from None
         return next(iter(registry))
 
 
@@ -334,43 +342,116 @@ async def images_generations(request: Request) -> JSONResponse:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise OpenAIError(400, "The request body is not valid JSON.", code="invalid_json") from None
         inp, response_format = map_request(body)
-        spec = _spec(request)
-        try:
-            validated = spec.validate_input(inp)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-        try:
-            job = await submit_and_wait(request, spec, validated, principal.owner, request_id=rid,
-                                        what="OpenAI request")
-        except deps.QueueFull as exc:  # backpressure: OpenAI's rate-limit shape, Retry-After kept
-            raise OpenAIError(429, str(exc.detail), type="rate_limit_error", param=exc.limit,
-                              code="rate_limit_exceeded", headers=exc.headers) from None
-        except HTTPException as exc:  # the submit refused it (a header, or no model)
-            if 400 <= exc.status_code < 500:
-                raise OpenAIError(400, f"Invalid request: {exc.detail}") from None
-            raise OpenAIError(exc.status_code, str(exc.detail), type="server_error",
-                              code="service_unavailable" if exc.status_code == 503 else None,
-                              headers={k: v for k, v in (exc.headers or {}).items()
-                                       if k.lower() == "retry-after"}) from None
-        if job is None:
-            return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
-                                           "param": None, "code": None}}, status_code=499)
-        if job.error is not None:
-            raise _error_from_job(job)
-        result = job.result or {}
-        images = result.get("images") or []
-        prompt = result.get("prompt", inp["prompt"])
-        out: dict[str, Any] = {
-            "created": int(job.finished_at or time.time()),
-            "data": [_image_item(im, response_format, prompt) for im in images],
-        }
-        if images:
-            out["size"] = f"{images[0].get('width')}x{images[0].get('height')}"
-            ctype = str(images[0].get("content_type", "image/png"))
-            out["output_format"] = ctype.split("/", 1)[-1]
-        out["seed"] = result.get("seed")  # not OpenAI's, harmless: image k used seed + k
-        out["has_nsfw_concepts"] = result.get("has_nsfw_concepts")
-        return JSONResponse(out, headers={"x-request-id": rid})
+        return await _run(request, rid, principal, _spec(request), inp, response_format)
+    except OpenAIError as err:
+        return err.response(rid)
+
+
+async def _run(request: Request, rid: str, principal: Principal, spec: Any, inp: dict[str, Any],
+               response_format: str) -> JSONResponse:
+    """Validate `inp` for `spec`, run it through the queue and answer in OpenAI's shape."""
+    try:
+        validated = spec.validate_input(inp)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    try:
+        job = await submit_and_wait(request, spec, validated, principal.owner, request_id=rid,
+                                    what="OpenAI request")
+    except deps.QueueFull as exc:  # backpressure: OpenAI's rate-limit shape, Retry-After kept
+        raise OpenAIError(429, str(exc.detail), type="rate_limit_error", param=exc.limit,
+                          code="rate_limit_exceeded", headers=exc.headers) from None
+    except HTTPException as exc:  # the submit refused it (a header, or no model)
+        if 400 <= exc.status_code < 500:
+            raise OpenAIError(400, f"Invalid request: {exc.detail}") from None
+        raise OpenAIError(exc.status_code, str(exc.detail), type="server_error",
+                          code="service_unavailable" if exc.status_code == 503 else None,
+                          headers={k: v for k, v in (exc.headers or {}).items()
+                                   if k.lower() == "retry-after"}) from None
+    if job is None:
+        return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                       "param": None, "code": None}}, status_code=499)
+    if job.error is not None:
+        raise _error_from_job(job)
+    result = job.result or {}
+    images = result.get("images") or []
+    prompt = result.get("prompt", inp["prompt"])
+    out: dict[str, Any] = {
+        "created": int(job.finished_at or time.time()),
+        "data": [_image_item(im, response_format, prompt) for im in images],
+    }
+    if images:
+        out["size"] = f"{images[0].get('width')}x{images[0].get('height')}"
+        ctype = str(images[0].get("content_type", "image/png"))
+        out["output_format"] = ctype.split("/", 1)[-1]
+    out["seed"] = result.get("seed")  # not OpenAI's, harmless: image k used seed + k
+    out["has_nsfw_concepts"] = result.get("has_nsfw_concepts")
+    return JSONResponse(out, headers={"x-request-id": rid})
+
+
+_IMAGE_FIELDS = ("image", "image[]")
+_FORM_INTS = ("n", "seed", "num_inference_steps")
+_FORM_FLOATS = ("guidance_scale",)
+
+
+async def _edit_body(request: Request) -> tuple[dict[str, Any], list[str]]:
+    """The multipart form of an edit as (the OpenAI body, data: URIs of its images). Raises OpenAIError."""
+    import base64
+
+    from starlette.datastructures import UploadFile
+
+    limit = int(getattr(request.app.state.services.settings, "max_input_image_bytes", 20 * 1024 * 1024))
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise OpenAIError(400, "An image edit is a multipart/form-data request with 'image' file(s) and a "
+                          "'prompt'.", code="invalid_content_type")
+    try:
+        form = await request.form(max_files=MAX_REFERENCE_IMAGES + 2, max_fields=200)
+    except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException and friends
+        raise OpenAIError(400, f"Invalid multipart form: {exc}", code="invalid_form") from None
+    if form.getlist("mask"):
+        raise OpenAIError(400, "'mask' is not supported: this server edits whole images by the prompt.",
+                          param="mask", code="unsupported_value")
+    files = [f for name in _IMAGE_FIELDS for f in form.getlist(name)]
+    if not files:
+        raise OpenAIError(400, "'image' is required: 1 to 4 image files.", param="image",
+                          code="missing_required_parameter")
+    if len(files) > MAX_REFERENCE_IMAGES:
+        raise OpenAIError(400, f"At most {MAX_REFERENCE_IMAGES} images per edit, got {len(files)}.",
+                          param="image", code="invalid_value")
+    uris = []
+    for k, f in enumerate(files):
+        if not isinstance(f, UploadFile):
+            raise OpenAIError(400, f"image[{k}] must be a file, not a text field.", param="image", code="invalid_value")
+        data = await f.read(limit + 1)
+        if len(data) > limit:
+            raise OpenAIError(400, f"image[{k}] is larger than {limit} bytes.", param="image", code="invalid_value")
+        mime = f.content_type or "application/octet-stream"
+        uris.append(f"data:{mime};base64," + base64.b64encode(data).decode())
+    body: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name in _IMAGE_FIELDS or isinstance(value, UploadFile):
+            continue
+        body[name] = value
+    for name in _FORM_INTS + _FORM_FLOATS:  # form fields are text
+        if isinstance(body.get(name), str):
+            try:
+                body[name] = int(body[name]) if name in _FORM_INTS else float(body[name])
+            except ValueError:
+                raise OpenAIError(400, f"Invalid {name!r}: {body[name]!r} is not a number.", param=name,
+                                  code="invalid_value") from None
+    return body, uris
+
+
+@router.post("/images/edits", summary="OpenAI-compatible image edit (reference images)")
+async def images_edits(request: Request) -> JSONResponse:
+    rid = new_request_id()
+    try:
+        principal = _authenticate(request)
+        spec = _spec(request, EDIT_ENDPOINT_ID)
+        body, uris = await _edit_body(request)
+        inp, response_format = map_request(body)
+        inp["image_urls"] = uris
+        return await _run(request, rid, principal, spec, inp, response_format)
     except OpenAIError as err:
         return err.response(rid)
 

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, FluxKleinInput, FluxKleinOutput
+from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, INPUT_MODELS, FluxKleinInput, FluxKleinOutput
 from kleinserve.service.auth import Principal
 from kleinserve.service.events import watch
 from kleinserve.service.jobs import Job
@@ -94,8 +94,18 @@ async def web_static(name: str) -> Response:
 # --------------------------------------------------------------------------------------- schema
 
 @router.get("/api/schema")
-async def api_schema(request: Request) -> JSONResponse:
-    spec = next(iter(request.app.state.registry), None)  # the first declared: the one the page drives
+async def api_schema(request: Request, endpoint: Optional[str] = Query(None)) -> JSONResponse:
+    """One endpoint's input schema (`?endpoint=<id>`; default: the first declared), and the list of
+    the endpoints this server serves (the playground's picker)."""
+    registry = request.app.state.registry
+    if endpoint:
+        try:
+            spec = registry.get(endpoint)
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"this server does not serve {endpoint!r}; it serves "
+                                                        + ", ".join(registry.ids())) from None
+    else:
+        spec = next(iter(registry), None)  # the first declared: the page's default
     info = request.app.state.model_info
     input_model = getattr(spec, "input_model", FluxKleinInput)
     output_model = getattr(spec, "output_model", FluxKleinOutput)
@@ -110,6 +120,8 @@ async def api_schema(request: Request) -> JSONResponse:
         "run_path": "",
         "auth_required": request.app.state.auth.enabled,
         "model": dataclasses.asdict(info) if info is not None else None,
+        "endpoints": [{"endpoint_id": s.endpoint_id, "title": s.title or s.endpoint_id, "tags": list(s.tags)}
+                      for s in registry],
     }
     return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
@@ -169,7 +181,7 @@ def _history_row(request: Request, job: Job) -> dict[str, Any]:
         **request_urls(request, app_prefix(job.endpoint_id), job.request_id),
     }
     try:
-        w, h = FluxKleinInput.model_validate(inp).resolved_size()
+        w, h = INPUT_MODELS.get(job.endpoint_id, FluxKleinInput).model_validate(inp).resolved_size()
         row["width"], row["height"] = w, h
     except Exception:
         pass

@@ -325,6 +325,7 @@ class Accelerator:
         self._levels: dict[str, _LevelSetup] = {}
         self._compiled: set[int] = set()  # id() of the module trees already compiled
         self._warmed: set[str] = set()
+        self._adapter_tree = None  # see adapter_model()
         self._lock = threading.RLock()
         self.build_seconds: dict[str, float] = {}
 
@@ -370,7 +371,17 @@ class Accelerator:
         for m in clone.modules():
             if hasattr(m, "_compiled_call_impl"):
                 m._compiled_call_impl = None
+        _strip_adapters(clone)
         return clone
+
+    def adapter_model(self):
+        """The module tree LoRA adapters are injected into: a clone of the reference sharing every
+        weight (no memory but the adapters'), built on first use. Runs eagerly: compiled graphs would
+        specialise on each adapter set and scale, and the reference's warm graphs stay untouched."""
+        with self._lock:
+            if self._adapter_tree is None:
+                self._adapter_tree = self._shared_clone()
+            return self._adapter_tree
 
     def _quantize_fp8(self, model, techniques: list[str]) -> None:
         if self.fp8 is False:
@@ -417,14 +428,30 @@ class Accelerator:
 
     # -- public --------------------------------------------------------------------------------------
 
-    def forward(self, level: str) -> tuple[LevelForward, list[str]]:
+    def forward(self, level: str, *, adapters: bool = False) -> tuple[LevelForward, list[str]]:
         """(fn, techniques) for one generation at `level`; call again for the next generation (fn holds
         that run's block cache). `techniques` lists what runs, and what was skipped and why.
+
+        adapters: the run uses LoRA adapters: it runs on the adapter tree (`adapter_model`, a clone
+        sharing every weight, where the adapters live) eagerly at every level, with the block cache at
+        `high` (no FP8: the FP8 tree has no adapters). The reference tree never carries adapters, so
+        its compiled blocks stay warm for base requests.
 
         After `warmup` has compiled a level, its fn runs under the ``eager_on_recompile`` stance: a shape
         the warm-up did not cover runs eagerly (same result, slower) instead of stalling the request on a
         compile.
         """
+        if adapters:
+            if level not in LEVELS:
+                raise ValueError(f"unknown acceleration level {level!r}; expected one of {LEVELS}")
+            techniques = ["lora_adapter_tree(eager)"]
+            sdpa = self._sdpa(techniques) if level != "none" else None
+            cache = None
+            if level == "high":
+                cache = dict(threshold=self.cache_threshold, taylor=self.cache_taylor)
+                techniques += ["fp8_rowwise:skipped(lora)", FirstBlockCache(**cache).name]
+            return (LevelForward(self.adapter_model(), stance="force_eager", sdpa_backends=sdpa,
+                                 cache=FirstBlockCache(**cache) if cache else None), techniques)
         s = self._setup(level)
         stance = s.stance
         if stance == "default" and level in self._warmed and self.compile:
@@ -493,6 +520,19 @@ class Accelerator:
         if not levels:
             return {}
         return self.warmup(list(IMAGE_SIZE_PRESETS.values()), levels=levels, text_len=text_len)
+
+
+def _strip_adapters(model: torch.nn.Module) -> None:
+    """Replaces every PEFT LoRA layer of `model` by its base layer (a clone made after adapters were
+    loaded into the reference transformer must not carry them: their switches live on the reference)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapters
+        return
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                parent._modules[name] = child.get_base_layer()
 
 
 def fp8_filter(module: torch.nn.Module, fqn: str) -> bool:

@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -32,11 +33,13 @@ from PIL import Image
 from . import cns, sampling
 from .acceleration import Accelerator
 from .imageio import encode_image, make_preview, normalize_format
+from .loras import LoraAdapters
 from .models import Components, load_components
 from .safety import SafetyChecker
 from .text import OUT_LAYERS, PromptEncoder
 from .types import (
     CancelCheck,
+    LoraFile,
     EncodedImage,
     GenerationCancelled,
     GenerationResult,
@@ -49,6 +52,7 @@ from .types import (
 log = logging.getLogger("kleinserve.engine")
 
 PREVIEW_MAX_SIDE = 256
+REFERENCE_MAX_AREA = 1024 * 1024  # larger reference images are downscaled to about this (as diffusers)
 
 
 def preview_pool(h16: int, w16: int, pixels_per_token: int, max_side: int = PREVIEW_MAX_SIDE) -> int:
@@ -72,25 +76,48 @@ def random_seed() -> int:
     return secrets.randbelow(RANDOM_SEED_BOUND)
 
 
+@dataclass(frozen=True)
+class _ReferenceImage:
+    """A reference image after the pipeline's downscale, and the multiple-of-16 size it is cropped to."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
 class _Plan:
     """Everything fixed by one request before the first step: sizes, seeds, schedule; and the notes
     (logs, techniques) its result will carry. The seed is request.seed, or a random one when it is None.
     `rows`: its images' rows in the latent batch (all of it for a request that runs alone)."""
 
-    def __init__(self, engine: "Engine", request, first_row: int = 0):
+    def __init__(self, engine: "Engine", request, first_row: int = 0,
+                 reference_images: Sequence[Image.Image] = ()):
         self.request = request
         self.seed = int(request.seed) if request.seed is not None else random_seed()
-        self.width, self.height = request.resolved_size()
+        # Reference images as the pipeline preprocesses them (<= 1 MP, cropped to multiples of 16).
+        self.references = [engine.preprocess_reference(im) for im in reference_images]
+        if self.references and getattr(request, "image_size", None) is None:
+            self.width, self.height = self.references[0].size  # the pipeline's `height or image_height`
+        else:
+            self.width, self.height = request.resolved_size()
         self.h8, self.w8 = engine.latent_hw(self.width, self.height)
         self.h16, self.w16 = self.h8 // 2, self.w8 // 2
         self.num_images = int(request.num_images)
         self.rows = range(first_row, first_row + self.num_images)
         self.steps = int(request.num_inference_steps)
-        self.guided = request.uses_cfg
+        # A distilled checkpoint never runs CFG (as diffusers' pipeline with is_distilled).
+        self.guided = request.uses_cfg and not engine.info.distilled
         self.guidance = float(request.guidance_scale)
         self.timesteps, self.sigmas = engine._schedule(self.h16 * self.w16, self.steps)
         self.logs: list[str] = []
         self.techniques: list[str] = []
+        # (reference tokens (1, N, 4C), their position ids (1, N, 4)), encoded once per request.
+        self.reference_tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.loras = False  # LoRA adapters active in this run
         if engine.info.is_tiny:
             self.logs.append("model: tiny (random weights, NOT FLUX.2 [klein]; for tests only)")
 
@@ -126,6 +153,9 @@ class Engine:
         self.latent_channels = int(self.transformer.config.in_channels) // 4
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.accelerator = Accelerator(self.transformer, self.device, self.dtype)
+        # Hot-swapped per run, on the accelerator's adapter tree (a weight-sharing clone): the model that
+        # serves requests without LoRAs never carries an adapter.
+        self.loras = LoraAdapters(self.accelerator.adapter_model)
         self.safety_threshold = safety_threshold
         # Whether output images carry their recipe (prompt and parameters) in their metadata;
         # `kleinserve serve --no-image-metadata` turns it off.
@@ -134,6 +164,10 @@ class Engine:
         # A gamma matrix calibrated for this model, installed beside its weights (CNS, docs/CNS.md).
         self._cns_matrix = cns.find_calibrated_matrix(components.extras.get("folder"))
         self._lock = threading.RLock()
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        # The pipeline's reference-image processor (its `vae_scale_factor` counts the 2x2 patch).
+        self._image_processor = Flux2ImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
 
     # ------------------------------------------------------------------ geometry and schedule
 
@@ -183,17 +217,66 @@ class Engine:
             log.info("warm-up: %d shapes in %.1fs", len(report), sum(report.values()))
         return report
 
+    # ------------------------------------------------------------------ reference images (editing)
+
+    def preprocess_reference(self, image: Image.Image) -> Image.Image:
+        """A reference image as Flux2KleinPipeline prepares it: checked (>= 64 px a side, aspect <= 8),
+        downscaled (LANCZOS) to about 1 MP when larger, then its size floored to a multiple of 16; the
+        crop to that size happens in `_reference_tensor` (the pipeline's preprocess(resize_mode="crop"))."""
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        Flux2ImageProcessor.check_image_input(image)
+        if image.width * image.height > REFERENCE_MAX_AREA:
+            image = Flux2ImageProcessor._resize_to_target_area(image, REFERENCE_MAX_AREA)
+        m = self.vae_scale_factor * 2
+        width, height = (image.width // m) * m, (image.height // m) * m
+        return _ReferenceImage(image, width, height)
+
+    def _encode_references(self, plan: "_Plan") -> None:
+        """VAE-encode the plan's reference images (the distribution's mode), patchify, BatchNorm-normalise
+        and pack them, with position ids T = 10, 20, ... per image: the pipeline's prepare_image_latents."""
+        if not plan.references:
+            return
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import retrieve_latents
+
+        pipe = cns.flux2_pipeline_cls()
+        latents = []
+        for ref in plan.references:
+            pixels = self._image_processor.preprocess(ref.image, height=ref.height, width=ref.width,
+                                                      resize_mode="crop")
+            pixels = pixels.to(device=self.device, dtype=self.vae.dtype)
+            lat = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax")
+            lat = pipe._patchify_latents(lat)
+            bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(lat.device, lat.dtype)
+            bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+                lat.device, lat.dtype)
+            latents.append((lat - bn_mean) / bn_std)
+        ids = pipe._prepare_image_ids(latents).to(self.device)
+        tokens = torch.cat([pipe._pack_latents(lat).squeeze(0) for lat in latents], dim=0).unsqueeze(0)
+        plan.reference_tokens = (tokens, ids)
+        sizes = ", ".join(f"{r.width}x{r.height}" for r in plan.references)
+        plan.logs.append(f"{len(plan.references)} reference image(s) ({sizes}): {tokens.shape[1]} tokens "
+                         f"of context per step, encoded once")
+
+    def _activate_loras(self, plans: Sequence["_Plan"], loras: Sequence[LoraFile]) -> None:
+        """Makes exactly this run's LoRA adapters active (none: the base model); notes in each plan."""
+        with torch.inference_mode(False):  # adapters loaded now are ordinary parameters
+            notes = self.loras.activate(loras)
+        for plan in plans:
+            plan.loras = bool(loras)
+            plan.logs.extend(notes)
+            if loras:
+                plan.techniques.append("lora")
+
     def batch_key(self, request) -> Optional[tuple]:
         """Requests with equal keys can share every transformer forward (`generate_batch`); None: this
         one runs alone. Equal keys mean the same latent shape and schedule (size, steps), the same
         branches (CFG on or off), level and CNS settings; prompts, seeds, guidance scales, image counts,
-        formats and the safety checker may differ. `high` always runs alone: its block cache decides
+        formats and the safety checker may differ; LoRA sets (paths and scales) must be equal. Edit requests
+        run alone. `high` always runs alone: its block cache decides
         per forward whether to skip, so a neighbour would change its images."""
-        if request.acceleration == "high":
-            return None
-        cns_params = cns.CNSParams.from_request(request) if request.enable_cns else None
-        return (request.resolved_size(), int(request.num_inference_steps), request.uses_cfg,
-                request.acceleration, cns_params)
+        return request_batch_key(request)
 
     def generate(
         self,
@@ -203,9 +286,13 @@ class Engine:
         should_cancel: Optional[CancelCheck] = None,
         preview_every: int = 0,
         wants_preview: Optional[Callable[[], bool]] = None,
+        reference_images: Sequence[Image.Image] = (),
+        loras: Sequence[LoraFile] = (),
     ) -> GenerationResult:
-        """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so."""
-        task = GenerationTask(request, on_step=on_step, should_cancel=should_cancel, wants_preview=wants_preview)
+        """Run one request to encoded images. Raises GenerationCancelled when should_cancel() says so.
+        reference_images: an edit request's decoded images; loras: its LoRA files (see GenerationTask)."""
+        task = GenerationTask(request, on_step=on_step, should_cancel=should_cancel, wants_preview=wants_preview,
+                              reference_images=tuple(reference_images), loras=tuple(loras))
         outcome = self.generate_batch([task], preview_every=preview_every)[0]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -228,15 +315,20 @@ class Engine:
             keys = {self.batch_key(t.request) for t in tasks}
             if None in keys or len(keys) > 1:
                 raise ValueError("these requests cannot share a batch: their Engine.batch_key differs")
+            if len({tuple((str(f.file), f.scale) for f in t.loras) for t in tasks}) > 1:
+                raise ValueError("these requests cannot share a batch: their LoRA files differ")
         with self._lock, torch.inference_mode():
             t_start = time.perf_counter()
             plans: list[_Plan] = []
             for task in tasks:
-                plans.append(_Plan(self, task.request, first_row=plans[-1].rows.stop if plans else 0))
+                plans.append(_Plan(self, task.request, first_row=plans[-1].rows.stop if plans else 0,
+                                   reference_images=task.reference_images))
+            self._activate_loras(plans, tasks[0].loras)
             encode_seconds, embeddings = [], []
             for plan in plans:
                 t0 = time.perf_counter()
                 embeddings.append(self._encode(plan))
+                self._encode_references(plan)
                 encode_seconds.append(self._sync_time(t0))
             if len(plans) > 1:
                 for plan in plans:
@@ -320,12 +412,21 @@ class Engine:
         return GenerationResult(images=encoded, seed=plan.seed, timings=timings,
                                 techniques=_unique(plan.techniques), logs=plan.logs)
 
-    def sample_latents(self, request, callback: Optional[sampling.SamplerCallback] = None) -> torch.Tensor:
+    def sample_latents(self, request, callback: Optional[sampling.SamplerCallback] = None,
+                       reference_images: Sequence[Image.Image] = (), loras: Sequence[LoraFile] = ()) -> torch.Tensor:
         """The final packed latents (B, seq, 4C) of a request (no decode); `callback(i, x, x0_hat)`
         after each step. For CNS calibration. Uses request.seed (random when None)."""
         with self._lock, torch.inference_mode():
-            plan = _Plan(self, request)
-            return self._denoise([plan], [self._encode(plan)], callback)
+            plan = _Plan(self, request, reference_images=reference_images)
+            self._activate_loras([plan], loras)
+            embedding = self._encode(plan)
+            self._encode_references(plan)
+            return self._denoise([plan], [embedding], callback)
+
+    def output_size(self, request, reference_images: Sequence[Image.Image] = ()) -> tuple[int, int]:
+        """(width, height) a request generates: its image_size, or an edit's first reference image's."""
+        plan = _Plan(self, request, reference_images=reference_images)
+        return plan.width, plan.height
 
     # ------------------------------------------------------------------ stages
 
@@ -392,6 +493,12 @@ class Engine:
         rows = x.shape[0]
         grid = x.new_zeros(1, 1, first.h16, first.w16)
         img_ids = pipe._prepare_latent_ids(grid).to(self.device)
+        seq = img_ids.shape[1]
+        # An edit's reference tokens follow the image tokens in every forward, with their own ids
+        # (edits run alone: one plan); the velocity of the image tokens is the first `seq` rows.
+        references = first.reference_tokens
+        if references is not None:
+            img_ids = torch.cat([img_ids, references[1]], dim=1)
         txt_ids = pipe._prepare_text_ids(embeddings[0][0]).to(self.device)  # (1, 512, 4): every prompt
         # Per image row: its request's prompt (and negative prompt) embedding and guidance scale.
         cond = torch.cat([c.expand(p.num_images, -1, -1) for p, (c, _) in zip(plans, embeddings)])
@@ -404,7 +511,7 @@ class Engine:
             guidance = torch.tensor(scales, dtype=torch.float32, device=self.device).view(-1, 1, 1)
 
         # The transformer call at the level of the requests (a fresh block cache per run).
-        forward, acc_techniques = self.accelerator.forward(first.request.acceleration)
+        forward, acc_techniques = self.accelerator.forward(first.request.acceleration, adapters=first.loras)
         branches = 2 if first.guided else 1
         for plan in plans:
             plan.techniques.extend(acc_techniques)
@@ -434,7 +541,10 @@ class Engine:
         def model(x: torch.Tensor, i: int) -> torch.Tensor:
             live = tuple(live_rows()) if live_rows is not None else tuple(range(rows))
             index, context, txt, img, g = batch_inputs(live)
-            hidden = (x if index is None else x.index_select(0, index)).to(self.dtype)
+            hidden = x if index is None else x.index_select(0, index)
+            if references is not None:
+                hidden = torch.cat([hidden, references[0].expand(hidden.shape[0], -1, -1).to(hidden.dtype)], dim=1)
+            hidden = hidden.to(self.dtype)
             if branches == 2:
                 hidden = torch.cat([hidden, hidden], dim=0)
             v = forward(
@@ -447,6 +557,8 @@ class Engine:
                 joint_attention_kwargs=None,
                 return_dict=False,
             )[0]
+            if references is not None:
+                v = v[:, :seq]
             if branches == 2:
                 v = sampling.guided_velocity(*v.chunk(2, dim=0), g)
             if index is not None:  # rows that left: zero velocity, their latents stay put
@@ -525,6 +637,9 @@ class Engine:
         """The generation parameters stored in image k's metadata: re-running them (num_images=1,
         seed = seed + k) reproduces exactly this image."""
         recipe = plan.request.model_dump(mode="json")
+        if recipe.get("image_urls"):  # data: URIs would put whole images in the metadata
+            recipe["image_urls"] = [u if not u.startswith("data:") else f"data:...({len(u)} characters)"
+                                    for u in recipe["image_urls"]]
         recipe.update(
             seed=plan.seed + k,
             num_images=1,
@@ -549,6 +664,16 @@ class Engine:
             seed=plan.seed + k,
             nsfw=nsfw,
         )
+
+
+def request_batch_key(request) -> Optional[tuple]:
+    """`Engine.batch_key`: it reads only the request (so a pool can key requests without loading)."""
+    if request.acceleration == "high" or getattr(request, "image_urls", None):
+        return None  # edits run alone: their reference tokens are theirs
+    cns_params = cns.CNSParams.from_request(request) if request.enable_cns else None
+    loras = tuple((str(lora.path), float(lora.scale)) for lora in (getattr(request, "loras", None) or ()))
+    return (request.resolved_size(), int(request.num_inference_steps), request.uses_cfg,
+            request.acceleration, cns_params, loras)
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -103,11 +103,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_spec(spec: Optional[str]) -> str:
-    """`auto` -> the real repo id when CUDA is available, else `tiny`; other specs unchanged."""
+def resolve_spec(spec: Optional[str], *, repo_id: str = DEFAULT_REPO_ID, distilled: bool = False) -> str:
+    """`auto` -> the real repo id (`repo_id`: a klein family's checkpoint) when CUDA is available,
+    else `tiny` (`tiny-distilled` for a distilled family); other specs unchanged."""
     spec = (spec or "auto").strip()
     if spec == "auto":
-        return DEFAULT_REPO_ID if torch.cuda.is_available() else "tiny"
+        return repo_id if torch.cuda.is_available() else ("tiny-distilled" if distilled else "tiny")
     return spec
 
 
@@ -126,11 +127,13 @@ def load_components(
     dt = resolve_dtype(dtype, dev)
 
     folder = None
-    if resolved == "tiny":
+    distilled = False
+    if resolved in ("tiny", "tiny-distilled"):
         from .tiny import build_tiny_components
 
-        parts = build_tiny_components()
-        source, is_tiny, model_id = "tiny", True, "tiny"
+        distilled = resolved == "tiny-distilled"
+        parts = build_tiny_components(distilled)
+        source, is_tiny, model_id = resolved, True, resolved
     else:
         folder = _local_folder(resolved)
         source = str(folder.resolve()) if folder is not None else resolved  # a folder, or the repo id
@@ -139,6 +142,7 @@ def load_components(
         parts = load_folder(folder, dt)
         is_tiny = (folder / TINY_MARKER).is_file()
         model_id = f"{source}@{folder.resolve()}"
+        distilled = _is_distilled(folder)
 
     try:
         _place(parts["transformer"], dev, dt)
@@ -158,12 +162,21 @@ def load_components(
         device=str(dev),
         dtype=dtype_name(dt),
         load_seconds=round(time.perf_counter() - t0, 3),
+        distilled=distilled,
     )
     if is_tiny:
         log.warning(TINY_BANNER)
     else:
         log.info("loaded %s on %s (%s) in %.1fs", source, info.device, info.dtype, info.load_seconds)
     return Components(info=info, model_id=model_id, extras={"folder": folder}, **parts)
+
+
+def _is_distilled(folder: Path) -> bool:
+    """model_index.json's `is_distilled` (the distilled klein checkpoints: 4 steps, no CFG)."""
+    try:
+        return bool(json.loads((folder / "model_index.json").read_text()).get("is_distilled", False))
+    except (OSError, ValueError):
+        return False
 
 
 def _place(module, device: torch.device, dtype: torch.dtype) -> None:

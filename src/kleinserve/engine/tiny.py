@@ -242,7 +242,10 @@ def build_scheduler():
     return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
 
 
-def build_tiny_components() -> dict:
+TINY_DISTILLED_SEED_OFFSET = 101  # the distilled twin: same classes and text encoder, its own transformer
+
+
+def build_tiny_components(distilled: bool = False) -> dict:
     """All five pipeline components (keys as in Flux2KleinPipeline's constructor), float32, CPU.
 
     Seeded without touching the caller's global RNG state.
@@ -251,7 +254,7 @@ def build_tiny_components() -> dict:
         tokenizer = build_tokenizer()
         torch.manual_seed(TINY_SEED)
         text_encoder = build_text_encoder(_vocab_size(tokenizer))
-        torch.manual_seed(TINY_SEED + 1)
+        torch.manual_seed(TINY_SEED + 1 + (TINY_DISTILLED_SEED_OFFSET if distilled else 0))
         transformer = build_transformer()
         torch.manual_seed(TINY_SEED + 2)
         vae = build_vae()
@@ -264,11 +267,97 @@ def build_tiny_components() -> dict:
     }
 
 
-def save_tiny_model(path: str | Path) -> Path:
-    """Write the tiny model as a diffusers-layout folder (loadable by Flux2KleinPipeline and by us)."""
+def save_tiny_model(path: str | Path, distilled: bool = False) -> Path:
+    """Write the tiny model as a diffusers-layout folder (loadable by Flux2KleinPipeline and by us).
+    distilled: the distilled twin (`tiny-distilled`: its own transformer weights, is_distilled=True)."""
     from diffusers import Flux2KleinPipeline
 
     path = Path(path)
-    Flux2KleinPipeline(**build_tiny_components(), is_distilled=False).save_pretrained(path)
+    Flux2KleinPipeline(**build_tiny_components(distilled), is_distilled=distilled).save_pretrained(path)
     (path / TINY_MARKER).write_text("random tiny test weights built by kleinserve.engine.tiny; NOT FLUX.2\n")
     return path
+
+
+# LoRA files for the tiny transformer (tests: formats, hot-swap, parity with diffusers' load_lora_weights).
+TINY_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "ff.linear_in")
+
+
+def save_tiny_lora(path: str | Path, *, layout: str = "diffusers", seed: int = 1, rank: int = 4,
+                   alpha: float = 8.0, strength: float = 0.5) -> Path:
+    """A random LoRA for the tiny transformer, written as one .safetensors file in `layout`:
+
+    - "diffusers": PEFT keys `transformer.<module>.lora_A/B.weight` with PEFT metadata (rank, alpha),
+      as `Flux2KleinPipeline.save_lora_weights` writes them;
+    - "kohya": `lora_unet_{double,single}_blocks_N_<name>.lora_down/lora_up.weight` + `.alpha`, with the
+      fused img/txt qkv of the original BFL layout (what kohya/ComfyUI trainers write);
+    - "bfl": `diffusion_model.{double,single}_blocks.N.*.lora_A/B.weight` (BFL / ai-toolkit / fal's trainer).
+    `strength` sizes the weights so the LoRA changes the image clearly (but not to noise)."""
+    from diffusers import Flux2KleinPipeline
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    transformer = build_transformer()
+    g = torch.Generator("cpu").manual_seed(seed)
+    modules = dict(transformer.named_modules())
+
+    def pair(in_f: int, out_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        down = torch.randn(rank, in_f, generator=g) * (strength / in_f ** 0.5)
+        up = torch.randn(out_f, rank, generator=g) * (strength / rank ** 0.5)
+        return down, up
+
+    if layout == "diffusers":
+        layers = {}
+        targets = [name for name in modules for t in TINY_LORA_TARGETS
+                   if name.endswith(t) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+        targets += [n for n in modules if n.startswith("single_transformer_blocks.") and n.endswith("attn.to_out")]
+        for name in targets:
+            lin = modules[name]
+            down, up = pair(lin.in_features, lin.out_features)
+            layers[f"{name}.lora_A.weight"] = down
+            layers[f"{name}.lora_B.weight"] = up
+        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted({n for n in targets})}
+        Flux2KleinPipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
+                                             transformer_lora_adapter_metadata=metadata)
+        return path
+    if layout == "kohya":
+        sd: dict[str, torch.Tensor] = {}
+        blocks = transformer.transformer_blocks
+        for i, block in enumerate(blocks):
+            dim = block.attn.to_q.in_features
+            for key, (in_f, out_f) in {
+                f"lora_unet_double_blocks_{i}_img_attn_qkv": (dim, 3 * block.attn.to_q.out_features),
+                f"lora_unet_double_blocks_{i}_img_attn_proj": (block.attn.to_out[0].in_features,
+                                                               block.attn.to_out[0].out_features),
+                f"lora_unet_double_blocks_{i}_txt_mlp_0": (block.ff_context.linear_in.in_features,
+                                                           block.ff_context.linear_in.out_features),
+            }.items():
+                down, up = pair(in_f, out_f)
+                sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+                sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+        for i, block in enumerate(transformer.single_transformer_blocks):
+            lin = block.attn.to_qkv_mlp_proj
+            down, up = pair(lin.in_features, lin.out_features)
+            sd[f"lora_unet_single_blocks_{i}_linear1.lora_down.weight"] = down
+            sd[f"lora_unet_single_blocks_{i}_linear1.lora_up.weight"] = up
+            sd[f"lora_unet_single_blocks_{i}_linear1.alpha"] = torch.tensor(float(alpha))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        return path
+    if layout == "bfl":  # BFL / ai-toolkit names (what fal's trainer writes): diffusion_model.*, fused qkv
+        sd = {}
+        for i, block in enumerate(transformer.transformer_blocks):
+            dim = block.attn.to_q.in_features
+            for key, (in_f, out_f) in {
+                f"double_blocks.{i}.img_attn.qkv": (dim, 3 * block.attn.to_q.out_features),
+                f"double_blocks.{i}.txt_attn.qkv": (dim, 3 * block.attn.add_q_proj.out_features),
+            }.items():
+                down, up = pair(in_f, out_f)
+                sd[f"diffusion_model.{key}.lora_A.weight"], sd[f"diffusion_model.{key}.lora_B.weight"] = down, up
+        for i, block in enumerate(transformer.single_transformer_blocks):
+            lin = block.attn.to_qkv_mlp_proj
+            down, up = pair(lin.in_features, lin.out_features)
+            sd[f"diffusion_model.single_blocks.{i}.linear1.lora_A.weight"] = down
+            sd[f"diffusion_model.single_blocks.{i}.linear1.lora_B.weight"] = up
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        return path
+    raise ValueError(f"unknown LoRA layout {layout!r}: diffusers | kohya | bfl")

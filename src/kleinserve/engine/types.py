@@ -8,7 +8,8 @@ worker thread); progress goes out through `on_step`, cancellation comes in throu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
@@ -57,6 +58,7 @@ class ModelInfo:
     device: str
     dtype: str
     load_seconds: float
+    distilled: bool = False  # a distilled checkpoint (is_distilled): served without CFG
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -72,10 +74,29 @@ class GenerationTask:
     is not polled or called back again.
     wants_preview: whether a preview is worth a VAE decode right now (someone is watching).
     on_done: called exactly once with the task's outcome as soon as it is known (a cancelled task at
-    once, while the others run on), unless the shared part of the run fails (generate_batch raises)."""
+    once, while the others run on), unless the shared part of the run fails (generate_batch raises).
+    reference_images: the decoded reference images of an edit request (RGB), in `image_urls` order.
+    loras: the LoRA files of the request, resolved to local files, in `loras` order."""
 
     request: Any
     on_step: Optional[StepCallback] = None
     should_cancel: Optional[CancelCheck] = None
     wants_preview: Optional[Callable[[], bool]] = None
     on_done: Optional[Callable[["GenerationResult | Exception"], None]] = None
+    reference_images: Sequence[Image.Image] = ()
+    loras: Sequence["LoraFile"] = ()
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One LoRA of a request: its local safetensors file, its scale, and the name the user gave it
+    (`path` as requested: what the logs and errors say)."""
+
+    file: Path
+    scale: float
+    name: str
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that none of diffusers' Flux2 LoRA conversions understands (or that does not fit
+    the model). The message names the problem; the service turns it into a 422."""

@@ -173,6 +173,11 @@ class Settings:
     devices: list[str] = field(default_factory=list)
     store: Optional[str] = None
     threads: int = 0
+    max_input_image_bytes: int = 20 * 1024 * 1024
+    max_input_image_pixels: int = 64 * 1024 * 1024
+    input_fetch_timeout: float = 30.0
+    lora_dir: Optional[Path] = None
+    lora_cache_bytes: int = 8 * 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -387,6 +392,18 @@ OPTIONS: list[Option] = [
            "the env var is comma-separated).", metavar="CIDR", kind="append"),
     Option("log_format", ("--log-format",), "KLEINSERVE_LOG_FORMAT", str, "text | json (one object a line)."),
     Option("log_level", ("--log-level",), "KLEINSERVE_LOG_LEVEL", str, "debug | info | warning | error."),
+    Option("max_input_image_bytes", ("--max-input-image-bytes",), "KLEINSERVE_MAX_INPUT_IMAGE_BYTES", parse_size,
+           "Largest input image (image_urls) accepted, fetched or inline (422 beyond).", metavar="SIZE"),
+    Option("max_input_image_pixels", ("--max-input-image-pixels",), "KLEINSERVE_MAX_INPUT_IMAGE_PIXELS",
+           parse_int, "Largest input image in pixels (width x height) decoded (422 beyond: decompression bombs)."),
+    Option("input_fetch_timeout", ("--input-fetch-timeout",), "KLEINSERVE_INPUT_FETCH_TIMEOUT", parse_duration,
+           "Longest the server spends fetching one input file (image or LoRA) from a URL.", metavar="DURATION"),
+    Option("lora_dir", ("--lora-dir",), "KLEINSERVE_LORA_DIR", lambda v: Path(v) if str(v).strip() else None,
+           "A folder of LoRA files that requests may name by a path relative to it (none: no local paths).",
+           metavar="DIR"),
+    Option("lora_cache_bytes", ("--lora-cache-bytes",), "KLEINSERVE_LORA_CACHE_BYTES", parse_size,
+           "Disk space for downloaded LoRA files (<data-dir>/lora-cache); least recently used go first.",
+           metavar="SIZE"),
 ]
 
 

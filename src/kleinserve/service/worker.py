@@ -42,13 +42,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from kleinserve.engine.types import (GenerationCancelled, GenerationResult, GenerationTask, ModelUnavailable,
-                                     StepEvent)
+from kleinserve.engine.types import (GenerationCancelled, GenerationResult, GenerationTask, LoraFormatError,
+                                     ModelUnavailable, StepEvent)
 
 from ..engine.imageio import data_uri, preview_data_uri
 from . import jobs as J
 from . import metrics
 from .events import EventFeed
+from .inputs import InputError, RequestFiles, RequestInputs
 from .jobs import Job, job_error
 from .lifecycle import Loop
 from .logging import request_context
@@ -122,6 +123,11 @@ def classify_exception(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ValidationError):
         return job_error(f"Invalid input: {exc.errors(include_url=False)}", J.ERR_VALIDATION, 422,
                          detail=J.validation_detail(exc.errors()))
+    if isinstance(exc, LoraFormatError):  # a LoRA file the model cannot take
+        return job_error(f"Invalid input: {exc}", J.ERR_VALIDATION, 422,
+                         detail=[{"loc": ["body", "loras"], "msg": str(exc), "type": "lora_format"}])
+    if isinstance(exc, InputError):  # a bad input file (image_urls, loras): names the item and the reason
+        return job_error(f"Invalid input: {exc}", J.ERR_VALIDATION, 422, detail=exc.detail())
     if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return job_error("The accelerator ran out of memory while generating this request; try a "
                          "smaller image size or fewer images.", J.ERR_MODEL, 500)
@@ -180,6 +186,7 @@ class Worker:
         self._claims = Loop(f"worker-{name}", self._claim_pass, interval=idle_poll)
         self._monitor = Loop(f"monitor-{name}", self._monitor_pass, interval=monitor_every)
         self._next_registration = 0.0
+        self.inputs = RequestInputs(settings, storage)  # image_urls and loras -> decoded images, LoRA files
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Worker":
@@ -321,7 +328,8 @@ class Worker:
     def _generate(self, runs: list["_Run"]) -> None:
         assert self.engine is not None
         tasks = [GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
-                                wants_preview=run.wants_preview, on_done=functools.partial(self._finish, run))
+                                wants_preview=run.wants_preview, on_done=functools.partial(self._finish, run),
+                                reference_images=run.files.images, loras=run.files.loras)
                  for run in runs]
         # Engine log lines carry the request id when there is one request to name.
         context = request_context(runs[0].rid) if len(runs) == 1 else contextlib.nullcontext()
@@ -496,6 +504,7 @@ class _Run:
         self.started = time.monotonic()
         self.spec: Any = None
         self.request: Any = None
+        self.files: Optional[RequestFiles] = None  # its decoded input images and LoRA files
         self.finished = False
         self.cancel_seen = threading.Event()  # set by the event feed or the monitor's poll
         self.lost = False  # the store refused our lease: someone else owns the job now
@@ -513,6 +522,9 @@ class _Run:
                 self.request = self.spec.validate_input(self.job.input)
                 with contextlib.suppress(Exception):  # best effort: the monitor asks again
                     self.watched = w.store.is_watched(self.rid)
+                self.files = w.inputs.resolve(
+                    self.request, public_base=w._public_base(self.job),
+                    log=lambda line: w.store.append_log(self.rid, line, source="service", lease=self.lease))
                 info = w.engine.info
                 note = " (TINY RANDOM MODEL)" if info.is_tiny else ""
                 w.store.append_log(self.rid, f"Generating with {info.source}{note}, attempt {self.job.attempts}",

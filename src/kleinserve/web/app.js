@@ -23,7 +23,7 @@
 
   // Fields placed in the main section, in this order; any other non-CNS field follows them.
   const MAIN_ORDER = [
-    "prompt", "negative_prompt", "image_size", "num_inference_steps", "guidance_scale", "seed",
+    "prompt", "image_urls", "loras", "negative_prompt", "image_size", "num_inference_steps", "guidance_scale", "seed",
     "num_images", "output_format", "acceleration", "enable_safety_checker",
   ];
   // Not shown: the playground always stores its images (sync_mode returns data URIs instead).
@@ -403,7 +403,11 @@
     const customOpt = el("label", { class: "size-opt", title: "custom width × height" },
       el("input", { type: "radio", name: "image_size_choice", value: "custom", id: "size-custom" }),
       el("span", { class: "size-card" }, el("span", { class: "shape", style: "width:22px;height:16px;border-style:dashed" }), el("span", { text: "custom" }), el("span", { class: "dims", text: "W×H" })));
-    const grid = el("div", { class: "sizes", role: "radiogroup", id: `f-${name}`, "aria-label": "image size" }, opts, customOpt);
+    // Edit endpoints: no size means the first input image's size.
+    const autoOpt = prop.anyOf.some((m) => m.type === "null") ? el("label", { class: "size-opt", title: "the first input image's size" },
+      el("input", { type: "radio", name: "image_size_choice", value: "auto", checked: dflt === null }),
+      el("span", { class: "size-card" }, el("span", { class: "shape", style: "width:18px;height:18px;border-style:dotted" }), el("span", { text: "auto" }), el("span", { class: "dims", text: "1st image" }))) : null;
+    const grid = el("div", { class: "sizes", role: "radiogroup", id: `f-${name}`, "aria-label": "image size" }, autoOpt, opts, customOpt);
 
     const w = el("input", { type: "number", id: "f-image_size-width", name: "width", min: wProp.minimum, max: wProp.maximum, step: 16, value: wProp.default ?? 512 });
     const h = el("input", { type: "number", id: "f-image_size-height", name: "height", min: hProp.minimum, max: hProp.maximum, step: 16, value: hProp.default ?? 512 });
@@ -420,10 +424,12 @@
       syncCustom();
     });
     syncCustom();
-    const choice = () => { const c = grid.querySelector("input:checked"); return c ? c.value : dflt; };
+    const choice = () => { const c = grid.querySelector("input:checked"); return !c || c.value === "auto" ? dflt : c.value; };
     const num = (x) => (x.value.trim() === "" ? null : Number(x.value));
     const set = (v) => {
-      if (typeof v === "string") {
+      if (v === null || v === undefined) {
+        for (const r of grid.querySelectorAll("input")) r.checked = r.value === "auto";
+      } else if (typeof v === "string") {
         for (const r of grid.querySelectorAll("input")) r.checked = r.value === v;
       } else if (v && typeof v === "object") {
         customOpt.querySelector("input").checked = true;
@@ -439,10 +445,89 @@
     };
   }
 
+  // Input images (image_urls): upload (to this server's storage), URL or data: URI, drag and drop;
+  // one thumbnail per image. The value is the list of URLs.
+  function buildImages(name, prop) {
+    const max = prop.maxItems || 4;
+    let urls = [];
+    const list = el("div", { class: "thumbs", id: `f-${name}` });
+    const urlInput = el("input", { type: "url", id: `f-${name}-url`, placeholder: "https://… or data:…", spellcheck: "false" });
+    const fileInput = el("input", { type: "file", id: `f-${name}-file`, accept: "image/*", multiple: true });
+    const note = el("span", { class: "help", text: "" });
+    const render = () => {
+      list.textContent = "";
+      urls.forEach((u, k) => {
+        list.append(el("figure", { class: "thumb", "data-index": k },
+          el("img", { src: u, alt: `input image ${k + 1}` }),
+          el("button", { type: "button", class: "ghost small", title: "remove", text: "✕", onclick: () => { urls.splice(k, 1); render(); fire(); } })));
+      });
+      urlInput.disabled = fileInput.disabled = urls.length >= max;
+      note.textContent = `${urls.length}/${max} image(s)`;
+    };
+    const fire = () => list.dispatchEvent(new Event("change", { bubbles: true }));
+    const add = (u) => { if (u && urls.length < max) { urls.push(u); render(); fire(); } };
+    async function upload(file) {
+      note.textContent = `uploading ${file.name}…`;
+      const resp = await fetch("/files/upload", {
+        method: "POST", body: file,
+        headers: authHeaders({ "content-type": file.type || "application/octet-stream", "x-fal-file-name": file.name }),
+      });
+      if (!resp.ok) {
+        const body = await readResult(resp);
+        showTopError(`Uploading ${file.name} failed.`, describeError(resp.status, body));
+        render();
+        return;
+      }
+      add((await resp.json()).access_url);
+    }
+    const addFiles = async (files) => { for (const f of files) if (urls.length < max) await upload(f); };
+    fileInput.addEventListener("change", async () => { await addFiles([...fileInput.files]); fileInput.value = ""; });
+    const addUrl = () => { const v = urlInput.value.trim(); if (v) { add(v); urlInput.value = ""; } };
+    urlInput.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); addUrl(); } });
+    const drop = el("div", { class: "dropzone", id: `f-${name}-drop` },
+      el("span", { text: "drop images here, or " }), fileInput,
+      el("div", { class: "row" }, urlInput, el("button", { type: "button", class: "small", id: `f-${name}-add`, text: "add URL", onclick: addUrl })), note);
+    drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (ev) => { ev.preventDefault(); drop.classList.remove("over"); addFiles([...ev.dataTransfer.files]); });
+    render();
+    return {
+      el: fieldShell(name, prop, el("div", {}, list, drop)), input: urlInput,
+      get: () => urls.slice(), set: (v) => { urls = Array.isArray(v) ? v.slice(0, max) : []; render(); },
+      reset: () => { urls = []; render(); }, isDefault: () => urls.length === 0,
+    };
+  }
+
+  // LoRA adapters (loras): rows of {path, scale}, at most maxItems.
+  function buildLoras(name, prop) {
+    const max = prop.maxItems || 3;
+    const rows = el("div", { class: "lora-rows", id: `f-${name}` });
+    const addBtn = el("button", { type: "button", class: "small", id: `f-${name}-add`, text: "add LoRA" });
+    const addRow = (path = "", scale = 1) => {
+      if (rows.children.length >= max) return;
+      const row = el("div", { class: "row lora-row" },
+        el("input", { type: "text", class: "lora-path", placeholder: "https://…/x.safetensors, org/repo, or a file in the LoRA folder", value: path, spellcheck: "false" }),
+        el("input", { type: "number", class: "lora-scale", step: 0.05, min: -4, max: 4, value: scale, title: "scale" }),
+        el("button", { type: "button", class: "ghost small", title: "remove", text: "✕", onclick: () => { row.remove(); sync(); } }));
+      rows.append(row); sync();
+    };
+    const sync = () => { addBtn.disabled = rows.children.length >= max; };
+    addBtn.addEventListener("click", () => addRow());
+    const get = () => [...rows.children].map((r) => ({ path: r.querySelector(".lora-path").value.trim(), scale: Number(r.querySelector(".lora-scale").value || 1) })).filter((l) => l.path);
+    const set = (v) => { rows.textContent = ""; for (const l of (Array.isArray(v) ? v : [])) addRow(l.path || "", l.scale ?? 1); sync(); };
+    sync();
+    return {
+      el: fieldShell(name, prop, el("div", {}, rows, addBtn)), input: addBtn,
+      get, set, reset: () => set([]), isDefault: () => get().length === 0,
+    };
+  }
+
   function buildField(name, raw) {
     const prop = normalizeProp(raw);
     state.props[name] = prop;
     if (name === "seed") return buildSeed(name, prop);
+    if (prop.ui === "images") return buildImages(name, prop);
+    if (prop.ui === "loras") return buildLoras(name, prop);
     if (prop.anyOf) {
       if (prop.anyOf.some((m) => m.enum) && prop.anyOf.some((m) => m.type === "object" || m.properties)) return buildImageSize(name, prop);
       return buildText(name, prop);
@@ -1007,6 +1092,31 @@
     window.scrollTo({ top: 0, behavior: "smooth" });
   }
 
+  // ------------------------------------------------------------------------------ endpoints
+  function setMeta(meta) {
+    state.meta = meta;
+    state.schema = meta.input_schema;
+    $("#endpoint-id").textContent = meta.endpoint_id;
+    document.title = `kleinserve playground · ${meta.endpoint_id}`;
+  }
+
+  // Another endpoint: its form (the values of the fields both have are kept) and its snippets.
+  async function switchEndpoint(id) {
+    const keep = {};
+    for (const [n, f] of Object.entries(state.fields)) if (!f.isDefault() || n === "prompt") keep[n] = f.get();
+    let resp;
+    try { resp = await fetch(`/api/schema?endpoint=${encodeURIComponent(id)}`, { cache: "no-store" }); } catch (err) {
+      showTopError("Cannot reach the server.", String(err)); return;
+    }
+    if (!resp.ok) { showTopError(`Cannot load ${id}.`, `HTTP ${resp.status}`); return; }
+    setMeta(await resp.json());
+    state.fields = {}; state.props = {};
+    buildForm();
+    for (const [n, v] of Object.entries(keep)) if (state.fields[n]) state.fields[n].set(v);
+    clearFieldErrors(); clearTopError();
+    renderSnippet();
+  }
+
   // ------------------------------------------------------------------------------ startup
   async function init() {
     const keyInput = $("#api-key");
@@ -1032,10 +1142,12 @@
       showTopError("Cannot reach the server.", String(err)); return;
     }
     if (!resp.ok) { showTopError("Cannot load the input schema.", `HTTP ${resp.status}`); return; }
-    state.meta = await resp.json();
-    state.schema = state.meta.input_schema;
-    $("#endpoint-id").textContent = state.meta.endpoint_id;
-    document.title = `kleinserve playground · ${state.meta.endpoint_id}`;
+    setMeta(await resp.json());
+    const picker = $("#endpoint-picker");
+    for (const e of state.meta.endpoints || []) picker.append(el("option", { value: e.endpoint_id, text: e.title, title: e.endpoint_id }));
+    picker.value = state.meta.endpoint_id;
+    picker.hidden = (state.meta.endpoints || []).length < 2;
+    picker.addEventListener("change", () => switchEndpoint(picker.value));
     const model = state.meta.model;
     if (model) {
       const badge = $("#model-badge");
