@@ -99,7 +99,7 @@ def test_a_distilled_endpoint_gets_its_family_model(capsys, monkeypatch):
                        "--dtype", "float32", "--no-progress", "--sync-mode", "--image-size", "64x64",
                        "--no-enable-safety-checker", "--seed", "1")
     assert rc == 0, err
-    assert "tiny-distilled" in err and "cfg_batched" not in err
+    assert "model: tiny-distilled" in err and "cfg_batched" not in err
     assert json.loads(out)["images"][0]["width"] == 64
     with pytest.raises(SystemExit) as info:  # not a field of the distilled endpoints
         cli.main(["generate", "--endpoint", "fal-ai/flux-2/klein/9b", "a fox", "--guidance-scale", "3"])

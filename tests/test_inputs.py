@@ -233,7 +233,7 @@ def test_lora_under_the_lora_folder(tmp_path, lora_file):
 
 
 def test_request_inputs_resolves_both(tmp_path, http):
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", webhook_allow_private=True)  # the LoRA is on 127.0.0.1
     storage = LocalFileStorage(tmp_path / "files")
     stored = storage.put(png(), "image/png", "a.png")
     inputs = RequestInputs(settings, storage)

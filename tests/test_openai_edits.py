@@ -69,7 +69,7 @@ def test_one_image_size_and_n(client):
     (dict(image=[("a.png", png(4, 64, 64), "image/png")] * 5), "At most 4 images"),
     (dict(image=("a.png", png(4, 64, 64), "image/png"), mask=("m.png", png(5, 64, 64), "image/png")),
      "'mask' is not supported"),
-    (dict(image=("a.png", png(4, 64, 64), "image/png"), size="12x12"), "image_size"),
+    (dict(image=("a.png", png(4, 64, 64), "image/png"), size="12x12"), "Invalid size '12x12'"),
 ])
 def test_errors_are_400_in_openai_shape(client, kwargs, needle):
     with pytest.raises(openai.BadRequestError) as info:

@@ -363,6 +363,8 @@ def _load_engine(args: argparse.Namespace, command: str):
         from .engine.models import TINY_BANNER
 
         _eprint(TINY_BANNER)
+    info = engine.info
+    _eprint(f"model: {info.spec} -> {info.source} on {info.device} ({info.dtype})")
     return engine
 
 

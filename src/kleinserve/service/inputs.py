@@ -35,7 +35,7 @@ from .netguard import NetPolicy
 from ..engine.types import LoraFile
 
 from .settings import format_size
-from .storage import FileNotFound, is_valid_file_id
+from .storage import FileNotFound, FileStorage, StorageUnavailable, is_valid_file_id
 
 MAX_REDIRECTS = 5
 USER_AGENT = "kleinserve-input-fetch"
@@ -158,16 +158,18 @@ def own_file_id(url: str, own_bases: Sequence[str]) -> Optional[str]:
     return None
 
 
-def read_stored_file(storage: Any, file_id: str, max_bytes: int) -> bytes:
-    """The bytes of one of our stored files (the one place that reads storage for inputs)."""
+def read_stored_file(storage: FileStorage, file_id: str, max_bytes: int) -> bytes:
+    """The bytes of one of our stored files, from whichever backend holds them (local disk or S3):
+    the one place that reads storage for inputs."""
     try:
         meta = storage.get(file_id)
         if meta.size > max_bytes:
             raise FetchError(f"larger than {format_size(max_bytes)}")
-        path, _, _ = storage.open(file_id)
-        return Path(path).read_bytes()
+        return storage.read_bytes(file_id)
     except FileNotFound:
         raise FetchError("no such uploaded file (expired or deleted? upload it again)") from None
+    except StorageUnavailable as exc:
+        raise FetchError(f"could not read the uploaded file ({exc.detail})") from None
 
 
 def read_source(source: str, sources: InputSources, *, field_name: str, index: Optional[int],
