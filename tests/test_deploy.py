@@ -666,3 +666,16 @@ def test_keda_query_and_worker_probe_on_a_real_store(pg_url, capsys):
     assert probe.main(["probe", f"postgresql://kleinserve@127.0.0.1:{closed}/kleinserve"]) == 0
     assert probe.main(["probe", "sqlite:///data/jobs.sqlite3"]) == 0
     capsys.readouterr()
+
+
+def test_the_deployment_docs_point_at_the_files():
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/DEPLOY.md)" in readme
+    assert "(DEPLOY.md)" in (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for path in ("deploy/Dockerfile", "deploy/docker-compose.yml", "deploy/k8s", "deploy/nginx.conf",
+                 "deploy/worker_alive.py", "keda.yaml", "api.yaml", "worker.yaml", "config.yaml"):
+        assert path in text, f"docs/DEPLOY.md does not mention {path}"
+    # Every kleinserve env var the guide names is one kleinserve reads.
+    unknown = set(re.findall(r"KLEINSERVE_[A-Z_]+", text)) - option_envs()
+    assert not unknown, f"docs/DEPLOY.md names unknown variables {unknown}"
