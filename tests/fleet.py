@@ -106,7 +106,8 @@ class Fleet:
 
     def _common(self) -> list[str]:
         return ["--store", self.store_url, "--data-dir", str(self.data_dir), "--worker-stale-after", self.lease,
-                "--preview-every", "4", "--log-level", "info", "--shutdown-grace", "0s"]
+                "--preview-every", "4", "--log-level", "info", "--shutdown-grace", "0s",
+                "--webhook-allow-private"]  # the tests' webhook receivers are on loopback
 
     def add_api(self, name: str) -> Proc:
         port = free_port()
@@ -221,3 +222,35 @@ def check_exactly_once(store: Any, bases: list[str], rids: list[str]) -> None:
                 path = im["url"].split("/files/", 1)[1]
                 got = httpx.get(f"{base}/files/{path}", timeout=30)
                 assert got.status_code == 200 and got.content[:4] == b"\x89PNG", (rid, base, got.status_code)
+
+
+def pid_of_connection(local_port_of_peer: int, candidates: list[Proc]) -> Optional[Proc]:
+    """The fleet process that owns the TCP socket whose local port is `local_port_of_peer` (what a
+    loopback server sees as the client's port): /proc/net/tcp gives the socket's inode, each
+    candidate's /proc/PID/fd the sockets it holds."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if int(parts[1].rsplit(":", 1)[1], 16) == local_port_of_peer:
+                inode = parts[9]
+    if inode is None:
+        return None
+    for p in candidates:
+        if not p.alive():
+            continue
+        fd_dir = Path(f"/proc/{p.pid}/fd")
+        try:
+            for fd in fd_dir.iterdir():
+                try:
+                    if os.readlink(fd) == f"socket:[{inode}]":
+                        return p
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None

@@ -210,3 +210,55 @@ def test_every_status_seen_through_either_replica_agrees(fleet):
     for rid in rids:
         assert status(a, rid)["status"] == status(b, rid)["status"] == "COMPLETED"
     check_exactly_once(fleet.store, [a, b], rids)
+
+
+def test_sigkill_during_a_webhook_delivery_it_is_delivered_again_with_the_same_body(fleet):
+    """The process delivering a webhook dies mid-request: another process delivers it again after the
+    delivery's lease; at least once, same signed body."""
+    from fastapi import FastAPI, Request
+
+    from fleet import pid_of_connection
+    from service_helpers import serve_app
+
+    got: list[tuple[int, bytes, dict]] = []
+    first = threading.Event()
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request):
+        body = await request.body()
+        got.append((request.client.port, body, dict(request.headers)))
+        if len(got) == 1:
+            first.set()
+            await asyncio_sleep(60)  # the first delivery hangs until its sender is killed
+        return {"ok": True}
+
+    a, b = bases(fleet)
+    with serve_app(app) as rx:
+        rid = submit(a, QUICK, params={"fal_webhook": f"{rx.base_url}/hook"})
+        assert first.wait(120), fleet.logs()
+        sender = pid_of_connection(got[0][0], [*fleet.apis, *fleet.workers])
+        assert sender is not None, "no fleet process holds the delivery's connection"
+        sender.kill()
+        deadline = time.monotonic() + 120
+        while len(got) < 2:  # the delivery's lease (timeout + 10 s) runs out, then another process sends it
+            assert time.monotonic() < deadline, fleet.logs()
+            time.sleep(0.2)
+        fleet.restart(sender)
+    assert got[1][1] == got[0][1]  # the same body (and signature headers of the same content)
+    assert got[1][2]["x-fal-webhook-request-id"] == rid
+    job = fleet.store.get(rid)
+    deadline = time.monotonic() + 30
+    while job.webhook_state != "delivered":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+        job = fleet.store.get(rid)
+    check_exactly_once(fleet.store, bases(fleet), [rid])
+    if sender in fleet.workers:
+        fleet.wait_workers(2)
+
+
+async def asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)

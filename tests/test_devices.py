@@ -1,0 +1,71 @@
+"""One box, several devices: `kleinserve serve --devices cpu,cpu` starts one supervised `kleinserve worker`
+process per device on the embedded SQLite store. A worker process SIGKILLed mid-job is restarted by
+the supervisor, and the job completes (taken back at once: its worker's pid is gone)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from fleet import EP, KEY, QUICK, SLOW, result, status, submit, wait_done, wait_progress
+from kleinserve.service.store import open_store
+from service_helpers import start_subprocess_server
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def live_workers(base: str) -> int:
+    return httpx.get(base + "/ready", timeout=10).json().get("workers", {}).get(EP, 0)
+
+
+def wait_workers(base: str, n: int, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while live_workers(base) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} workers"
+        time.sleep(0.3)
+
+
+def test_devices_cpu_cpu_runs_two_worker_processes_and_restarts_a_killed_one(tmp_path):
+    data = tmp_path / "data"
+    server = start_subprocess_server(["--devices", "cpu,cpu", "--model", "tiny", "--api-key", KEY,
+                                      "--worker-stale-after", "6s", "--preview-every", "0",
+                                      "--shutdown-grace", "0s"], data_dir=data, timeout=240)
+    store = open_store(f"sqlite:///{data / 'jobs.sqlite3'}")
+    try:
+        base = server.base_url
+        wait_workers(base, 2)
+        assert "one process per device: cpu, cpu" in server.log_text()
+        # two jobs at once run on the two processes
+        rids = [submit(base, SLOW), submit(base, SLOW)]
+        wait_progress(base, rids[0], 1)
+        wait_progress(base, rids[1], 1)
+        pids = {int(store.get(r).worker_id.split(":")[1]) for r in rids}
+        assert len(pids) == 2 and server.proc.pid not in pids
+        wait_done([base], rids)
+        # SIGKILL the process running a job: the supervisor restarts it; the job completes
+        victim_rid = submit(base, SLOW)
+        wait_progress(base, victim_rid, 2)
+        victim = int(store.get(victim_rid).worker_id.split(":")[1])
+        import os
+
+        os.kill(victim, signal.SIGKILL)
+        done = wait_done([base], [victim_rid, submit(base, QUICK)])
+        assert all(st["status"] == "COMPLETED" for st in done.values())
+        job = store.get(victim_rid)
+        assert job.error is None and job.attempts == 2
+        assert result(base, victim_rid).status_code == 200
+        deadline = time.monotonic() + 120
+        while "restarting in" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.2)
+        wait_workers(base, 2)  # the restarted process registered again
+        assert status(base, victim_rid)["status"] == "COMPLETED"
+    finally:
+        store.close()
+        server.stop(60)
+    assert server.proc.returncode == 0
+    log = server.log_text()
+    assert log.count("SIGTERM received, stopping") >= 2  # both children were told to stop
