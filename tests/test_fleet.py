@@ -262,3 +262,32 @@ async def asyncio_sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+def test_progress_previews_and_cancel_cross_processes(fleet):
+    """A client streaming on replica B sees the typed progress and previews of a job run by a worker
+    process; a cancel sent to replica A reaches that worker before its next steps; both replicas serve
+    the same JWKS (the signing key is the store's)."""
+    a, b = bases(fleet)
+    events: list[dict] = []
+    with httpx.stream("POST", f"{b}/{EP}/stream", json={**SLOW, "num_inference_steps": 12}, headers=H,
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    steps = [e["step"] for e in events if e.get("step")]
+    assert steps and steps[-1] == 12 and steps == sorted(steps)
+    assert any(str(e.get("preview", "")).startswith("data:image/") for e in events)  # made: someone watched
+    assert "images" in events[-1]
+
+    rid = submit(b, {**SLOW, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50})
+    wait_progress(b, rid, 2)
+    r = httpx.put(f"{a}/queue/fal-ai/flux-2/requests/{rid}/cancel", headers=H, timeout=30)
+    assert r.status_code == 202
+    t0 = time.monotonic()
+    done = wait_done([a, b], [rid])[rid]
+    assert done["error_type"] == "cancelled" and time.monotonic() - t0 < 20
+    assert fleet.store.get(rid).progress_step < 50
+
+    jwks = [httpx.get(f"{base}/.well-known/jwks.json", timeout=10).json() for base in (a, b)]
+    assert jwks[0] == jwks[1] and jwks[0]["keys"]

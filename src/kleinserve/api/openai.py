@@ -442,7 +442,25 @@ async def _edit_body(request: Request) -> tuple[dict[str, Any], list[str]]:
     return body, uris
 
 
-@router.post("/images/edits", summary="OpenAI-compatible image edit (reference images)")
+_EDIT_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["prompt", "image"],
+        "properties": {"prompt": {"type": "string"},
+                       "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "maxItems": MAX_REFERENCE_IMAGES},
+                       "n": {"type": "integer", "minimum": 1, "maximum": 4},
+                       "size": {"type": "string", "examples": ["1024x1024", "auto"]},
+                       "response_format": {"type": "string", "enum": ["url", "b64_json"]}}}}},
+}
+
+
+@router.post("/images/edits", summary="OpenAI-compatible image edit (reference images; docs/OPENAI.md)",
+             description="OpenAI's `images.edit` on this server: multipart `image` / `image[]` (1 to "
+                         f"{MAX_REFERENCE_IMAGES} reference images), `prompt`, `n`, `size`, `response_format`; "
+                         "runs the edit endpoint through the same job queue. Errors use OpenAI's shape.",
+             dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra={"requestBody": _EDIT_BODY},
+             responses={**{code: {"model": OpenAIErrorResponse, "description": d} for code, d in _OPENAI_ERRORS.items()}})
 async def images_edits(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kleinserve.service import metrics
+from kleinserve.service.lifecycle import Loop
 from kleinserve.service.jobs import Job, error_body, error_status
 from kleinserve.service.netguard import BlockedURL, NetPolicy, check_url, guarded_post, resolve_url
 
@@ -351,9 +352,7 @@ class WebhookDispatcher:
         self.payload_builder = payload_builder
         self.user_id_default = user_id_default
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._loop = Loop("webhook-dispatcher", self.poll_once, interval=poll_interval)
         self._lock = threading.Lock()
         self._targets: dict[str, _Target] = {}
         self._known: set[str] = set()  # request ids waiting or in flight here
@@ -361,33 +360,16 @@ class WebhookDispatcher:
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
-            self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._loop.stop(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def notify(self) -> None:
         """Wake the poller now (the worker calls this right after completing a job)."""
-        self._wake.set()
-
-    # loop ------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # never let the thread die: the store may be briefly unavailable
-                log.exception("webhook poll failed")
-            self._wake.wait(self.poll_interval)
-            self._wake.clear()
+        self._loop.wake()
 
     def poll_once(self) -> int:
         """Takes due webhooks from the store (as many as there is room to hold) and starts every one
@@ -467,7 +449,7 @@ class WebhookDispatcher:
                 elif result is not None and result.delivered:
                     t.failures = 0
                     t.blocked_until = 0.0
-            self._wake.set()  # a slot is free: start the next waiting one
+            self._loop.wake()  # a slot is free: start the next waiting one
 
     def deliver(self, job: Job) -> DeliveryResult:
         """One POST of the job's webhook; never raises."""
