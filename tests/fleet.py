@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
-
 from service_helpers import free_port, wait_for_http
 
 EP = "fal-ai/flux-2/klein/9b/base"

@@ -15,8 +15,22 @@ import time
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fleet import (
+    EP,
+    QUICK,
+    SLOW,
+    Fleet,
+    H,
+    check_exactly_once,
+    pid_of_connection,
+    status,
+    submit,
+    wait_done,
+    wait_progress,
+)
+from service_helpers import serve_app
 
-from fleet import EP, H, QUICK, SLOW, Fleet, check_exactly_once, status, submit, wait_done, wait_progress
 from kleinserve.service.store import EV_STATUS, open_store
 
 pytestmark = pytest.mark.timeout(900)
@@ -215,10 +229,6 @@ def test_every_status_seen_through_either_replica_agrees(fleet):
 def test_sigkill_during_a_webhook_delivery_it_is_delivered_again_with_the_same_body(fleet):
     """The process delivering a webhook dies mid-request: another process delivers it again after the
     delivery's lease; at least once, same signed body."""
-    from fastapi import FastAPI, Request
-
-    from fleet import pid_of_connection
-    from service_helpers import serve_app
 
     got: list[tuple[int, bytes, dict]] = []
     first = threading.Event()
