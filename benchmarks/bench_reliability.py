@@ -57,7 +57,7 @@ class Server:
 
         # Our own store: it stays open after the server stopped, to read what became of the requests.
         self.store = SQLiteJobStore(Path(data_dir) / "jobs.sqlite3")
-        from kleinserve.api.endpoints import default_registry
+        from kleinserve.endpoints import default_registry
         from kleinserve.service.runtime import build_services
 
         self.app = create_app(services=build_services(self.settings, default_registry(), store=self.store))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from kleinserve.api.endpoints import default_registry
+from kleinserve.endpoints import default_registry
 from kleinserve.engine.pool import EnginePool, engine_bytes
 from kleinserve.engine.types import GenerationTask, ModelUnavailable
 from kleinserve.schema import FluxKleinDistilledInput, FluxKleinInput

@@ -10,7 +10,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from kleinserve.api.endpoints import default_registry
+from kleinserve.endpoints import default_registry
 from kleinserve.api.families import build_unserved_router
 from kleinserve.schema import (
     FAMILIES,

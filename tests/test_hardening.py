@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from kleinserve.api.endpoints import default_registry
+from kleinserve.endpoints import default_registry
 from kleinserve.service.runtime import build_services
 from kleinserve.service.store import Lease
 from kleinserve.api.app import create_app

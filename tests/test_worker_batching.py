@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kleinserve.api.endpoints import default_registry
+from kleinserve.endpoints import default_registry
 from kleinserve.schema import ENDPOINT_ID, FluxKleinInput
 from kleinserve.service import jobs as J
 from kleinserve.service import metrics

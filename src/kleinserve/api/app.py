@@ -42,7 +42,7 @@ from kleinserve.service.settings import Settings
 
 from . import deps, docs, files, openai, web
 from . import metrics as metrics_routes
-from .endpoints import EndpointRegistry, default_registry
+from kleinserve.endpoints import EndpointRegistry, default_registry
 from .families import build_unserved_router
 from .queue import build_queue_router
 from .run import build_run_router

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from .endpoints import EndpointRegistry
+from kleinserve.endpoints import EndpointRegistry
 
 UNSERVED_STATUS = 503
 

@@ -24,7 +24,7 @@ from kleinserve.service.store import JobNotFound
 from kleinserve.service.webhooks import InvalidWebhookUrl, validate_webhook_url
 
 from . import deps
-from .endpoints import EndpointRegistry, EndpointSpec, app_prefix
+from kleinserve.endpoints import EndpointRegistry, EndpointSpec, app_prefix
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from kleinserve.service.jobs import Job, new_request_id
 from kleinserve.service.store import JobStore
 
 from . import deps
-from .endpoints import EndpointRegistry, EndpointSpec, app_prefix
+from kleinserve.endpoints import EndpointRegistry, EndpointSpec, app_prefix
 from .queue import SSE_PING_SECONDS, submit_job
 
 log = logging.getLogger(__name__)

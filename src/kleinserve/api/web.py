@@ -41,7 +41,7 @@ from kleinserve.service.jobs import Job
 
 from . import deps
 from .deps import request_urls, require_principal
-from .endpoints import app_prefix
+from kleinserve.endpoints import app_prefix
 from .queue import SSE_PING_SECONDS, load_job, status_payload
 
 log = logging.getLogger(__name__)

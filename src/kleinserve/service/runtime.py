@@ -45,7 +45,7 @@ from .webhooks import KEY_FILE_NAME, WebhookDispatcher, WebhookSigner, load_or_c
 from .worker import Maintenance, Worker
 
 if TYPE_CHECKING:
-    from kleinserve.api.endpoints import EndpointRegistry
+    from kleinserve.endpoints import EndpointRegistry
     from kleinserve.engine.engine import Engine
     from kleinserve.engine.types import ModelInfo
 

@@ -58,7 +58,7 @@ from .storage import FileStorage
 from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 
 if TYPE_CHECKING:
-    from kleinserve.api.endpoints import EndpointRegistry
+    from kleinserve.endpoints import EndpointRegistry
     from kleinserve.engine.engine import Engine
 
 log = logging.getLogger(__name__)

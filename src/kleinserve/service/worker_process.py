@@ -47,7 +47,7 @@ def run_worker(argv: Optional[Sequence[str]] = None) -> int:
         from kleinserve.engine.models import set_threads
 
         set_threads(settings.threads)
-    from kleinserve.api.endpoints import default_registry
+    from kleinserve.endpoints import default_registry
 
     try:
         services = build_services(settings, default_registry())
