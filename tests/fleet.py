@@ -92,9 +92,11 @@ class Proc:
 
 
 class Fleet:
-    def __init__(self, root: Path, store_url: str, *, lease: str = "4s", extra_env: Optional[dict] = None):
+    def __init__(self, root: Path, store_url: str, *, storage_url: Optional[str] = None, lease: str = "4s",
+                 extra_env: Optional[dict] = None):
         self.root = root
         self.store_url = store_url
+        self.storage_url = storage_url  # None: the shared data dir's files/ (one box)
         self.data_dir = root / "data"  # shared: the file storage of every process (one box)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.lease = lease
@@ -104,7 +106,8 @@ class Fleet:
         self.workers: list[Proc] = []
 
     def _common(self) -> list[str]:
-        return ["--store", self.store_url, "--data-dir", str(self.data_dir), "--worker-stale-after", self.lease,
+        storage = ["--storage", self.storage_url] if self.storage_url else []
+        return ["--store", self.store_url, *storage, "--data-dir", str(self.data_dir), "--worker-stale-after", self.lease,
                 "--preview-every", "4", "--log-level", "info", "--shutdown-grace", "0s",
                 "--webhook-allow-private"]  # the tests' webhook receivers are on loopback
 

@@ -1,6 +1,6 @@
 """The kill matrix: two API replicas and two worker processes (real `kleinserve serve --role api` and
-`kleinserve worker` subprocesses, tiny model, one thread each) on a real PostgreSQL, killed in the
-ways a fleet dies. After every case every accepted request has exactly one terminal state, COMPLETED
+`kleinserve worker` subprocesses, tiny model, one thread each) on a real PostgreSQL and a real S3
+server (Ceph RGW), killed in the ways a fleet dies. After every case every accepted request has exactly one terminal state, COMPLETED
 with its result, and its images download through either replica.
 
 Lease: 4 s (--worker-stale-after), so a worker that stops answering loses its job within seconds.
@@ -12,6 +12,7 @@ import json
 import signal
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ from fleet import (
     wait_done,
     wait_progress,
 )
+from s3_server import BUCKET
 from service_helpers import serve_app
 
 from kleinserve.service.store import EV_STATUS, open_store
@@ -37,12 +39,15 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def fleet(pg_cluster, tmp_path_factory):
+def fleet(pg_cluster, s3_server, tmp_path_factory):
     if pg_cluster.proc is None or pg_cluster.proc.poll() is not None:
         pg_cluster.start()
+    if not s3_server.rgw_answers():
+        s3_server.start_rgw()
     name = pg_cluster.create_database()
     url = pg_cluster.url(name)
-    f = Fleet(tmp_path_factory.mktemp("fleet"), url)
+    # AWS_* (endpoint, keys, region) reach the processes through the environment, as in a deployment
+    f = Fleet(tmp_path_factory.mktemp("fleet"), url, storage_url=f"s3://{BUCKET}/fleet-{uuid.uuid4().hex[:8]}")
     store = open_store(url)
     try:
         f.add_api("api-a")
@@ -301,3 +306,33 @@ def test_progress_previews_and_cancel_cross_processes(fleet):
 
     jwks = [httpx.get(f"{base}/.well-known/jwks.json", timeout=10).json() for base in (a, b)]
     assert jwks[0] == jwks[1] and jwks[0]["keys"]
+
+
+def test_sigkill_radosgw_downloads_answer_503_then_recover(fleet, s3_server):
+    """The object store dies: downloads through either replica answer 503 with Retry-After (never a
+    500 or a hang), an upload fails cleanly; once it is back, everything works again without a
+    restart, and a request that finished meanwhile waited for it rather than failing."""
+    a, b = bases(fleet)
+    rid = submit(a, QUICK)
+    wait_done([a, b], [rid])
+    url = httpx.get(f"{a}/queue/fal-ai/flux-2/requests/{rid}", headers=H, timeout=30).json()["images"][0]["url"]
+    path = url.split("/files/", 1)[1]
+    s3_server.kill_rgw()
+    try:
+        for base in (a, b):
+            r = httpx.get(f"{base}/files/{path}", timeout=60)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+        up = httpx.post(f"{a}/files/upload", content=b"\x89PNG\r\n\x1a\n" + b"0" * 64,
+                        headers={**H, "Content-Type": "image/png", "X-Fal-File-Name": "x.png"}, timeout=60)
+        assert up.status_code == 503, up.text
+        during = submit(b, QUICK)  # runs while the store is down: its images wait for it
+        wait_progress(b, during, 1)
+    finally:
+        s3_server.start_rgw()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{a}/files/{path}", timeout=60).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert httpx.get(f"{b}/files/{path}", timeout=60).content[:4] == b"\x89PNG"
+    wait_done([a, b], [during], timeout=200)
+    check_exactly_once(fleet.store, [a, b], [rid, during])

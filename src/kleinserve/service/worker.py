@@ -54,7 +54,7 @@ from .jobs import Job, job_error
 from .lifecycle import Loop
 from .logging import request_context
 from .settings import Settings
-from .storage import FileStorage
+from .storage import FileStorage, StorageUnavailable, StoredFile
 from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STORAGE_PATIENCE = 120.0  # seconds a finished request waits for an unreachable storage before failing
 PROGRESS_LOG_LINES = 4  # "step i/N" log lines per run (at each quarter), not one per step
 BATCH_LOOKAHEAD = 32  # queued jobs looked at for ones that can join a batch (the rest keep their place)
 
@@ -470,10 +471,27 @@ class Worker:
                 files.append({"url": data_uri(im.data, im.content_type), "file_name": file_name,
                               "file_size": len(im.data)})
                 continue
-            f = self.storage.put(im.data, im.content_type, file_name, owner=job.owner)
+            f = self._put_patiently(im.data, im.content_type, file_name, job.owner)
             stored.append(f.id)
             files.append({"url": f.url(self._public_base(job)), "file_name": f.file_name, "file_size": f.size})
         return files
+
+    def _put_patiently(self, data: bytes, content_type: str, file_name: str, owner: str) -> StoredFile:
+        """`storage.put`, riding out a storage outage (S3 restarting): the images exist, so wait and
+        retry (the lease is kept alive by the monitor meanwhile) rather than fail the request; gives up
+        after STORAGE_PATIENCE seconds or on shutdown."""
+        assert self.storage is not None
+        deadline = time.monotonic() + STORAGE_PATIENCE
+        delay = 0.5
+        while True:
+            try:
+                return self.storage.put(data, content_type, file_name, owner=owner)
+            except StorageUnavailable as exc:
+                if time.monotonic() + delay > deadline or self.abort.is_set():
+                    raise
+                log.warning("storage unavailable (%s); retrying in %.1fs", exc.detail, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
 
     def _delete_files(self, file_ids: list[str]) -> None:
         if self.storage is None:
