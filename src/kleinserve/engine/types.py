@@ -7,9 +7,10 @@ worker thread); progress goes out through `on_step`, cancellation comes in throu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from PIL import Image
 
@@ -82,9 +83,9 @@ class GenerationTask:
     on_step: Optional[StepCallback] = None
     should_cancel: Optional[CancelCheck] = None
     wants_preview: Optional[Callable[[], bool]] = None
-    on_done: Optional[Callable[["GenerationResult | Exception"], None]] = None
+    on_done: Optional[Callable[[GenerationResult | Exception], None]] = None
     reference_images: Sequence[Image.Image] = ()
-    loras: Sequence["LoraFile"] = ()
+    loras: Sequence[LoraFile] = ()
 
 
 @dataclass(frozen=True)
