@@ -7,9 +7,10 @@ generated from these models, so a field added here shows up everywhere.
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
-from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
@@ -221,7 +222,8 @@ def _distilled(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
     """`model` without the fields the distilled endpoints lack, with 4..8 steps (default 4)."""
     from pydantic import create_model
 
-    fields = {k: (f.annotation, f) for k, f in model.model_fields.items() if k not in DISTILLED_DROPPED}
+    fields: dict[str, tuple[Any, Any]] = {k: (f.annotation, f) for k, f in model.model_fields.items()
+                                          if k not in DISTILLED_DROPPED}
     fields["num_inference_steps"] = (int, DISTILLED_STEPS)
     distilled = create_model(name, __base__=(_Distilled, model), __doc__=doc, **fields)  # type: ignore[call-overload]
     for k in DISTILLED_DROPPED:  # a subclass cannot drop fields: take them out of the model again
@@ -256,10 +258,12 @@ class Family:
 
     def input_model(self, endpoint_id: str) -> type[BaseModel]:
         suffix = endpoint_id[len(self.base_id):]
-        plain = {"": FluxKleinInput, "/edit": FluxKleinEditInput, "/lora": FluxKleinLoraInput,
-                 "/edit/lora": FluxKleinEditLoraInput}
-        distilled = {"": FluxKleinDistilledInput, "/edit": FluxKleinDistilledEditInput,
-                     "/lora": FluxKleinDistilledLoraInput, "/edit/lora": FluxKleinDistilledEditLoraInput}
+        plain: dict[str, type[BaseModel]] = {
+            "": FluxKleinInput, "/edit": FluxKleinEditInput, "/lora": FluxKleinLoraInput,
+            "/edit/lora": FluxKleinEditLoraInput}
+        distilled: dict[str, type[BaseModel]] = {
+            "": FluxKleinDistilledInput, "/edit": FluxKleinDistilledEditInput,
+            "/lora": FluxKleinDistilledLoraInput, "/edit/lora": FluxKleinDistilledEditLoraInput}
         return (distilled if self.distilled else plain)[suffix]
 
 
@@ -338,11 +342,11 @@ class FluxKleinOutput(BaseModel):
     timings: Timings
 
     @classmethod
-    def from_result(cls, request: FluxKleinInput, result, files: list[tuple[str, str]]) -> "FluxKleinOutput":
+    def from_result(cls, request: FluxKleinInput, result, files: list[tuple[str, str]]) -> FluxKleinOutput:
         """The output of a GenerationResult whose image k is served as files[k] = (url, file_name)."""
         images = [OutputImage(url=url, content_type=im.content_type, file_name=name, file_size=len(im.data),
                               width=im.width, height=im.height)
-                  for im, (url, name) in zip(result.images, files)]
+                  for im, (url, name) in zip(result.images, files, strict=True)]
         return cls(images=images, seed=int(result.seed), has_nsfw_concepts=[bool(im.nsfw) for im in result.images],
                    prompt=request.prompt, timings=Timings(**{k: float(v) for k, v in (result.timings or {}).items()}))
 
@@ -410,7 +414,7 @@ def _got(value: Any) -> str:
     return f" (got {text[:60] + '...' if len(text) > 60 else text})"
 
 
-def tidy_validation_errors(errors: Iterable[dict[str, Any]],
+def tidy_validation_errors(errors: Sequence[Mapping[str, Any]],  # read twice
                            model: type[BaseModel] = FluxKleinInput) -> list[dict[str, Any]]:
     """pydantic/FastAPI errors -> one clear `{"loc", "msg", "type"}` per problem.
 

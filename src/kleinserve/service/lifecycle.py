@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Loop:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "Loop":
+    def start(self) -> Loop:
         if self._thread is None:
             self.stopping.clear()
             self._thread = threading.Thread(target=self._run, name=f"kleinserve-{self.name}", daemon=True)

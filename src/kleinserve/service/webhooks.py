@@ -32,10 +32,11 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import httpx
@@ -95,7 +96,7 @@ def load_or_create_private_key(path: Path | str) -> Ed25519PrivateKey:
             time.sleep(0.01)
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} does not hold an Ed25519 private key")
+            raise ValueError(f"{path} does not hold an Ed25519 private key") from None
         return key
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
@@ -133,7 +134,7 @@ class WebhookSigner:
         self.kid = _b64url(hashlib.sha256(thumb_input).digest())
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path | str) -> "WebhookSigner":
+    def from_data_dir(cls, data_dir: Path | str) -> WebhookSigner:
         return cls(load_or_create_private_key(Path(data_dir) / "keys" / KEY_FILE_NAME))
 
     def sign(self, request_id: str, user_id: str, timestamp: str | int, body: bytes) -> str:
@@ -360,7 +361,7 @@ class WebhookDispatcher:
         self._inflight_total = 0
 
     # lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "WebhookDispatcher":
+    def start(self) -> WebhookDispatcher:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
@@ -473,6 +474,8 @@ class WebhookDispatcher:
         """One POST of the job's webhook; never raises."""
         url = job.webhook_url
         rid = job.request_id
+        if not url:
+            return DeliveryResult(False, None, "the request has no webhook URL", permanent=True)
         try:
             checked = resolve_url(url, self.policy)  # resolved once: the POST goes to this address
         except BlockedURL as exc:
