@@ -10,7 +10,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union, cast, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
@@ -218,7 +218,7 @@ class _Distilled:
         return False
 
 
-def _distilled(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
+def _distilled(model: type[FluxKleinInput], name: str, doc: str) -> type[FluxKleinInput]:
     """`model` without the fields the distilled endpoints lack, with 4..8 steps (default 4)."""
     from pydantic import create_model
 
@@ -229,7 +229,7 @@ def _distilled(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
     for k in DISTILLED_DROPPED:  # a subclass cannot drop fields: take them out of the model again
         distilled.model_fields.pop(k, None)
     distilled.model_rebuild(force=True)
-    return distilled
+    return cast(type[FluxKleinInput], distilled)  # a subclass of `model` (and _Distilled)
 
 
 FluxKleinDistilledInput = _distilled(FluxKleinInput, "FluxKleinDistilledInput",
@@ -256,12 +256,12 @@ class Family:
     def endpoint_ids(self) -> list[str]:
         return [self.base_id + suffix for suffix in ("", "/edit", "/lora", "/edit/lora")]
 
-    def input_model(self, endpoint_id: str) -> type[BaseModel]:
+    def input_model(self, endpoint_id: str) -> type[FluxKleinInput]:
         suffix = endpoint_id[len(self.base_id):]
-        plain: dict[str, type[BaseModel]] = {
+        plain: dict[str, type[FluxKleinInput]] = {
             "": FluxKleinInput, "/edit": FluxKleinEditInput, "/lora": FluxKleinLoraInput,
             "/edit/lora": FluxKleinEditLoraInput}
-        distilled: dict[str, type[BaseModel]] = {
+        distilled: dict[str, type[FluxKleinInput]] = {
             "": FluxKleinDistilledInput, "/edit": FluxKleinDistilledEditInput,
             "/lora": FluxKleinDistilledLoraInput, "/edit/lora": FluxKleinDistilledEditLoraInput}
         return (distilled if self.distilled else plain)[suffix]
@@ -311,7 +311,7 @@ def parse_model_specs(text: str) -> dict[str, str]:
 
 
 # The input model of each endpoint id (the API registry declares these; the CLI's --endpoint picks one).
-INPUT_MODELS: dict[str, type[BaseModel]] = {
+INPUT_MODELS: dict[str, type[FluxKleinInput]] = {
     eid: family.input_model(eid) for family in FAMILIES.values() for eid in family.endpoint_ids()}
 
 

@@ -93,7 +93,8 @@ def parse_timeout_header(request: Request) -> Optional[float]:
     try:
         value = float(raw)
     except ValueError:
-        raise header_error("X-Fal-Request-Timeout", f"must be a number of seconds, got {raw!r}", "float_parsing")
+        raise header_error("X-Fal-Request-Timeout", f"must be a number of seconds, got {raw!r}",
+                           "float_parsing") from None
     if not math.isfinite(value) or value <= 0:
         raise header_error("X-Fal-Request-Timeout", f"must be a positive number of seconds, got {raw!r}",
                            "greater_than")

@@ -37,16 +37,21 @@ import json
 import logging
 import re
 import time
-from typing import Any, Optional
-
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kleinserve.schema import (EDIT_ENDPOINT_ID, ENDPOINT_ID, IMAGE_SIZE_PRESETS, MAX_REFERENCE_IMAGES, ImageSize,
-                               tidy_validation_errors)
+from kleinserve.schema import (
+    EDIT_ENDPOINT_ID,
+    ENDPOINT_ID,
+    IMAGE_SIZE_PRESETS,
+    MAX_REFERENCE_IMAGES,
+    ImageSize,
+    tidy_validation_errors,
+)
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import new_request_id
@@ -71,7 +76,7 @@ _OPENAI_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "ba
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
+                 headers: Optional[Mapping[str, str]] = None):
         super().__init__(message)
         self.headers = dict(headers or {})
         self.status = status
@@ -198,7 +203,8 @@ OPENAPI_EXTRA: dict[str, Any] = {
         "example": {"prompt": "a red fox in the snow", "size": "1024x768", "n": 1, "response_format": "b64_json",
                     "negative_prompt": "blurry", "seed": 42}}}},
     "responses": {
-        "200": {"description": "The images", "content": {"application/json": {"schema": _inline(OpenAIImagesResponse)}}},
+        "200": {"description": "The images",
+                "content": {"application/json": {"schema": _inline(OpenAIImagesResponse)}}},
         "400": _error_response("Invalid request (OpenAI's error shape; `param` names the field)"),
         "401": _error_response("Missing or invalid API key (`Authorization: Bearer <key>`)"),
         "500": _error_response("Generation failed"),
@@ -331,7 +337,8 @@ _OPENAI_ERRORS = {
                          "queue and engine as the fal routes. Authenticate with `Authorization: Bearer <key>`. "
                          "Errors use OpenAI's shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
              dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra=OPENAPI_EXTRA,
-             responses={**{code: {"model": OpenAIErrorResponse, "description": d} for code, d in _OPENAI_ERRORS.items()}})
+             responses={**{code: {"model": OpenAIErrorResponse, "description": d}
+                           for code, d in _OPENAI_ERRORS.items()}})
 async def images_generations(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:

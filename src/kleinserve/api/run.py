@@ -15,10 +15,10 @@ An error after the stream started is one last event {"error", "error_type", "det
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any, Optional
 
 import anyio
-
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse

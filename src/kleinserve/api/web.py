@@ -24,13 +24,13 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from PIL import Image
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -63,9 +63,9 @@ _HEADERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_static(name: str) -> bytes:
-    return resources.files("kleinserve").joinpath("web", name).read_bytes()
+    return resources.files("kleinserve").joinpath("web").joinpath(name).read_bytes()
 
 
 def _static_response(name: str) -> Response:
@@ -129,7 +129,7 @@ async def api_schema(request: Request, endpoint: Optional[str] = Query(None)) ->
 # -------------------------------------------------------------------------------------- history
 
 THUMB_SIDE = 96
-_thumbs: "OrderedDict[str, Optional[str]]" = OrderedDict()
+_thumbs: OrderedDict[str, Optional[str]] = OrderedDict()
 _thumbs_lock = threading.Lock()
 
 
