@@ -51,7 +51,7 @@ class Proc:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      stdin=subprocess.DEVNULL)

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from fleet import EP, H, QUICK, SLOW, Fleet, check_exactly_once, status, submit, wait_done, wait_progress
+from fleet import EP, QUICK, SLOW, Fleet, H, check_exactly_once, status, submit, wait_done, wait_progress
 from kleinserve.service.store import EV_STATUS, open_store
 
 pytestmark = pytest.mark.timeout(900)
