@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel
 
@@ -41,6 +41,10 @@ from kleinserve.schema import (
     FluxKleinOutput,
     family_of,
 )
+
+if TYPE_CHECKING:
+    from kleinserve.engine.types import GenerationResult
+    from kleinserve.service.jobs import Job
 
 NAMESPACES = ("workflows", "comfy")
 
@@ -70,7 +74,8 @@ def app_prefix(endpoint_id: str) -> str:
     return f"{namespace}/{owner}/{alias}" if namespace else f"{owner}/{alias}"
 
 
-def flux_klein_output(job: Any, request: FluxKleinInput, result: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
+def flux_klein_output(job: Job, request: FluxKleinInput, result: GenerationResult,
+                      files: list[dict[str, Any]]) -> dict[str, Any]:
     out = FluxKleinOutput.from_result(request, result, [(f["url"], f["file_name"]) for f in files])
     return out.model_dump(mode="json")
 
@@ -78,7 +83,7 @@ def flux_klein_output(job: Any, request: FluxKleinInput, result: Any, files: lis
 @dataclass(frozen=True)
 class EndpointSpec:
     endpoint_id: str
-    input_model: type[BaseModel]
+    input_model: type[FluxKleinInput]  # the engine reads its fields
     output_model: type[BaseModel]
     title: str = ""
     description: str = ""
@@ -95,7 +100,7 @@ class EndpointSpec:
         """The Python name of this endpoint's `kind` route handler (submit, run, stream)."""
         return f"{kind}_{self.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
 
-    def validate_input(self, data: Any) -> BaseModel:
+    def validate_input(self, data: Any) -> FluxKleinInput:
         return self.input_model.model_validate(data)
 
 

@@ -54,9 +54,10 @@ from kleinserve.schema import (
 )
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
-from kleinserve.service.jobs import new_request_id
+from kleinserve.service.jobs import Job, new_request_id
 
 from . import deps
+from .endpoints import EndpointSpec
 from .run import submit_and_wait
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def _authenticate(request: Request) -> Principal:
             type="invalid_request_error", code="invalid_api_key") from None
 
 
-def _spec(request: Request, endpoint_id: str = ENDPOINT_ID) -> Any:
+def _spec(request: Request, endpoint_id: str = ENDPOINT_ID) -> EndpointSpec:
     registry = request.app.state.registry
     try:
         return registry.get(endpoint_id)
@@ -296,7 +297,7 @@ def _validation_error(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_value")
 
 
-def _error_from_job(job: Any) -> OpenAIError:
+def _error_from_job(job: Job) -> OpenAIError:
     err = job.error or {}
     etype = err.get("error_type", J.ERR_INTERNAL)
     status = J.error_status(job)

@@ -65,8 +65,9 @@ from .storage import FileStorage
 from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 
 if TYPE_CHECKING:
-    from kleinserve.api.endpoints import EndpointRegistry
+    from kleinserve.api.endpoints import EndpointRegistry, EndpointSpec
     from kleinserve.engine.engine import Engine
+    from kleinserve.schema import FluxKleinInput
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class Worker:
         assert self.engine is not None
         tasks = []
         for run in runs:
-            assert run.files is not None  # prepare() resolved them
+            assert run.files is not None and run.request is not None  # prepare() set them
             tasks.append(GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
                                         wants_preview=run.wants_preview, on_done=functools.partial(self._finish, run),
                                         reference_images=run.files.images, loras=run.files.loras))
@@ -412,6 +413,7 @@ class Worker:
                 J.CANCELLED_STATUS_CODE))
         if isinstance(outcome, BaseException):
             return _Verdict("error", error=self._classify(run, outcome))
+        assert run.spec is not None and run.request is not None  # a result: prepare() set them
         try:
             for line in outcome.logs:
                 self.store.append_log(run.rid, str(line), source="engine", lease=run.lease)
@@ -468,7 +470,7 @@ class Worker:
             base = f"{scheme}://{self.settings.host}:{self.settings.port}"
         return str(base).rstrip("/")
 
-    def _store_images(self, job: Job, request: Any, result: GenerationResult,
+    def _store_images(self, job: Job, request: FluxKleinInput, result: GenerationResult,
                       stored: list[str]) -> list[dict[str, Any]]:
         """The output's file entries; the ids of files written are appended to `stored` as they are."""
         files: list[dict[str, Any]] = []
@@ -511,8 +513,8 @@ class _Run:
         self.rid = job.request_id
         self.lease = Lease.of(job)
         self.started = time.monotonic()
-        self.spec: Any = None
-        self.request: Any = None
+        self.spec: Optional[EndpointSpec] = None
+        self.request: Optional[FluxKleinInput] = None
         self.files: Optional[RequestFiles] = None  # its decoded input images and LoRA files
         self.finished = False
         self.cancel_seen = threading.Event()  # set by the event feed or the monitor's poll
