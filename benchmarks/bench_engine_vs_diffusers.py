@@ -101,8 +101,9 @@ class Runners:
 def memory_child(args) -> None:
     """Subprocess: RSS after imports, then load + one generation; prints one JSON line."""
     C.quiet_logs()
-    import torch  # noqa: F401
     import diffusers  # noqa: F401
+    import torch  # noqa: F401
+
     import kleinserve.engine.engine  # noqa: F401
 
     if args.memory_child == "regular" and args.compile:
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
                                       C.BATCHING_COLUMNS)
     payload = {"benchmark": "engine_vs_diffusers", "environment": env, "model": C.MID, "params": params,
                "settings": vars(args), "transformer_flops_per_image": flops, "load_seconds": runners.load_seconds,
-               "rows": rows, "samples": samples, "cpu_samples": cpu_samples, "memory": memory, "batching": batching, "table": table,
+               "rows": rows, "samples": samples, "cpu_samples": cpu_samples, "memory": memory, "batching": batching,
+               "table": table,
                "wall_seconds": time.perf_counter() - t_start}
     path = C.write_json("engine_vs_diffusers", payload, args.json)
     print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f} s in all)")

@@ -24,7 +24,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(C.ROOT / "tests"))
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
-from fleet import EP, H, Fleet, submit, wait_done  # noqa: E402
+from fleet import EP, Fleet, H, submit, wait_done  # noqa: E402
 from pg_server import PgCluster  # noqa: E402
 
 # Compute-bound on the tiny model (~1 s single-threaded), as generations are on a GPU: the fleet's own
@@ -86,7 +85,8 @@ def event_latency(cluster: PgCluster, n_requests: int, root: Path) -> dict:
                         if ev.get("step"):
                             arrivals.append((rid, int(ev["step"]), time.time()))
         with psycopg.connect(url) as conn:
-            rows = conn.execute("SELECT request_id, step, created_at FROM job_events WHERE kind = 'progress'").fetchall()
+            rows = conn.execute("SELECT request_id, step, created_at FROM job_events "
+                                "WHERE kind = 'progress'").fetchall()
     finally:
         fleet.stop()
         cluster.drop_database(db)

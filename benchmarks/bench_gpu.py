@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         with C.Timer(sync) as first:
             engine.generate(request(level))
         seconds, result = [], None
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             with C.Timer(sync) as t:
                 result = engine.generate(request(level))
             seconds.append(t.seconds)
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     if "none" in images:
         for name, img in images.items():
             if name != "none":
-                quality[name] = {"psnr_vs_none": C.psnr(img, images["none"]), "ssim_vs_none": C.ssim(img, images["none"])}
+                quality[name] = {"psnr_vs_none": C.psnr(img, images["none"]),
+                                 "ssim_vs_none": C.ssim(img, images["none"])}
         for row in rows:
             key = "diffusers" if row["config"].startswith("diffusers") else row["config"].removeprefix("engine ")
             if key in quality:
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
         ("psnr_vs_none", "PSNR vs none dB", ".1f"), ("ssim_vs_none", "SSIM vs none", ".4f")])
     for row in rows:
         if row.get("techniques"):
-            print(f"  {row['config']}: {row['techniques']}" + (f"; {'; '.join(row['notes'])}" if row.get("notes") else ""))
+            notes = f"; {'; '.join(row['notes'])}" if row.get("notes") else ""
+            print(f"  {row['config']}: {row['techniques']}" + notes)
     cold["regular_cold_start_s"] = cold["build_s"] + cold.get("regular_warmup_s", 0.0)
     cold["high_cold_start_s"] = cold["build_s"] + cold.get("high_warmup_s", 0.0)
     print(f"cold start: build {cold['build_s']:.1f} s (random weights on the device; reading the real "

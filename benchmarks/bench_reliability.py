@@ -72,7 +72,7 @@ class Server:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -215,8 +215,10 @@ def shutdown(tmp: Path) -> dict:
         last = (got.get("stream") or [{}])[-1]
         out["stream_last_event"] = {k: last.get(k) for k in ("error_type", "status_code", "request_id",
                                                              "transport_error") if k in last}
-        out["jobs_after"] = _tally(f"{j.status}{' cancelled' if (j.error or {}).get('error_type') == 'cancelled' or j.cancel_requested else ''}"
-                                   for j in jobs)
+        def cancelled(j) -> bool:
+            return (j.error or {}).get("error_type") == "cancelled" or bool(j.cancel_requested)
+
+        out["jobs_after"] = _tally(f"{j.status}{' cancelled' if cancelled(j) else ''}" for j in jobs)
     return out
 
 

@@ -8,13 +8,13 @@ Measured:
 - bare engine: `engine.generate(request)` called directly (no service), p50/p99;
 - queue round trip, one request at a time: submit -> status stream until COMPLETED -> GET result.
   Bare calls and round trips alternate; overhead = round trip - the bare call before it (everything
-  the service adds: HTTP, queue store, worker hand-off, step logs, previews, image storage, events), and round trip - the same request's own
-  `generate` time inside the worker (what is outside the engine call);
+  the service adds: HTTP, queue store, worker hand-off, step logs, previews, image storage, events), and
+  round trip - the same request's own `generate` time inside the worker (what is outside the engine call);
 - SSE (`POST /<id>/stream`): time to the first event, and step-event latency = client receive time -
   time the engine reported the step (same clock: one process);
 - throughput: several client threads each submit and wait on the status stream (always `clients`
-  requests in flight), completed requests per second vs the engine-bound rate 1 / bare p50; and the API alone (no engine) for submits and status
-  reads per second.
+  requests in flight), completed requests per second vs the engine-bound rate 1 / bare p50; and the API
+  alone (no engine) for submits and status reads per second.
 
     python benchmarks/bench_service.py              # ~1-2 min on 2 CPU cores
 """
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         e2e = [r["e2e"] for r in seq]
         results["sequential"] = {
             "e2e": C.summarize(e2e),
-            "overhead_vs_bare": C.summarize([r["e2e"] - b for r, b in zip(seq, bare)]),
+            "overhead_vs_bare": C.summarize([r["e2e"] - b for r, b in zip(seq, bare, strict=True)]),
             "outside_generate": C.summarize([r["e2e"] - r["inner"] for r in seq]),
             "submit": C.summarize([r["submit"] for r in seq]),
             "inner_generate": C.summarize([r["inner"] for r in seq]),
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
 
         # ---- SSE /stream: first event, step events
         first, step_lat, stream_e2e = [], [], []
-        for i in range(args.stream):
+        for _ in range(args.stream):
             prompt = PROMPT
             timed.step_times.clear()
             t0 = time.perf_counter()
@@ -263,7 +263,8 @@ def main(argv=None) -> int:
         {"what": "  of which outside the worker's generate call", "p50": seq["outside_generate"]["p50"] * ms,
          "p99": seq["outside_generate"]["p99"] * ms},
         {"what": "  submit (POST until response)", "p50": seq["submit"]["p50"] * ms, "p99": seq["submit"]["p99"] * ms},
-        {"what": "SSE /stream: first event", "p50": sse["first_event"]["p50"] * ms, "p99": sse["first_event"]["p99"] * ms},
+        {"what": "SSE /stream: first event", "p50": sse["first_event"]["p50"] * ms,
+         "p99": sse["first_event"]["p99"] * ms},
         {"what": "SSE /stream: step event latency", "p50": sse["step_event_latency"]["p50"] * ms,
          "p99": sse["step_event_latency"]["p99"] * ms},
     ]

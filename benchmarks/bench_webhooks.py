@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # run from a checkout
 
-from kleinserve.service.store import Lease
 from kleinserve.service import jobs as J  # noqa: E402
 from kleinserve.service.sqlite_store import SQLiteJobStore  # noqa: E402
+from kleinserve.service.store import Lease
 from kleinserve.service.webhooks import WebhookDispatcher, WebhookSigner  # noqa: E402
 
 

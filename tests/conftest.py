@@ -30,5 +30,6 @@ def tiny_model_dir(tmp_path_factory):
 
 # PostgreSQL: a throwaway cluster per session (`pg_cluster`) and a fresh database per test (`pg_url`).
 from pg_server import pg_cluster, pg_url  # noqa: E402,F401
+
 # S3: a throwaway Ceph RGW per session (`s3_server`) and a fresh bucket prefix per test (`s3_url`).
 from s3_server import s3_server, s3_url  # noqa: E402,F401

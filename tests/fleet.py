@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
+
 from service_helpers import free_port, wait_for_http
 
 EP = "fal-ai/flux-2/klein/9b/base"
@@ -50,7 +51,7 @@ class Proc:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      stdin=subprocess.DEVNULL)
@@ -107,9 +108,9 @@ class Fleet:
 
     def _common(self) -> list[str]:
         storage = ["--storage", self.storage_url] if self.storage_url else []
-        return ["--store", self.store_url, *storage, "--data-dir", str(self.data_dir), "--worker-stale-after", self.lease,
-                "--preview-every", "4", "--log-level", "info", "--shutdown-grace", "0s",
-                "--webhook-allow-private"]  # the tests' webhook receivers are on loopback
+        return ["--store", self.store_url, *storage, "--data-dir", str(self.data_dir),
+                "--worker-stale-after", self.lease, "--preview-every", "4", "--log-level", "info",
+                "--shutdown-grace", "0s", "--webhook-allow-private"]  # the tests' webhook receivers are on loopback
 
     def add_api(self, name: str) -> Proc:
         port = free_port()

@@ -24,8 +24,9 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -100,7 +101,8 @@ class PgCluster:
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not accept connections in {timeout}s:\n{self.log_tail()}") from None
+                    raise RuntimeError(f"postgres did not accept connections in {timeout}s:\n"
+                                       f"{self.log_tail()}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -28,8 +28,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import httpx
 
@@ -185,7 +186,7 @@ class ServerThread:
     def verify(self) -> bool | str:
         return str(self.ssl_cert) if self.ssl_cert else True
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self._thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -207,7 +208,7 @@ class ServerThread:
             self._thread.join(5)
         self._thread = None
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         if self._thread is None:
             self.start()
         return self
@@ -257,7 +258,7 @@ class SubprocessServer:
                 self.proc.kill()
                 self.proc.wait(10)
 
-    def __enter__(self) -> "SubprocessServer":
+    def __enter__(self) -> SubprocessServer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,7 +4,8 @@ Against a live kleinserve server (uvicorn on 127.0.0.1, plain http, the tiny mod
 form was generated from the schema (every cns_* field with its default), see a missing-key error and
 validation errors next to their fields, generate with the tiny model (queue position / progress bar,
 live preview, the final image with seed/size/timings, snippets), cancel a running request, read the
-history. Saves screenshots to artifacts/ (and, with KLEINSERVE_UPDATE_SCREENSHOT=1, the README's docs/img/playground.png).
+history. Saves screenshots to artifacts/ (and, with KLEINSERVE_UPDATE_SCREENSHOT=1, the README's
+docs/img/playground.png).
 
 Skipped only when /usr/bin/chromium is absent (.ci/run installs it). Never downloads a browser.
 """
@@ -62,7 +63,8 @@ def test_playground_end_to_end(server, browser):
     errors: list[str] = []
     foreign: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Failed to load resource" not in m.text else None)
+    page.on("console", lambda m: errors.append(m.text)
+            if m.type == "error" and "Failed to load resource" not in m.text else None)
     page.on("request", lambda r: foreign.append(r.url)
             if not (r.url.startswith(server.base_url) or r.url.startswith("data:")) else None)
     expect = sync_api.expect

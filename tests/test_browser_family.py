@@ -60,7 +60,8 @@ def test_pick_the_edit_lora_endpoint_and_generate(server, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Failed to load resource" not in m.text else None)
+        page.on("console", lambda m: errors.append(m.text)
+                if m.type == "error" and "Failed to load resource" not in m.text else None)
         try:
             page.goto(server.base_url + "/")
             page.wait_for_selector("body[data-ready='1']", timeout=30_000)

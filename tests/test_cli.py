@@ -116,7 +116,7 @@ def test_help_lists_schema_defaults_and_choices(capsys):
         cli.main(["generate", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name, field in FluxKleinInput.model_fields.items():
+    for name in FluxKleinInput.model_fields:
         assert "--" + name.replace("_", "-") in out
     assert "{none,regular,high}" in out and "landscape_4_3" in out
 
@@ -133,7 +133,8 @@ def test_only_given_flags_are_passed_defaults_from_schema():
     req = _parse("--prompt", "x", "--num-inference-steps", "6", "--guidance-scale", "1",
                  "--no-enable-safety-checker", "--enable-cns", "--seed", "7", "--output-format", "webp",
                  "--acceleration", "none", "--cns-num-freq-bins", "16", "--no-cns-alpha-use-fnorm")
-    assert (req.num_inference_steps, req.guidance_scale, req.enable_safety_checker, req.enable_cns) == (6, 1.0, False, True)
+    assert ((req.num_inference_steps, req.guidance_scale, req.enable_safety_checker, req.enable_cns)
+            == (6, 1.0, False, True))
     assert (req.seed, req.output_format, req.acceleration, req.cns_num_freq_bins) == (7, "webp", "none", 16)
     assert req.cns_alpha_use_fnorm is False
     assert req.negative_prompt == FluxKleinInput.model_fields["negative_prompt"].default

@@ -76,7 +76,7 @@ def test_inv1_s_churn_zero_is_bit_identical_to_euler_and_draws_nothing():
     assert torch.equal(with_cns, without)
     assert torch.equal(with_cns, euler)
     assert noise.draws == 0
-    assert all(torch.equal(g.get_state(), s) for g, s in zip(noise.generators, states))
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(noise.generators, states, strict=True))
 
 
 def test_inv2_no_noise_at_last_step_or_when_next_sigma_is_zero():

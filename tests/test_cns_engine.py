@@ -34,7 +34,7 @@ def test_s_churn_zero_is_bit_identical_to_cns_off(tiny_engine, guidance):
     on = request(guidance_scale=guidance, enable_cns=True, cns_s_churn=0.0)
     assert torch.equal(latents(tiny_engine, on), latents(tiny_engine, off))
     res_on, res_off = tiny_engine.generate(on), tiny_engine.generate(off)
-    assert all(np.array_equal(a, b) for a, b in zip(pixels(res_on), pixels(res_off)))
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(res_on), pixels(res_off), strict=True))
     assert any("CNS on: s_churn=0" in line for line in res_on.logs)
 
 

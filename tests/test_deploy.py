@@ -191,7 +191,8 @@ def k8s_container_env(docs: list[tuple[str, dict]], container: dict, where: str)
         kind, ref = ("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("ConfigMap", vf["configMapKeyRef"])
         obj = _ref(docs, kind, ref["name"])
         if obj is None or ref["key"] not in _data(obj):
-            assert ref.get("optional"), f"{where}: env {item['name']} names a missing {kind} key {ref['name']}/{ref['key']}"
+            assert ref.get("optional"), \
+                f"{where}: env {item['name']} names a missing {kind} key {ref['name']}/{ref['key']}"
             continue
         env[item["name"]] = _data(obj)[ref["key"]]
     return env
@@ -290,7 +291,8 @@ def test_k8s_manifests_validate_against_the_kubernetes_schemas():
         try:
             kv.validate(doc, K8S_VERSION, strict=True)
         except kv.ValidationError as exc:
-            pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+            where = ".".join(map(str, exc.path))
+            pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']}: {where}: {exc.message}")
         builtin += 1
     assert builtin >= 8
 
@@ -422,7 +424,8 @@ COMPOSE_SERVICE_KEYS = {
 
 def test_compose_structure():
     c = compose()
-    assert set(c) <= {"name", "services", "volumes", "networks", "configs", "secrets"} | {k for k in c if k.startswith("x-")}
+    top_level = {"name", "services", "volumes", "networks", "configs", "secrets"}
+    assert set(c) <= top_level | {k for k in c if k.startswith("x-")}
     services = c["services"]
     assert {"postgres", "minio", "lb"} <= set(services)
     volumes = set(c.get("volumes") or {})

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fleet import EP, KEY, QUICK, SLOW, result, status, submit, wait_done, wait_progress
-from service_helpers import start_subprocess_server
 
+from fleet import EP, KEY, QUICK, SLOW, result, status, submit, wait_done, wait_progress
 from kleinserve.service.store import open_store
+from service_helpers import start_subprocess_server
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -101,8 +101,8 @@ def test_sigkill_during_generation_loses_nothing(tmp_path):
         final = wait_all_done(server.base_url, all_ids)
         st = final[running]
         assert "error" not in st, st
-        assert any("re-queued" in l["message"] for l in st["logs"])
-        assert [l["message"] for l in st["logs"]].count("step 20/20") == 1
+        assert any("re-queued" in line["message"] for line in st["logs"])
+        assert [line["message"] for line in st["logs"]].count("step 20/20") == 1
         for rid in (*queued, low):
             assert "error" not in final[rid], final[rid]
             res = httpx.get(f"{server.base_url}/queue/fal-ai/flux-2/requests/{rid}", headers=H, timeout=30)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kleinserve.engine import GenerationCancelled, ModelUnavailable, StepEvent, load_engine
-from kleinserve.engine import models
+from kleinserve.engine import GenerationCancelled, ModelUnavailable, StepEvent, load_engine, models
 from kleinserve.schema import IMAGE_SIZE_PRESETS, FluxKleinInput
 
 SMALL = {"width": 96, "height": 64}
@@ -131,7 +130,7 @@ def test_step_callbacks_and_previews(tiny_engine):
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
     assert all(e.total == 6 for e in events)
     sigmas = [e.sigma for e in events]
-    assert all(a > b for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] == 0.0
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:], strict=False)) and sigmas[-1] == 0.0
     assert [e.step for e in events if e.preview is not None] == [2, 4, 6]
     for e in events:
         if e.preview is not None:

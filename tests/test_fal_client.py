@@ -146,7 +146,7 @@ def report(tiny_engine, tmp_path_factory):
     app = create_app(settings, engine=tiny_engine)
     with serve_app(app, ssl_cert=cert, ssl_key=key) as srv:
         proc = run_fal_client_script(CLIENT_SCRIPT, fal_client_env(srv.host_port, KEY, cert), timeout=900)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, f"client script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len("REPORT "):])
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import textwrap
-
 import ssl
+import textwrap
 
 import httpx
 import numpy as np
@@ -64,7 +63,7 @@ def setup(tmp_path_factory):
             print("REPORT " + json.dumps(report))
         """)
         proc = run_fal_client_script(code, fal_client_env(srv.host_port, KEY, cert), timeout=600)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
         assert proc.returncode == 0 and lines, f"client failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         report = json.loads(lines[-1][len("REPORT "):])
         verify = ssl.create_default_context(cafile=str(cert))

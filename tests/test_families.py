@@ -10,8 +10,8 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from kleinserve.endpoints import default_registry
 from kleinserve.api.families import build_unserved_router
+from kleinserve.endpoints import default_registry
 from kleinserve.schema import (
     FAMILIES,
     INPUT_MODELS,
@@ -120,7 +120,8 @@ def test_unserved_endpoints_answer_503_saying_how_to_enable_them():
     app = FastAPI()
     app.include_router(build_unserved_router(default_registry()))
     client = TestClient(app)
-    for path in ("/fal-ai/flux-2/klein/9b", "/queue/fal-ai/flux-2/klein/4b/edit", "/fal-ai/flux-2/klein/4b/base/stream"):
+    for path in ("/fal-ai/flux-2/klein/9b", "/queue/fal-ai/flux-2/klein/4b/edit",
+                 "/fal-ai/flux-2/klein/4b/base/stream"):
         r = client.post(path, json={"prompt": "x"})
         assert r.status_code == 503, path
         assert "--model" in r.json()["detail"] and "not served here" in r.json()["detail"]

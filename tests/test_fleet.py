@@ -1,7 +1,7 @@
 """The kill matrix: two API replicas and two worker processes (real `kleinserve serve --role api` and
 `kleinserve worker` subprocesses, tiny model, one thread each) on a real PostgreSQL and a real S3
-server (Ceph RGW), killed in the ways a fleet dies. After every case every accepted request has exactly one terminal state, COMPLETED
-with its result, and its images download through either replica.
+server (Ceph RGW), killed in the ways a fleet dies. After every case every accepted request has exactly
+one terminal state, COMPLETED with its result, and its images download through either replica.
 
 Lease: 4 s (--worker-stale-after), so a worker that stops answering loses its job within seconds.
 """
@@ -17,6 +17,7 @@ import uuid
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+
 from fleet import (
     EP,
     QUICK,
@@ -30,10 +31,9 @@ from fleet import (
     wait_done,
     wait_progress,
 )
+from kleinserve.service.store import EV_STATUS, open_store
 from s3_server import BUCKET
 from service_helpers import serve_app
-
-from kleinserve.service.store import EV_STATUS, open_store
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -13,12 +13,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from kleinserve.endpoints import default_registry
-from kleinserve.service.runtime import build_services
-from kleinserve.service.store import Lease
 from kleinserve.api.app import create_app
+from kleinserve.endpoints import default_registry
 from kleinserve.service.logging import TextFormatter
+from kleinserve.service.runtime import build_services
 from kleinserve.service.settings import Settings
+from kleinserve.service.store import Lease
 
 EP = "fal-ai/flux-2/klein/9b/base"
 KEY_A, KEY_B = "key-a-secret", "key-b-secret"

@@ -14,7 +14,6 @@ from fastapi import FastAPI, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from PIL import Image
 
-from kleinserve.service.netguard import NetPolicy
 from kleinserve.engine.tiny import save_tiny_lora
 from kleinserve.schema import FluxKleinEditInput, LoraWeight
 from kleinserve.service.inputs import (
@@ -25,6 +24,7 @@ from kleinserve.service.inputs import (
     resolve_images,
 )
 from kleinserve.service.loras import LoraCache
+from kleinserve.service.netguard import NetPolicy
 from kleinserve.service.settings import Settings
 from kleinserve.service.storage import LocalFileStorage
 from service_helpers import serve_app

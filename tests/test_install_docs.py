@@ -5,9 +5,9 @@ no CUDA build on top of it)."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version

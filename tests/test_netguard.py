@@ -14,11 +14,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from kleinserve.service.store import Lease
 from kleinserve.service import jobs as J
 from kleinserve.service import netguard as ng
 from kleinserve.service.netguard import BlockedURL, NetPolicy
 from kleinserve.service.sqlite_store import SQLiteJobStore
+from kleinserve.service.store import Lease
 from kleinserve.service.webhooks import WebhookDispatcher, WebhookSigner
 
 LOOPBACK_FORMS = ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "017700000001",
@@ -251,6 +251,7 @@ def test_the_options_build_the_policy_and_name_a_bad_cidr(tmp_path):
         ng.check_url("http://10.21.0.1/x", policy)
     env = {"KLEINSERVE_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8, fd00::/8", "KLEINSERVE_WEBHOOK_ALLOW_PRIVATE": "0"}
     assert len(Settings.from_sources({"data_dir": tmp_path}, env=env).net_policy().allow_cidrs) == 2
-    assert Settings.from_sources({"data_dir": tmp_path, "webhook_allow_private": True}, env={}).net_policy().allow_private
+    settings = Settings.from_sources({"data_dir": tmp_path, "webhook_allow_private": True}, env={})
+    assert settings.net_policy().allow_private
     with pytest.raises(ValueError, match="--webhook-allow-cidr: not an IP network: 'example.com'"):
         Settings.from_sources({"data_dir": tmp_path, "webhook_allow_cidrs": ["example.com"]}, env={})

@@ -23,7 +23,7 @@ def variant(request: FluxKleinInput, **change) -> FluxKleinInput:
 
 def assert_same_images(batched: GenerationResult, alone: GenerationResult) -> None:
     assert [im.seed for im in batched.images] == [im.seed for im in alone.images]
-    for k, (a, b) in enumerate(zip(batched.images, alone.images)):
+    for k, (a, b) in enumerate(zip(batched.images, alone.images, strict=True)):
         diff = np.abs(pixels(a) - pixels(b)).max()
         assert diff <= 2, f"image {k}: max diff {diff}/255"
 
@@ -43,7 +43,7 @@ def test_batched_requests_give_the_images_they_give_alone(tiny_engine):
         outcomes = tiny_engine.generate_batch([GenerationTask(r) for r in requests])
     # 4 images, cond + uncond: one forward of 8 rows per step, nothing else.
     assert spy.batches == [8] * 4
-    for r, outcome in zip(requests, outcomes):
+    for r, outcome in zip(requests, outcomes, strict=True):
         assert "request_batching" in outcome.techniques
         assert any("batched with 2 other request(s)" in line for line in outcome.logs)
         assert outcome.images[0].content_type == f"image/{r.output_format}"
@@ -55,7 +55,7 @@ def test_guidance_off_requests_batch_too(tiny_engine):
     with ForwardSpy(tiny_engine) as spy:
         outcomes = tiny_engine.generate_batch([GenerationTask(r) for r in requests])
     assert spy.batches == [2] * 4  # single branch
-    for r, outcome in zip(requests, outcomes):
+    for r, outcome in zip(requests, outcomes, strict=True):
         assert_same_images(outcome, tiny_engine.generate(r))
 
 
@@ -63,7 +63,7 @@ def test_cns_requests_batch_with_their_own_noise(tiny_engine):
     cns = dict(enable_cns=True, cns_s_churn=0.6, guidance_scale=3.0, num_inference_steps=6)
     requests = [req(seed=7, prompt="a fox", **cns), req(seed=8, prompt="a barn", **cns)]
     outcomes = tiny_engine.generate_batch([GenerationTask(r) for r in requests])
-    for r, outcome in zip(requests, outcomes):
+    for r, outcome in zip(requests, outcomes, strict=True):
         assert "cns" in outcome.techniques
         assert_same_images(outcome, tiny_engine.generate(r))
 

@@ -79,13 +79,13 @@ def test_apply_blackens_flagged_images_keeping_sizes():
     images = _images()
     out, flags = SafetyChecker(threshold=0.0).apply(images)
     assert flags == [True] * len(images)
-    for src, dst in zip(images, out):
+    for src, dst in zip(images, out, strict=True):
         assert dst.size == src.size
         assert dst.mode == "RGB"
         assert dst.getextrema() == ((0, 0), (0, 0), (0, 0))
     out, flags = SafetyChecker(threshold=1.01).apply(images)
     assert flags == [False] * len(images)
-    assert all(a is b for a, b in zip(out, images))
+    assert all(a is b for a, b in zip(out, images, strict=True))
 
 
 def test_blacken():

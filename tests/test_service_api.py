@@ -288,7 +288,7 @@ def test_startup_recovery_of_a_dead_workers_request(tmp_path, max_attempts, expe
             assert r.status_code == 500 and "giving up" in r.json()["detail"]
         else:
             assert st["status"] == "IN_QUEUE" and st["queue_position"] == 0
-            assert any("re-queued" in l["message"] for l in st["logs"])
+            assert any("re-queued" in line["message"] for line in st["logs"])
 
 
 def test_model_that_failed_to_load_is_reported(tmp_path):

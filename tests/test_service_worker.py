@@ -72,7 +72,7 @@ def wait_log(client, rid, needle, timeout=180.0) -> list:
     while time.monotonic() < deadline:
         body = client.get(req_path(rid, "/status"), params={"logs": 1}).json()
         logs = body.get("logs") or []
-        if any(needle in l["message"] for l in logs):
+        if any(needle in line["message"] for line in logs):
             return logs
         if body["status"] == "COMPLETED":
             raise AssertionError(f"{rid} completed before logging {needle!r}: {body}")
@@ -91,10 +91,10 @@ def test_queue_roundtrip_logs_metrics_and_stored_image(server):
         for ev in es.iter_sse():
             statuses.append(ev.json())
     assert statuses[-1]["status"] == "COMPLETED"
-    in_progress_logs = [l["message"] for s in statuses if s["status"] == "IN_PROGRESS" for l in s["logs"]]
+    in_progress_logs = [line["message"] for s in statuses if s["status"] == "IN_PROGRESS" for line in s["logs"]]
     assert "step 1/4" in in_progress_logs
     done = wait_done(c, rid)
-    messages = [l["message"] for l in done["logs"]]
+    messages = [line["message"] for line in done["logs"]]
     assert [m for m in messages if m.startswith("step ")] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     assert done["metrics"]["inference_time"] > 0 and "error" not in done
     out = c.get(sub["response_url"].replace(server.base_url, ""))
@@ -222,7 +222,7 @@ def test_stream_client_disconnect_cancels_its_job(server):
                 break  # leave after the first progress event: the connection closes
     done = wait_done(c, rid, timeout=120)
     assert done["error_type"] == "cancelled"
-    assert [l["message"] for l in done["logs"]].count("step 50/50") == 0
+    assert [line["message"] for line in done["logs"]].count("step 50/50") == 0
 
 
 def test_sync_run_client_disconnect_cancels_its_job(server):

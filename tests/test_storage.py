@@ -18,7 +18,6 @@ from fastapi import FastAPI
 
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
-from kleinserve.service.webhooks import WebhookSigner
 from kleinserve.service.storage import (
     ExpiredToken,
     FileNotFound,
@@ -31,7 +30,7 @@ from kleinserve.service.storage import (
     normalize_content_type,
     sanitize_file_name,
 )
-
+from kleinserve.service.webhooks import WebhookSigner
 from service_helpers import fal_client_env, make_self_signed_cert, run_fal_client_script, serve_app
 
 KEY = "test-key-123"
@@ -308,14 +307,14 @@ def test_upload_tokens_are_redacted_in_the_access_log(tmp_path: Path):
             assert httpx.put(up, content=PNG, headers={"Content-Type": "image/png"}).status_code == 200
             assert httpx.put(up.replace("token=", "x=1&token="), content=PNG).status_code == 200
             deadline = time.time() + 5
-            while sum("/storage/upload/" in l and "PUT" in l for l in lines) < 2 and time.time() < deadline:
+            while sum("/storage/upload/" in line and "PUT" in line for line in lines) < 2 and time.time() < deadline:
                 time.sleep(0.02)
         finally:
             access.removeHandler(handler)
-    puts = [l for l in lines if "PUT" in l and "/storage/upload/" in l]
+    puts = [line for line in lines if "PUT" in line and "/storage/upload/" in line]
     assert len(puts) == 2, lines
-    assert all("token=REDACTED" in l for l in puts), puts
-    assert not any(token in l for l in lines), lines
+    assert all("token=REDACTED" in line for line in puts), puts
+    assert not any(token in line for line in lines), lines
 
 
 def test_http_auth_required(server):

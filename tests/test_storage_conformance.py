@@ -132,7 +132,7 @@ def test_multipart_small_parts(storage: FileStorage):
     for n, chunk in [(2, b"B" * 300), (1, b"A" * 300), (3, b"C" * 10)]:
         w = storage.multipart_part_writer(mp.upload_id, n)
         w.write(chunk)
-        assert w.commit() == '"%s"' % hashlib.md5(chunk).hexdigest()
+        assert w.commit() == f'"{hashlib.md5(chunk).hexdigest()}"'
     with pytest.raises(FileNotFound):
         storage.get(mp.file.id)  # not visible before complete
     with pytest.raises(InvalidUpload):

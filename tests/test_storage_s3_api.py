@@ -218,5 +218,6 @@ def test_s3_outage_downloads_503_then_recover_uploads_fail_cleanly(s3_server, s3
         assert _keys(s3_server, s3_url) == before  # nothing of the failed uploads is there
         r = httpx.put(f"{access_url}/multipart/{upload_id}/1", content=b"part", headers=AUTH)
         assert r.status_code == 200
-        r = httpx.post(f"{access_url}/multipart/{upload_id}/complete", json={"parts": [{"partNumber": 1, "etag": r.headers["etag"]}]}, headers=AUTH)
+        r = httpx.post(f"{access_url}/multipart/{upload_id}/complete",
+                       json={"parts": [{"partNumber": 1, "etag": r.headers["etag"]}]}, headers=AUTH)
         assert r.status_code == 200 and httpx.get(r.json()["access_url"]).content == b"part"

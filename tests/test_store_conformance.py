@@ -14,16 +14,15 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from kleinserve.service import jobs as J
 from kleinserve.service.jobs import Job, job_error
-from kleinserve.service.store import (EV_LOG, EV_PROGRESS, EV_STATUS, JobNotFound, JobStore, Lease, LeaseLost,
-                                      open_store)
+from kleinserve.service.store import EV_LOG, EV_PROGRESS, EV_STATUS, JobNotFound, JobStore, Lease, LeaseLost, open_store
 
 EP = "fal-ai/flux-2/klein/9b/base"
 EP2 = "fal-ai/flux-2/klein/4b/base"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import ssl
 import stat
-import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from kleinserve.service import jobs as J
+from kleinserve.service.netguard import NetPolicy
 from kleinserve.service.sqlite_store import SQLiteJobStore
 from kleinserve.service.store import Lease
-from kleinserve.service.netguard import NetPolicy
 from kleinserve.service.webhooks import (
     HEADER_REQUEST_ID,
     HEADER_SIGNATURE,
@@ -38,7 +38,6 @@ from kleinserve.service.webhooks import (
     verify_webhook,
     webhook_payload,
 )
-
 
 # ------------------------------------------------------------------------------------ a receiver
 
@@ -261,7 +260,7 @@ def test_dispatcher_retries_with_backoff_until_success(tmp_path: Path, store: SQ
         finally:
             d.stop()
     assert len(rx.received) == 4
-    gaps = [b["time"] - a["time"] for a, b in zip(rx.received, rx.received[1:])]
+    gaps = [b["time"] - a["time"] for a, b in zip(rx.received, rx.received[1:], strict=False)]
     # exponential: ~0.2, ~0.4, ~0.8 s (+-10 % jitter, plus polling latency)
     assert gaps[0] >= 0.17 and gaps[1] >= 0.35 and gaps[2] >= 0.7, gaps
     assert gaps[2] > gaps[0]
@@ -393,7 +392,8 @@ def test_e2e_retries_until_delivered(live):
 def test_e2e_cancelled_request_gets_error_payload(live):
     with Receiver() as rx, _client(live) as c:
         r = c.post(f"/queue/{ENDPOINT}", params={"fal_webhook": rx.url},
-                   json={**TINY_INPUT, "num_inference_steps": 50, "image_size": {"width": 512, "height": 512}}, headers={"X-Fal-Queue-Priority": "low"})
+                   json={**TINY_INPUT, "num_inference_steps": 50, "image_size": {"width": 512, "height": 512}},
+                   headers={"X-Fal-Queue-Priority": "low"})
         request_id = r.json()["request_id"]
         assert c.put(f"/queue/fal-ai/flux-2/requests/{request_id}/cancel").status_code in (200, 202)
         got = rx.wait(timeout=180)

@@ -85,7 +85,8 @@ def test_compatible_requests_share_a_run_and_keep_their_own_images(store, tiny_e
     b = submit(store, prompt="two cats", seed=22, guidance_scale=5.0)
     c = submit(store, prompt="a barn", seed=33, output_format="jpeg")
     high = submit(store, acceleration="high")  # never batched
-    jobs = dict(zip([a, other_size, b, c, high], run_worker(store, tiny_engine, 4, [a, other_size, b, c, high])))
+    jobs = dict(zip([a, other_size, b, c, high], run_worker(store, tiny_engine, 4, [a, other_size, b, c, high]),
+                    strict=True))
     assert all(j.succeeded for j in jobs.values()), [j.error for j in jobs.values()]
     assert [batched_with(jobs[r]) for r in (a, b, c)] == [2, 2, 2]
     assert batched_with(jobs[other_size]) == 0 and batched_with(jobs[high]) == 0

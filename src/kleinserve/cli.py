@@ -19,8 +19,9 @@ import threading
 import time
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 
@@ -275,12 +276,13 @@ def _local_image_as_data_uri(value: Any, index: int) -> Any:
 
     path = Path(value).expanduser()
     if not path.is_file():
-        raise UsageError(f"--image-urls[{index}]: no such file: {value} (give a local file, an https URL or a data: URI)")
+        raise UsageError(f"--image-urls[{index}]: no such file: {value} "
+                         "(give a local file, an https URL or a data: URI)")
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def build_request(args: argparse.Namespace, model: type[BaseModel] = FluxKleinInput) -> FluxKleinInput:
+def build_request(args: argparse.Namespace, model: type[FluxKleinInput] = FluxKleinInput) -> FluxKleinInput:
     """--input, then the flags the user gave (flags override), validated by the schema."""
     data: dict[str, Any] = {}
     if getattr(args, "input", None):
@@ -330,7 +332,7 @@ class _EngineWarnings:
         self.handler.setLevel(logging.WARNING)
         self.logger = logging.getLogger("kleinserve")
 
-    def __enter__(self) -> "_EngineWarnings":
+    def __enter__(self) -> _EngineWarnings:
         self.logger.addHandler(self.handler)
         return self
 
@@ -393,7 +395,7 @@ class _Progress:
     def __init__(self, enabled: bool, desc: str = "denoise"):
         self.enabled = enabled
         self.desc = desc
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, made on the first event
         self._lock = threading.Lock()
 
     def start(self, total: int) -> None:
@@ -505,7 +507,8 @@ def build_output(request: FluxKleinInput, result, out_dir: Optional[Path]) -> Fl
 
 def _resolve_files(request: Any, args: argparse.Namespace) -> tuple[list, list]:
     """The request's input images and LoRA files (local paths allowed), or UsageError naming the item."""
-    images, loras = [], []
+    images: list[Any] = []
+    loras: list[Any] = []
     if not (getattr(request, "image_urls", None) or getattr(request, "loras", None)):
         return images, loras
     from .service.inputs import InputError, InputSources, resolve_images

@@ -21,17 +21,18 @@ different model); an edit endpoint declares its own input model and `build_outpu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel
 
 from kleinserve.schema import (
     DEFAULT_FAMILY,
     EDIT_ENDPOINT_ID,
-    FAMILIES,
     EDIT_LORA_ENDPOINT_ID,
     ENDPOINT_ID,
+    FAMILIES,
     LORA_ENDPOINT_ID,
     FluxKleinEditInput,
     FluxKleinEditLoraInput,
@@ -41,13 +42,17 @@ from kleinserve.schema import (
     family_of,
 )
 
+if TYPE_CHECKING:
+    from kleinserve.engine.types import GenerationResult
+    from kleinserve.service.jobs import Job
+
 NAMESPACES = ("workflows", "comfy")
 
 # build_output(job, request, result, files) -> output JSON dict
 #   job: service.jobs.Job; request: the validated input model; result: engine GenerationResult;
 #   files: one {"url", "file_name", "file_size"} per result image (a stored file's URL, or a data
 #   URI in sync mode)
-OutputBuilder = Callable[[Any, BaseModel, Any, list[dict[str, Any]]], dict[str, Any]]
+OutputBuilder = Callable[[Any, FluxKleinInput, Any, list[dict[str, Any]]], dict[str, Any]]
 
 
 def split_endpoint_id(endpoint_id: str) -> tuple[Optional[str], str, str, Optional[str]]:
@@ -69,7 +74,8 @@ def app_prefix(endpoint_id: str) -> str:
     return f"{namespace}/{owner}/{alias}" if namespace else f"{owner}/{alias}"
 
 
-def flux_klein_output(job: Any, request: BaseModel, result: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
+def flux_klein_output(job: Job, request: FluxKleinInput, result: GenerationResult,
+                      files: list[dict[str, Any]]) -> dict[str, Any]:
     out = FluxKleinOutput.from_result(request, result, [(f["url"], f["file_name"]) for f in files])
     return out.model_dump(mode="json")
 
@@ -77,7 +83,7 @@ def flux_klein_output(job: Any, request: BaseModel, result: Any, files: list[dic
 @dataclass(frozen=True)
 class EndpointSpec:
     endpoint_id: str
-    input_model: type[BaseModel]
+    input_model: type[FluxKleinInput]  # the engine reads its fields
     output_model: type[BaseModel]
     title: str = ""
     description: str = ""
@@ -94,7 +100,7 @@ class EndpointSpec:
         """The Python name of this endpoint's `kind` route handler (submit, run, stream)."""
         return f"{kind}_{self.endpoint_id.replace('/', '_').replace('-', '_').replace('.', '_')}"
 
-    def validate_input(self, data: Any) -> BaseModel:
+    def validate_input(self, data: Any) -> FluxKleinInput:
         return self.input_model.model_validate(data)
 
 
@@ -131,7 +137,7 @@ class EndpointRegistry:
     def ids(self) -> list[str]:
         return list(self._specs)
 
-    def subset(self, engine: str) -> "EndpointRegistry":
+    def subset(self, engine: str) -> EndpointRegistry:
         """The endpoints run by one engine (a klein family): what that family's worker claims."""
         sub = EndpointRegistry([s for s in self._specs.values() if s.engine == engine])
         sub.unserved = dict(self.unserved)

@@ -7,9 +7,10 @@ generated from these models, so a field added here shows up everywhere.
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
-from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union, cast, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
@@ -217,17 +218,18 @@ class _Distilled:
         return False
 
 
-def _distilled(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
+def _distilled(model: type[FluxKleinInput], name: str, doc: str) -> type[FluxKleinInput]:
     """`model` without the fields the distilled endpoints lack, with 4..8 steps (default 4)."""
     from pydantic import create_model
 
-    fields = {k: (f.annotation, f) for k, f in model.model_fields.items() if k not in DISTILLED_DROPPED}
+    fields: dict[str, tuple[Any, Any]] = {k: (f.annotation, f) for k, f in model.model_fields.items()
+                                          if k not in DISTILLED_DROPPED}
     fields["num_inference_steps"] = (int, DISTILLED_STEPS)
     distilled = create_model(name, __base__=(_Distilled, model), __doc__=doc, **fields)  # type: ignore[call-overload]
     for k in DISTILLED_DROPPED:  # a subclass cannot drop fields: take them out of the model again
         distilled.model_fields.pop(k, None)
     distilled.model_rebuild(force=True)
-    return distilled
+    return cast(type[FluxKleinInput], distilled)  # a subclass of `model` (and _Distilled)
 
 
 FluxKleinDistilledInput = _distilled(FluxKleinInput, "FluxKleinDistilledInput",
@@ -254,12 +256,14 @@ class Family:
     def endpoint_ids(self) -> list[str]:
         return [self.base_id + suffix for suffix in ("", "/edit", "/lora", "/edit/lora")]
 
-    def input_model(self, endpoint_id: str) -> type[BaseModel]:
+    def input_model(self, endpoint_id: str) -> type[FluxKleinInput]:
         suffix = endpoint_id[len(self.base_id):]
-        plain = {"": FluxKleinInput, "/edit": FluxKleinEditInput, "/lora": FluxKleinLoraInput,
-                 "/edit/lora": FluxKleinEditLoraInput}
-        distilled = {"": FluxKleinDistilledInput, "/edit": FluxKleinDistilledEditInput,
-                     "/lora": FluxKleinDistilledLoraInput, "/edit/lora": FluxKleinDistilledEditLoraInput}
+        plain: dict[str, type[FluxKleinInput]] = {
+            "": FluxKleinInput, "/edit": FluxKleinEditInput, "/lora": FluxKleinLoraInput,
+            "/edit/lora": FluxKleinEditLoraInput}
+        distilled: dict[str, type[FluxKleinInput]] = {
+            "": FluxKleinDistilledInput, "/edit": FluxKleinDistilledEditInput,
+            "/lora": FluxKleinDistilledLoraInput, "/edit/lora": FluxKleinDistilledEditLoraInput}
         return (distilled if self.distilled else plain)[suffix]
 
 
@@ -307,7 +311,7 @@ def parse_model_specs(text: str) -> dict[str, str]:
 
 
 # The input model of each endpoint id (the API registry declares these; the CLI's --endpoint picks one).
-INPUT_MODELS: dict[str, type[BaseModel]] = {
+INPUT_MODELS: dict[str, type[FluxKleinInput]] = {
     eid: family.input_model(eid) for family in FAMILIES.values() for eid in family.endpoint_ids()}
 
 
@@ -338,11 +342,11 @@ class FluxKleinOutput(BaseModel):
     timings: Timings
 
     @classmethod
-    def from_result(cls, request: FluxKleinInput, result, files: list[tuple[str, str]]) -> "FluxKleinOutput":
+    def from_result(cls, request: FluxKleinInput, result, files: list[tuple[str, str]]) -> FluxKleinOutput:
         """The output of a GenerationResult whose image k is served as files[k] = (url, file_name)."""
         images = [OutputImage(url=url, content_type=im.content_type, file_name=name, file_size=len(im.data),
                               width=im.width, height=im.height)
-                  for im, (url, name) in zip(result.images, files)]
+                  for im, (url, name) in zip(result.images, files, strict=True)]
         return cls(images=images, seed=int(result.seed), has_nsfw_concepts=[bool(im.nsfw) for im in result.images],
                    prompt=request.prompt, timings=Timings(**{k: float(v) for k, v in (result.timings or {}).items()}))
 
@@ -410,7 +414,7 @@ def _got(value: Any) -> str:
     return f" (got {text[:60] + '...' if len(text) > 60 else text})"
 
 
-def tidy_validation_errors(errors: Iterable[dict[str, Any]],
+def tidy_validation_errors(errors: Sequence[Mapping[str, Any]],  # read twice
                            model: type[BaseModel] = FluxKleinInput) -> list[dict[str, Any]]:
     """pydantic/FastAPI errors -> one clear `{"loc", "msg", "type"}` per problem.
 

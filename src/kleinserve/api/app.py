@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
 from kleinserve import __version__
+from kleinserve.endpoints import EndpointRegistry, default_registry
 from kleinserve.engine.types import ModelInfo
 from kleinserve.service import metrics
 from kleinserve.service.auth import Authenticator
@@ -42,7 +43,6 @@ from kleinserve.service.settings import Settings
 
 from . import deps, docs, files, openai, web
 from . import metrics as metrics_routes
-from kleinserve.endpoints import EndpointRegistry, default_registry
 from .families import build_unserved_router
 from .queue import build_queue_router
 from .run import build_run_router

@@ -21,6 +21,8 @@ from kleinserve.service.auth import AuthError, Principal
 from kleinserve.service.jobs import Job, error_body, error_status
 from kleinserve.service.logging import request_id_var
 from kleinserve.service.runtime import Runtime, Services
+from kleinserve.service.settings import Settings
+from kleinserve.service.store import JobStore
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 TIMEOUT_HEADER = "x-fal-request-timeout"
@@ -93,7 +95,8 @@ def parse_timeout_header(request: Request) -> Optional[float]:
     try:
         value = float(raw)
     except ValueError:
-        raise header_error("X-Fal-Request-Timeout", f"must be a number of seconds, got {raw!r}", "float_parsing")
+        raise header_error("X-Fal-Request-Timeout", f"must be a number of seconds, got {raw!r}",
+                           "float_parsing") from None
     if not math.isfinite(value) or value <= 0:
         raise header_error("X-Fal-Request-Timeout", f"must be a positive number of seconds, got {raw!r}",
                            "greater_than")
@@ -256,7 +259,7 @@ class QueueFull(BodyHTTPException):
                 "retry_after": self.retry_after}
 
 
-def check_backpressure(store: Any, settings: Any, owner: str) -> None:
+def check_backpressure(store: JobStore, settings: Settings, owner: str) -> None:
     """Raises QueueFull when the whole queue (--max-queue-depth) or this key's share of it
     (--max-queued-per-key) is full. Counted, not reserved: concurrent submits may pass a limit by a
     few, never by many."""

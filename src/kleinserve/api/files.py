@@ -30,7 +30,8 @@ import datetime as _dt
 import email.utils
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn, Optional
 
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Security
@@ -39,20 +40,20 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
+from kleinserve.service.runtime import Services
 from kleinserve.service.storage import (
+    ExpiredToken,
     FileNotFound,
     FileStream,
     InvalidToken,
     StorageError,
     StorageUnavailable,
     StoredFile,
-    ExpiredToken,
     is_valid_file_id,
     new_file_id,
     normalize_content_type,
     sanitize_file_name,
 )
-from kleinserve.service.runtime import Services
 
 from . import deps
 from .deps import API_KEY_SCHEME, error_responses, public_base, require_owner
@@ -77,7 +78,7 @@ def _svc(request: Request) -> Services:
     return deps.services(request)
 
 
-def _raise(exc: StorageError) -> None:
+def _raise(exc: StorageError) -> NoReturn:
     headers = None
     if isinstance(exc, StorageUnavailable):
         headers = {"Retry-After": str(exc.retry_after)}
@@ -349,7 +350,8 @@ async def complete_needs_post() -> None:
                         headers={"Allow": "POST"})
 
 
-@router.put("/storage/upload/multipart/{upload_id}/{part_number}", responses=error_responses(400, 401, 403, 404, 413, 422))
+@router.put("/storage/upload/multipart/{upload_id}/{part_number}",
+            responses=error_responses(400, 401, 403, 404, 413, 422))
 async def put_signed_part(
     request: Request, upload_id: str, part_number: int, token: Optional[str] = Query(None)
 ):
@@ -426,7 +428,8 @@ async def _check_mp_file(svc: Services, file_id: str, file_name: str, upload_id:
         raise HTTPException(status_code=404, detail="no such multipart upload")
 
 
-@router.put("/files/{file_id}/{file_name}/multipart/{upload_id}/{part_number}", responses=error_responses(400, 401, 403, 404, 413, 422))
+@router.put("/files/{file_id}/{file_name}/multipart/{upload_id}/{part_number}",
+            responses=error_responses(400, 401, 403, 404, 413, 422))
 async def cdn_multipart_part(
     request: Request,
     file_id: str,
@@ -441,7 +444,8 @@ async def cdn_multipart_part(
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
 
 
-@router.post("/files/{file_id}/{file_name}/multipart/{upload_id}/complete", responses=error_responses(400, 401, 403, 404))
+@router.post("/files/{file_id}/{file_name}/multipart/{upload_id}/complete",
+             responses=error_responses(400, 401, 403, 404))
 async def cdn_multipart_complete(
     request: Request,
     file_id: str,

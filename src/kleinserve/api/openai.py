@@ -37,19 +37,25 @@ import json
 import logging
 import re
 import time
-from typing import Any, Optional
-
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kleinserve.schema import (EDIT_ENDPOINT_ID, ENDPOINT_ID, IMAGE_SIZE_PRESETS, MAX_REFERENCE_IMAGES, ImageSize,
-                               tidy_validation_errors)
+from kleinserve.endpoints import EndpointSpec
+from kleinserve.schema import (
+    EDIT_ENDPOINT_ID,
+    ENDPOINT_ID,
+    IMAGE_SIZE_PRESETS,
+    MAX_REFERENCE_IMAGES,
+    ImageSize,
+    tidy_validation_errors,
+)
 from kleinserve.service import jobs as J
 from kleinserve.service.auth import AuthError, Principal
-from kleinserve.service.jobs import new_request_id
+from kleinserve.service.jobs import Job, new_request_id
 
 from . import deps
 from .run import submit_and_wait
@@ -71,7 +77,7 @@ _OPENAI_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "ba
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
+                 headers: Optional[Mapping[str, str]] = None):
         super().__init__(message)
         self.headers = dict(headers or {})
         self.status = status
@@ -99,7 +105,7 @@ def _authenticate(request: Request) -> Principal:
             type="invalid_request_error", code="invalid_api_key") from None
 
 
-def _spec(request: Request, endpoint_id: str = ENDPOINT_ID) -> Any:
+def _spec(request: Request, endpoint_id: str = ENDPOINT_ID) -> EndpointSpec:
     registry = request.app.state.registry
     try:
         return registry.get(endpoint_id)
@@ -198,7 +204,8 @@ OPENAPI_EXTRA: dict[str, Any] = {
         "example": {"prompt": "a red fox in the snow", "size": "1024x768", "n": 1, "response_format": "b64_json",
                     "negative_prompt": "blurry", "seed": 42}}}},
     "responses": {
-        "200": {"description": "The images", "content": {"application/json": {"schema": _inline(OpenAIImagesResponse)}}},
+        "200": {"description": "The images",
+                "content": {"application/json": {"schema": _inline(OpenAIImagesResponse)}}},
         "400": _error_response("Invalid request (OpenAI's error shape; `param` names the field)"),
         "401": _error_response("Missing or invalid API key (`Authorization: Bearer <key>`)"),
         "500": _error_response("Generation failed"),
@@ -290,7 +297,7 @@ def _validation_error(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_value")
 
 
-def _error_from_job(job: Any) -> OpenAIError:
+def _error_from_job(job: Job) -> OpenAIError:
     err = job.error or {}
     etype = err.get("error_type", J.ERR_INTERNAL)
     status = J.error_status(job)
@@ -331,7 +338,8 @@ _OPENAI_ERRORS = {
                          "queue and engine as the fal routes. Authenticate with `Authorization: Bearer <key>`. "
                          "Errors use OpenAI's shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
              dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra=OPENAPI_EXTRA,
-             responses={**{code: {"model": OpenAIErrorResponse, "description": d} for code, d in _OPENAI_ERRORS.items()}})
+             responses={**{code: {"model": OpenAIErrorResponse, "description": d}
+                           for code, d in _OPENAI_ERRORS.items()}})
 async def images_generations(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:
@@ -460,7 +468,7 @@ _EDIT_BODY = {
                          f"{MAX_REFERENCE_IMAGES} reference images), `prompt`, `n`, `size`, `response_format`; "
                          "runs the edit endpoint through the same job queue. Errors use OpenAI's shape.",
              dependencies=[Security(deps.API_KEY_SCHEME)], openapi_extra={"requestBody": _EDIT_BODY},
-             responses={**{code: {"model": OpenAIErrorResponse, "description": d} for code, d in _OPENAI_ERRORS.items()}})
+             responses={code: {"model": OpenAIErrorResponse, "description": d} for code, d in _OPENAI_ERRORS.items()})
 async def images_edits(request: Request) -> JSONResponse:
     rid = new_request_id()
     try:

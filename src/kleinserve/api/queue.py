@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from kleinserve.endpoints import EndpointRegistry, EndpointSpec, app_prefix
 from kleinserve.service import jobs as J
 from kleinserve.service import metrics
 from kleinserve.service.events import watch
@@ -24,7 +25,6 @@ from kleinserve.service.store import JobNotFound
 from kleinserve.service.webhooks import InvalidWebhookUrl, validate_webhook_url
 
 from . import deps
-from kleinserve.endpoints import EndpointRegistry, EndpointSpec, app_prefix
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _validate_webhook(request: Request, url: Optional[str]) -> Optional[str]:
     try:
         return validate_webhook_url(url, deps.services(request).net_policy)
     except InvalidWebhookUrl as exc:
-        raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "url_parsing"}])
+        raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc), "type": "url_parsing"}]) from None
 
 
 _REFUSAL_LOG_EVERY = 10.0  # seconds: a flood of 429s is one log line per limit per period, not one each
@@ -103,7 +103,7 @@ async def load_job(request: Request, request_id: str, owner: str, prefix: Option
     try:
         job = await run_in_threadpool(lambda: store.get(request_id, owner, with_logs=with_logs))
     except JobNotFound:
-        raise deps.not_found(request_id)
+        raise deps.not_found(request_id) from None
     if prefix is not None:
         try:
             if registry.get(job.endpoint_id).app_prefix != prefix:
@@ -187,7 +187,7 @@ def _make_request_routes(prefix: str):
         try:
             outcome = await run_in_threadpool(store.request_cancel, request_id, owner)
         except JobNotFound:
-            raise deps.not_found(request_id)
+            raise deps.not_found(request_id) from None
         headers = {deps.REQUEST_ID_HEADER: request_id}
         if outcome.outcome == "cancelled":
             return JSONResponse({"status": "CANCELLATION_REQUESTED", "request_id": request_id,

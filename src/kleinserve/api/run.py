@@ -15,22 +15,22 @@ An error after the stream started is one last event {"error", "error_type", "det
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any, Optional
 
 import anyio
-
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from kleinserve.endpoints import EndpointRegistry, EndpointSpec, app_prefix
 from kleinserve.service import jobs as J
 from kleinserve.service.events import Subscription, watch
 from kleinserve.service.jobs import Job, new_request_id
 from kleinserve.service.store import JobStore
 
 from . import deps
-from kleinserve.endpoints import EndpointRegistry, EndpointSpec, app_prefix
 from .queue import SSE_PING_SECONDS, submit_job
 
 log = logging.getLogger(__name__)

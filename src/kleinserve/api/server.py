@@ -14,7 +14,8 @@ import errno
 import logging
 import socket
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import uvicorn
 
@@ -169,10 +170,10 @@ def run_serve(args: argparse.Namespace) -> int:
     print(_banner(settings, store, new_key, cert), file=sys.stderr, flush=True)
     # uvicorn waits for open requests this long: the shutdown grace, plus time for the waiting sync
     # runs and streams to answer once it is over.
-    kwargs = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
-                  ssl_keyfile=settings.ssl_keyfile, proxy_headers=True,
-                  timeout_graceful_shutdown=int(settings.shutdown_grace) + 10,
-                  lifespan="on", log_level=settings.log_level.lower())
+    kwargs: dict[str, Any] = dict(host=settings.host, port=settings.port, ssl_certfile=settings.ssl_certfile,
+                                  ssl_keyfile=settings.ssl_keyfile, proxy_headers=True,
+                                  timeout_graceful_shutdown=int(settings.shutdown_grace) + 10,
+                                  lifespan="on", log_level=settings.log_level.lower())
     kwargs["log_config"] = log_config
     server = GracefulServer(uvicorn.Config(app, **kwargs))
     try:

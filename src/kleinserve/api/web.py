@@ -24,16 +24,17 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from PIL import Image
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from kleinserve.endpoints import app_prefix
 from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, INPUT_MODELS, FluxKleinInput, FluxKleinOutput
 from kleinserve.service.auth import Principal
 from kleinserve.service.events import watch
@@ -41,7 +42,6 @@ from kleinserve.service.jobs import Job
 
 from . import deps
 from .deps import request_urls, require_principal
-from kleinserve.endpoints import app_prefix
 from .queue import SSE_PING_SECONDS, load_job, status_payload
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ _HEADERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_static(name: str) -> bytes:
-    return resources.files("kleinserve").joinpath("web", name).read_bytes()
+    return resources.files("kleinserve").joinpath("web").joinpath(name).read_bytes()
 
 
 def _static_response(name: str) -> Response:
@@ -129,7 +129,7 @@ async def api_schema(request: Request, endpoint: Optional[str] = Query(None)) ->
 # -------------------------------------------------------------------------------------- history
 
 THUMB_SIDE = 96
-_thumbs: "OrderedDict[str, Optional[str]]" = OrderedDict()
+_thumbs: OrderedDict[str, Optional[str]] = OrderedDict()
 _thumbs_lock = threading.Lock()
 
 

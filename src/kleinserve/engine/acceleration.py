@@ -40,8 +40,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -160,6 +161,7 @@ class FirstBlockCache:
         return diff < self.threshold
 
     def cached_tail(self, slot: _CacheSlot) -> torch.Tensor:
+        assert slot.tail is not None  # only after should_skip, which needs a tail
         if not self.taylor or slot.prev_tail is None or slot.tail_step <= slot.prev_tail_step:
             return slot.tail
         k = (self._step - slot.tail_step) / (slot.tail_step - slot.prev_tail_step)
@@ -409,7 +411,7 @@ class Accelerator:
             self._quantize_fp8(model, techniques)
             self._compile_tree(model, techniques)
             sdpa = self._sdpa(techniques)
-            cache = dict(threshold=self.cache_threshold, taylor=self.cache_taylor)
+            cache: dict[str, Any] = dict(threshold=self.cache_threshold, taylor=self.cache_taylor)
             techniques.append(FirstBlockCache(**cache).name)
             setup = _LevelSetup(model, techniques, "default", sdpa, cache)
         else:  # pragma: no cover - _setup checks
@@ -446,12 +448,12 @@ class Accelerator:
                 raise ValueError(f"unknown acceleration level {level!r}; expected one of {LEVELS}")
             techniques = ["lora_adapter_tree(eager)"]
             sdpa = self._sdpa(techniques) if level != "none" else None
-            cache = None
+            cache_kwargs: Optional[dict[str, Any]] = None
             if level == "high":
-                cache = dict(threshold=self.cache_threshold, taylor=self.cache_taylor)
-                techniques += ["fp8_rowwise:skipped(lora)", FirstBlockCache(**cache).name]
+                cache_kwargs = dict(threshold=self.cache_threshold, taylor=self.cache_taylor)
+                techniques += ["fp8_rowwise:skipped(lora)", FirstBlockCache(**cache_kwargs).name]
             return (LevelForward(self.adapter_model(), stance="force_eager", sdpa_backends=sdpa,
-                                 cache=FirstBlockCache(**cache) if cache else None), techniques)
+                                 cache=FirstBlockCache(**cache_kwargs) if cache_kwargs else None), techniques)
         s = self._setup(level)
         stance = s.stance
         if stance == "default" and level in self._warmed and self.compile:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
@@ -56,7 +57,7 @@ class CNSParams:
     energy_scale: float
 
     @classmethod
-    def from_request(cls, request: "FluxKleinInput") -> "CNSParams":
+    def from_request(cls, request: FluxKleinInput) -> CNSParams:
         return cls(
             s_churn=float(request.cns_s_churn),
             gamma_source=request.cns_gamma_source,
@@ -285,14 +286,14 @@ class GammaMatrix:
         return resample_columns(g, num_bins if num_bins is not None else self.num_bins)
 
     @classmethod
-    def load_csv(cls, path: Union[str, Path], name: Optional[str] = None) -> "GammaMatrix":
+    def load_csv(cls, path: Union[str, Path], name: Optional[str] = None) -> GammaMatrix:
         """Read a table: '#' comment lines, an optional header row; a first column named `sigma` holds
         each row's sigma (else the rows are uniform in time, sigma_k = 1 - k / (R - 1))."""
         path = Path(path)
         return cls.from_csv_text(path.read_text(encoding="utf-8"), name=name or path.stem)
 
     @classmethod
-    def from_csv_text(cls, text: str, name: str) -> "GammaMatrix":
+    def from_csv_text(cls, text: str, name: str) -> GammaMatrix:
         has_sigma = False
         rows: list[list[float]] = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -320,7 +321,7 @@ class GammaMatrix:
         lines.append(f"# kleinserve CNS gamma matrix {self.name!r}: {self.num_rows} rows (decreasing sigma, "
                      f"noise to data) x {self.num_bins} radial frequency bins (low to high), values in [0, 1]")
         lines.append(",".join(["sigma"] + [f"bin_{j}" for j in range(self.num_bins)]))
-        for sigma, row in zip(self.sigmas.tolist(), self.values.tolist()):
+        for sigma, row in zip(self.sigmas.tolist(), self.values.tolist(), strict=True):
             lines.append(",".join(repr(float(v)) for v in [sigma] + row))
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -333,10 +334,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_bundled_matrix(filename: str) -> GammaMatrix:
     """One of the bundled SiT-XL/2 tables (src/kleinserve/data, MIT, see GAMMA_MATRICES_LICENSE.md)."""
-    ref = resources.files("kleinserve").joinpath("data", filename)
+    ref = resources.files("kleinserve").joinpath("data").joinpath(filename)
     return GammaMatrix.from_csv_text(ref.read_text(encoding="utf-8"), name=Path(filename).stem)
 
 
@@ -429,7 +430,7 @@ class ColoredStepNoise:
 
 
 def make_step_noise(
-    request: "FluxKleinInput",
+    request: FluxKleinInput,
     sigmas: list[float],
     *,
     latent_hw: tuple[int, int],
@@ -582,9 +583,10 @@ def calibrate(
             estimates: dict[int, torch.Tensor] = {}
             final: dict[str, torch.Tensor] = {}
 
+            # called synchronously within this iteration, so the loop's current dicts are the right ones
             def callback(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
-                estimates[i] = x0_hat.detach().to(torch.float32).clone()
-                final["x"] = x.detach()
+                estimates[i] = x0_hat.detach().to(torch.float32).clone()  # noqa: B023
+                final["x"] = x.detach()  # noqa: B023
 
             engine.sample_latents(request, callback)
             x_final = final["x"]  # x after the last step

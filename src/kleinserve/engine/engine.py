@@ -23,8 +23,9 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union, cast
 
 import numpy as np
 import torch
@@ -39,11 +40,11 @@ from .safety import SafetyChecker
 from .text import OUT_LAYERS, PromptEncoder
 from .types import (
     CancelCheck,
-    LoraFile,
     EncodedImage,
     GenerationCancelled,
     GenerationResult,
     GenerationTask,
+    LoraFile,
     ModelInfo,
     StepCallback,
     StepEvent,
@@ -94,7 +95,7 @@ class _Plan:
     (logs, techniques) its result will carry. The seed is request.seed, or a random one when it is None.
     `rows`: its images' rows in the latent batch (all of it for a request that runs alone)."""
 
-    def __init__(self, engine: "Engine", request, first_row: int = 0,
+    def __init__(self, engine: Engine, request, first_row: int = 0,
                  reference_images: Sequence[Image.Image] = ()):
         self.request = request
         self.seed = int(request.seed) if request.seed is not None else random_seed()
@@ -160,7 +161,7 @@ class Engine:
         # Whether output images carry their recipe (prompt and parameters) in their metadata;
         # `kleinserve serve --no-image-metadata` turns it off.
         self.image_metadata = True
-        self._safety = None
+        self._safety: Optional[SafetyChecker] = None
         # A gamma matrix calibrated for this model, installed beside its weights (CNS, docs/CNS.md).
         self._cns_matrix = cns.find_calibrated_matrix(components.extras.get("folder"))
         self._lock = threading.RLock()
@@ -219,7 +220,7 @@ class Engine:
 
     # ------------------------------------------------------------------ reference images (editing)
 
-    def preprocess_reference(self, image: Image.Image) -> Image.Image:
+    def preprocess_reference(self, image: Image.Image) -> _ReferenceImage:
         """A reference image as Flux2KleinPipeline prepares it: checked (>= 64 px a side, aspect <= 8),
         downscaled (LANCZOS) to about 1 MP when larger, then its size floored to a multiple of 16; the
         crop to that size happens in `_reference_tensor` (the pipeline's preprocess(resize_mode="crop"))."""
@@ -233,7 +234,7 @@ class Engine:
         width, height = (image.width // m) * m, (image.height // m) * m
         return _ReferenceImage(image, width, height)
 
-    def _encode_references(self, plan: "_Plan") -> None:
+    def _encode_references(self, plan: _Plan) -> None:
         """VAE-encode the plan's reference images (the distribution's mode), patchify, BatchNorm-normalise
         and pack them, with position ids T = 10, 20, ... per image: the pipeline's prepare_image_latents."""
         if not plan.references:
@@ -259,7 +260,7 @@ class Engine:
         plan.logs.append(f"{len(plan.references)} reference image(s) ({sizes}): {tokens.shape[1]} tokens "
                          f"of context per step, encoded once")
 
-    def _activate_loras(self, plans: Sequence["_Plan"], loras: Sequence[LoraFile]) -> None:
+    def _activate_loras(self, plans: Sequence[_Plan], loras: Sequence[LoraFile]) -> None:
         """Makes exactly this run's LoRA adapters active (none: the base model); notes in each plan."""
         with torch.inference_mode(False):  # adapters loaded now are ordinary parameters
             notes = self.loras.activate(loras)
@@ -345,8 +346,9 @@ class Engine:
 
             def settle(k: int, outcome: Union[GenerationResult, Exception]) -> None:
                 outcomes[k] = outcome
-                if tasks[k].on_done is not None:
-                    tasks[k].on_done(outcome)
+                on_done = tasks[k].on_done
+                if on_done is not None:
+                    on_done(outcome)
 
             def step_callback(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
                 steps_done[0] = i + 1
@@ -364,7 +366,8 @@ class Engine:
 
             def everyone_cancelled() -> bool:
                 for k in live():
-                    if tasks[k].should_cancel is not None and tasks[k].should_cancel():
+                    should_cancel = tasks[k].should_cancel
+                    if should_cancel is not None and should_cancel():
                         settle(k, GenerationCancelled(f"cancelled before step {steps_done[0] + 1}/{steps}"))
                 return not live()
 
@@ -377,7 +380,7 @@ class Engine:
             except GenerationCancelled:
                 if any(o is None for o in outcomes):  # not ours: a real failure
                     raise
-                return outcomes
+                return cast(list[Union[GenerationResult, Exception]], outcomes)  # every task settled
             t_denoise = self._sync_time(t0)
 
             for k in live():
@@ -387,7 +390,7 @@ class Engine:
                 except Exception as exc:  # its own decode / safety check / encoding: the others keep theirs
                     outcome = exc
                 settle(k, outcome)
-            return outcomes
+            return cast(list[Union[GenerationResult, Exception]], outcomes)  # every task settled
 
     def _finish(self, plan: _Plan, latents: torch.Tensor, t_start: float,
                 timings: dict[str, float]) -> GenerationResult:
@@ -402,7 +405,8 @@ class Engine:
             images, flags = self._check_safety(images, plan.logs)
         timings["safety"] = time.perf_counter() - t0
 
-        encoded = [self._encode_image(im, plan, k, flag) for k, (im, flag) in enumerate(zip(images, flags))]
+        encoded = [self._encode_image(im, plan, k, flag)
+                   for k, (im, flag) in enumerate(zip(images, flags, strict=True))]
         timings["total"] = time.perf_counter() - t_start
         plan.logs.append(
             f"{plan.num_images} image(s) {plan.width}x{plan.height}, {plan.steps} steps, seed {plan.seed}; "
@@ -501,8 +505,10 @@ class Engine:
             img_ids = torch.cat([img_ids, references[1]], dim=1)
         txt_ids = pipe._prepare_text_ids(embeddings[0][0]).to(self.device)  # (1, 512, 4): every prompt
         # Per image row: its request's prompt (and negative prompt) embedding and guidance scale.
-        cond = torch.cat([c.expand(p.num_images, -1, -1) for p, (c, _) in zip(plans, embeddings)])
-        uncond = (torch.cat([u.expand(p.num_images, -1, -1) for p, (_, u) in zip(plans, embeddings)])
+        cond = torch.cat([c.expand(p.num_images, -1, -1) for p, (c, _) in zip(plans, embeddings, strict=True)])
+        # guided plans (they share `guided`) all have a negative embedding
+        uncond = (torch.cat([cast(torch.Tensor, u).expand(p.num_images, -1, -1)
+                             for p, (_, u) in zip(plans, embeddings, strict=True)])
                   if first.guided else None)
         scales = [p.guidance for p in plans for _ in p.rows]
         # One scale: a Python float, as diffusers has it; several: float32 per row (see model below).
@@ -560,7 +566,8 @@ class Engine:
             if references is not None:
                 v = v[:, :seq]
             if branches == 2:
-                v = sampling.guided_velocity(*v.chunk(2, dim=0), g)
+                v_cond, v_uncond = v.chunk(2, dim=0)
+                v = sampling.guided_velocity(v_cond, v_uncond, g)
             if index is not None:  # rows that left: zero velocity, their latents stay put
                 v = v.new_zeros(x.shape).index_copy_(0, index, v)
             return v

@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from PIL import Image, PngImagePlugin
 

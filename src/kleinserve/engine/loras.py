@@ -23,8 +23,8 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ class LoraAdapters:
         self._model = model
         self._transformer = None
         self.max_loaded = max(1, int(max_loaded))
-        self._loaded: "OrderedDict[tuple, str]" = OrderedDict()  # file key -> adapter name (LRU order)
+        self._loaded: OrderedDict[tuple, str] = OrderedDict()  # file key -> adapter name (LRU order)
         self._counter = 0
         self._lock = threading.RLock()
         self.before_first_load = None  # callable run once before the first adapter is injected
@@ -74,7 +74,7 @@ class LoraAdapters:
                 if self._transformer is not None and getattr(self._transformer, "_hf_peft_config_loaded", False):
                     self._transformer.disable_adapters()
                 return []
-            merged: "OrderedDict[tuple, list]" = OrderedDict()  # the same file twice: scales add up
+            merged: OrderedDict[tuple, list] = OrderedDict()  # the same file twice: scales add up
             for lora in loras:
                 key = _file_key(Path(lora.file))
                 if key in merged:

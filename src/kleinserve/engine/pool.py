@@ -18,7 +18,8 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -52,7 +53,7 @@ class EnginePool:
         self._loader = loader or self._load
         self.device, self.dtype, self.cpu_offload = device, dtype, cpu_offload
         self.budget_bytes = budget_bytes if budget_bytes is not None else self._default_budget()
-        self._engines: "OrderedDict[str, Any]" = OrderedDict()  # family -> Engine, least recently used first
+        self._engines: OrderedDict[str, Any] = OrderedDict()  # family -> Engine, least recently used first
         self._sizes: dict[str, int] = {}
         self._lock = threading.RLock()
         self.loads = 0
@@ -116,7 +117,7 @@ class EnginePool:
         if evicted and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def engine_for(self, family: str) -> "FamilyEngine":
+    def engine_for(self, family: str) -> FamilyEngine:
         if family not in self.specs:
             raise ModelUnavailable(f"no checkpoint is configured for the {family!r} family")
         return FamilyEngine(self, family)

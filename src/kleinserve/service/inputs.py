@@ -24,18 +24,23 @@ import io
 import time
 import urllib.parse
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Optional
 
 from PIL import Image
 
+from ..engine.types import LoraFile
 from . import netguard
 from .netguard import NetPolicy
-from ..engine.types import LoraFile
-
-from .settings import format_size
+from .settings import Settings, format_size
 from .storage import FileNotFound, FileStorage, StorageUnavailable, is_valid_file_id
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .loras import LoraCache
 
 MAX_REDIRECTS = 5
 USER_AGENT = "kleinserve-input-fetch"
@@ -64,7 +69,7 @@ class InputError(ValueError):
 class InputSources:
     """Where input files may come from, and the limits on them (from Settings; see `from_settings`)."""
 
-    storage: Any = None  # service.storage.FileStorage: our own uploads
+    storage: Optional[FileStorage] = None  # our own uploads
     own_bases: Sequence[str] = ()  # public base URLs of this server ("https://host:port")
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 64 * 1024 * 1024
@@ -74,12 +79,13 @@ class InputSources:
     policy: NetPolicy = field(default_factory=NetPolicy)  # the SSRF guard's (public addresses only by default)
 
     @classmethod
-    def from_settings(cls, settings: Any, *, storage: Any = None, own_bases: Iterable[str] = ()) -> "InputSources":
-        bases = [b for b in [getattr(settings, "public_url", None), *own_bases] if b]
+    def from_settings(cls, settings: Settings, *, storage: Optional[FileStorage] = None,
+                      own_bases: Iterable[str] = ()) -> InputSources:
+        bases = [b for b in [settings.public_url, *own_bases] if b]
         return cls(storage=storage, own_bases=tuple(str(b).rstrip("/") for b in bases),
-                   max_bytes=int(getattr(settings, "max_input_image_bytes", cls.max_bytes)),
-                   max_pixels=int(getattr(settings, "max_input_image_pixels", cls.max_pixels)),
-                   timeout=float(getattr(settings, "input_fetch_timeout", cls.timeout)),
+                   max_bytes=int(settings.max_input_image_bytes),
+                   max_pixels=int(settings.max_input_image_pixels),
+                   timeout=float(settings.input_fetch_timeout),
                    policy=settings.net_policy())
 
 
@@ -264,24 +270,24 @@ class RequestInputs:
     """Resolves the input files of requests for the worker: `image_urls` -> images, `loras` -> local
     LoRA files (downloads cached on disk, see service/loras.py)."""
 
-    def __init__(self, settings: Any = None, storage: Any = None):
+    def __init__(self, settings: Settings, storage: Optional[FileStorage] = None):
         self.settings = settings
         self.storage = storage
-        self._loras: Any = None
+        self._loras: Optional[LoraCache] = None
 
     def sources(self, public_base: Optional[str] = None) -> InputSources:
         return InputSources.from_settings(self.settings, storage=self.storage,
                                           own_bases=[public_base] if public_base else [])
 
     @property
-    def lora_cache(self) -> Any:
+    def lora_cache(self) -> LoraCache:
         if self._loras is None:
             from .loras import LoraCache
 
             self._loras = LoraCache.from_settings(self.settings)
         return self._loras
 
-    def resolve(self, request: Any, *, public_base: Optional[str] = None,
+    def resolve(self, request: BaseModel, *, public_base: Optional[str] = None,
                 log: Optional[Callable[[str], None]] = None) -> RequestFiles:
         """InputError (naming the item) when one cannot be read or is not what it must be."""
         files = RequestFiles(images=[], loras=[])

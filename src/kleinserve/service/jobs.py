@@ -25,8 +25,9 @@ import copy
 import dataclasses
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 # --------------------------------------------------------------------------------------- statuses
 
@@ -66,7 +67,7 @@ MODE_STREAM = "stream"
 class InvalidTransition(Exception):
     """The requested transition is not allowed from the job's current status."""
 
-    def __init__(self, job: "Job", event: str):
+    def __init__(self, job: Job, event: str):
         self.job = job
         self.event = event
         super().__init__(f"cannot {event} request {job.request_id}: it is {job.status}")
@@ -162,7 +163,7 @@ class Job:
             out["queue_time"] = round(self.queue_time, 4)
         return out
 
-    def copy(self) -> "Job":
+    def copy(self) -> Job:
         return copy.deepcopy(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,7 +172,7 @@ class Job:
 
 # ------------------------------------------------------------------------------ a failed job's answer
 
-def validation_detail(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def validation_detail(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """pydantic/FastAPI validation errors as the 422 `detail` list: [{"loc", "msg", "type"}], one clear
     message per problem (schema.tidy_validation_errors: union noise dropped, ranges spelled out, a
     non-JSON body told to send application/json)."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
 
 class Loop:
-    def __init__(self, name: str, body: Callable[[], None], *, interval: float,
+    def __init__(self, name: str, body: Callable[[], object], *, interval: float,
                  error_backoff: float = 1.0, quiet_for: float = 30.0):
         self.name = name
         self.quiet_for = quiet_for
@@ -32,7 +33,7 @@ class Loop:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "Loop":
+    def start(self) -> Loop:
         if self._thread is None:
             self.stopping.clear()
             self._thread = threading.Thread(target=self._run, name=f"kleinserve-{self.name}", daemon=True)

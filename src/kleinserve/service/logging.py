@@ -32,7 +32,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 request_id_var: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "kleinserve_request_id", default=None

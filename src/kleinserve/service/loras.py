@@ -20,11 +20,16 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 from ..engine.types import LoraFile
 from .inputs import FetchError, InputError, InputSources, fetch_url, local_path, own_file_id, read_stored_file
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..schema import LoraWeight
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +48,10 @@ class LoraCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "LoraCache":
-        data_dir = Path(getattr(settings, "data_dir", "data"))
-        return cls(data_dir / "lora-cache", int(getattr(settings, "lora_cache_bytes", 8 * 1024**3)),
-                   lora_dir=getattr(settings, "lora_dir", None))
+    def from_settings(cls, settings: Settings) -> LoraCache:
+        return cls(Path(settings.data_dir) / "lora-cache", int(settings.lora_cache_bytes), lora_dir=settings.lora_dir)
 
-    def resolve(self, loras: Sequence[Any], sources: InputSources) -> list[LoraFile]:
+    def resolve(self, loras: Sequence[LoraWeight], sources: InputSources) -> list[LoraFile]:
         """One LoraFile per entry ({path, scale}), in order."""
         return [LoraFile(file=self.resolve_path(str(lora.path), sources, index=k), scale=float(lora.scale),
                          name=str(lora.path)) for k, lora in enumerate(loras)]
@@ -88,7 +91,8 @@ class LoraCache:
                 tmp.write_bytes(read_stored_file(sources.storage, file_id, MAX_LORA_BYTES))
             else:  # streamed to disk: LoRA files can be large
                 with open(tmp, "wb") as f:
-                    fetch_url(url, policy=sources.policy, max_bytes=MAX_LORA_BYTES, timeout=max(sources.timeout, DOWNLOAD_TIMEOUT), into=f)
+                    fetch_url(url, policy=sources.policy, max_bytes=MAX_LORA_BYTES,
+                              timeout=max(sources.timeout, DOWNLOAD_TIMEOUT), into=f)
             try:
                 _checked(tmp)
             except FetchError:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,

@@ -34,8 +34,9 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Optional, Union
 from urllib.parse import urlsplit
 
 import httpx
@@ -77,7 +78,7 @@ class NetPolicy:
 
     @classmethod
     def from_options(cls, allow_private: bool = False, allow_cidrs: Iterable[str] = (),
-                     resolver: Optional[Resolver] = None) -> "NetPolicy":
+                     resolver: Optional[Resolver] = None) -> NetPolicy:
         """From the option values (`--webhook-allow-private`, `--webhook-allow-cidr` texts); raises
         ValueError naming a bad CIDR."""
         return cls(bool(allow_private), tuple(parse_cidr(c) for c in allow_cidrs), resolver)

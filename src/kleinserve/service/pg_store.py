@@ -27,21 +27,44 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import jobs as J
 from .jobs import Job
-from .store import (EV_LOG, EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, DEFAULT_LEASE_SECONDS,
-                    CancelOutcome, JobEvent, JobNotFound, JobStore, Lease, Preview, redact_url)
-from .store_rows import (COLUMNS, check_lease, job_values, check_new, log_line, log_text, matches, requeue_note,
-                         row_to_job, sweep_decision)
+from .store import (
+    DEFAULT_LEASE_SECONDS,
+    EV_LOG,
+    EV_PROGRESS,
+    EV_STATUS,
+    WATCH_TTL_SECONDS,
+    CancelOutcome,
+    JobEvent,
+    JobNotFound,
+    JobStore,
+    Lease,
+    Preview,
+    redact_url,
+)
+from .store_rows import (
+    COLUMNS,
+    check_lease,
+    check_new,
+    job_values,
+    log_line,
+    log_text,
+    matches,
+    requeue_note,
+    row_to_job,
+    sweep_decision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +174,29 @@ def _row_to_job(row: dict[str, Any]) -> Job:
     return row_to_job(row)
 
 
+_Cursor = psycopg.Cursor[DictRow]  # every cursor here is made with row_factory=dict_row
+
+
+def _one(cur: _Cursor) -> DictRow:
+    """The row of a statement that always returns one (an aggregate, a RETURNING, a row just written)."""
+    row = cur.fetchone()
+    if row is None:
+        raise psycopg.DataError("the statement returned no row")
+    return row
+
+
 @dataclass
 class _Tx:
     """One transaction: its cursor, the database clock read once, and the events to append at its end."""
 
-    cur: psycopg.Cursor
+    cur: _Cursor
     fixed_now: Optional[float] = None
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
     @property
     def now(self) -> float:
         if self.fixed_now is None:
-            self.fixed_now = float(self.cur.execute(_NOW).fetchone()["now"])
+            self.fixed_now = float(_one(self.cur.execute(_NOW))["now"])
         return self.fixed_now
 
     def event(self, request_id: str, kind: str, *, event: str = "", status: str = "", step: int = 0,
@@ -195,7 +229,8 @@ class PostgresJobStore(JobStore):
         # sweeper locks for the fleet: the server ends such a session after IDLE_IN_TX_TIMEOUT_MS.
         self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size,
                                     kwargs={"autocommit": True,
-                                            "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TX_TIMEOUT_MS}"},
+                                            "options": "-c idle_in_transaction_session_timeout="
+                                                       f"{IDLE_IN_TX_TIMEOUT_MS}"},
                                     check=ConnectionPool.check_connection, open=False,
                                     name=f"kleinserve-store-{id(self):x}", timeout=connect_timeout)
         self._pool.open(wait=False)
@@ -280,8 +315,8 @@ class PostgresJobStore(JobStore):
         n = len(tx.events)
         created = tx.now  # read before the lock is taken: it is held until the commit
         # Last in the transaction: the counter's row lock orders event writers until they commit.
-        last = int(tx.cur.execute("UPDATE job_event_counter SET last = last + %s RETURNING last",
-                                  (n,)).fetchone()["last"])
+        last = int(_one(tx.cur.execute("UPDATE job_event_counter SET last = last + %s RETURNING last",
+                                       (n,)))["last"])
         rows = [(last - n + 1 + i, *ev, created) for i, ev in enumerate(tx.events)]
         if n == 1:
             tx.cur.execute("INSERT INTO job_events (seq, request_id, kind, event, status, step, total, preview, "
@@ -292,19 +327,19 @@ class PostgresJobStore(JobStore):
         tx.cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(last)))
 
     @contextmanager
-    def _cursor(self, timeout: Optional[float] = None) -> Iterator[psycopg.Cursor]:
+    def _cursor(self, timeout: Optional[float] = None) -> Iterator[_Cursor]:
         """A cursor for reads (autocommit: each statement sees the latest commits)."""
         with self._pool.connection(timeout=timeout) as conn:
             yield conn.cursor(row_factory=dict_row)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _find(cur: psycopg.Cursor, request_id: str, *, lock: bool = True) -> Optional[Job]:
+    def _find(cur: _Cursor, request_id: str, *, lock: bool = True) -> Optional[Job]:
         row = cur.execute(_SELECT + " WHERE request_id = %s" + (" FOR UPDATE" if lock else ""),
                           (request_id,)).fetchone()
         return None if row is None else _row_to_job(row)
 
-    def _load(self, cur: psycopg.Cursor, request_id: str, owner: Optional[str] = None, *,
+    def _load(self, cur: _Cursor, request_id: str, owner: Optional[str] = None, *,
               lock: bool = True) -> Job:
         job = self._find(cur, request_id, lock=lock)
         if job is None or (owner is not None and job.owner != owner):
@@ -340,8 +375,8 @@ class PostgresJobStore(JobStore):
         cols = ", ".join(COLUMNS) + ", prio"
         marks = ", ".join("%s" for _ in range(len(COLUMNS) + 1))
         with self._tx() as tx:
-            row = tx.cur.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks}) RETURNING seq",
-                                 _job_values(job) + [job.priority_rank]).fetchone()
+            row = _one(tx.cur.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks}) RETURNING seq",
+                                      _job_values(job) + [job.priority_rank]))
             job = job.copy()
             job.seq = int(row["seq"])
             tx.event(job.request_id, EV_STATUS, event="submit", status=job.status)
@@ -380,10 +415,10 @@ class PostgresJobStore(JobStore):
     def queued_count(self, owner: Optional[str] = None) -> int:
         with self._cursor() as cur:
             if owner is None:
-                row = cur.execute("SELECT count(*) AS n FROM jobs WHERE status = 'IN_QUEUE'").fetchone()
+                row = _one(cur.execute("SELECT count(*) AS n FROM jobs WHERE status = 'IN_QUEUE'"))
             else:
-                row = cur.execute("SELECT count(*) AS n FROM jobs WHERE status = 'IN_QUEUE' AND owner = %s",
-                                  (owner,)).fetchone()
+                row = _one(cur.execute("SELECT count(*) AS n FROM jobs WHERE status = 'IN_QUEUE' AND owner = %s",
+                                       (owner,)))
         return int(row["n"])
 
     def list_requests(self, owner: Optional[str], limit: int = 50) -> list[Job]:
@@ -435,7 +470,8 @@ class PostgresJobStore(JobStore):
                     raise ValueError(f"the lease is for request {lease.request_id}, not {request_id}")
                 self._fenced(tx, lease)
             tx.cur.execute("INSERT INTO job_logs (request_id, timestamp, level, source, message) "
-                           "VALUES (%s, %s, %s, %s, %s)", (request_id, tx.now, log_text(level), log_text(source), log_text(message)))
+                           "VALUES (%s, %s, %s, %s, %s)",
+                           (request_id, tx.now, log_text(level), log_text(source), log_text(message)))
             tx.event(request_id, EV_LOG)
 
     def record_progress(self, lease: Lease, step: int, total: int, preview: Optional[str] = None) -> None:
@@ -496,7 +532,7 @@ class PostgresJobStore(JobStore):
         changed: list[Job] = []
         with self._tx(now=now) as tx:
             # One sweeper at a time across the fleet; the others find it busy and skip this round.
-            if not tx.cur.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_LOCK_RECOVER,)).fetchone()["ok"]:
+            if not _one(tx.cur.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_LOCK_RECOVER,)))["ok"]:
                 return []
             sql = _SELECT + " WHERE status = 'IN_PROGRESS'"
             args: list[Any] = []
@@ -537,7 +573,7 @@ class PostgresJobStore(JobStore):
     # ------------------------------------------------------------------ events
     def last_event_seq(self) -> int:
         with self._cursor() as cur:
-            return int(cur.execute("SELECT last FROM job_event_counter").fetchone()["last"])
+            return int(_one(cur.execute("SELECT last FROM job_event_counter"))["last"])
 
     def _events_after(self, after: int, timeout: Optional[float] = None) -> list[JobEvent]:
         with self._cursor(timeout) as cur:
@@ -611,7 +647,7 @@ class PostgresJobStore(JobStore):
                     raise failure
                 return events
             with self._cond:
-                self._cond.wait_for(lambda: self._wakeups != seen,
+                self._cond.wait_for(lambda: self._wakeups != seen,  # noqa: B023 - waited on here
                                     timeout=min(remaining, _SAFETY_POLL_S if failure is None else 0.2))
 
     def get_preview(self, request_id: str) -> Optional[Preview]:
@@ -647,7 +683,7 @@ class PostgresJobStore(JobStore):
                 return bytes(row["value"])
             cur.execute("INSERT INTO secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
                         (name, bytes(create())))
-            return bytes(cur.execute("SELECT value FROM secrets WHERE name = %s", (name,)).fetchone()["value"])
+            return bytes(_one(cur.execute("SELECT value FROM secrets WHERE name = %s", (name,)))["value"])
 
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
                         info: Optional[dict[str, Any]] = None) -> None:

@@ -27,9 +27,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -66,7 +67,7 @@ class Services:
     """What every part of a process shares: built once by `build_services`."""
 
     settings: Settings
-    registry: "EndpointRegistry"
+    registry: EndpointRegistry
     store: JobStore
     storage: FileStorage
     tokens: UploadTokens  # signs upload URLs: the same secret on every replica
@@ -108,7 +109,7 @@ def build_storage(settings: Settings) -> FileStorage:
                         public_base_url=settings.storage_public_url)
 
 
-def build_services(settings: Settings, registry: "EndpointRegistry", *,
+def build_services(settings: Settings, registry: EndpointRegistry, *,
                    store: Optional[JobStore] = None) -> Services:
     """Opens the store (`--store`, default SQLite under --data-dir) and the storage, and reads the
     shared secrets from the store (created by the first process that needs them)."""
@@ -132,9 +133,9 @@ class Runtime:
     """The background parts of one process for its role: event feed, maintenance, webhook dispatcher,
     and (roles "all" and "worker") the engine and its worker, or the worker processes' supervisor."""
 
-    def __init__(self, services: Services, *, role: str = "all", engine: Optional["Engine"] = None,
+    def __init__(self, services: Services, *, role: str = "all", engine: Optional[Engine] = None,
                  load_engine: bool = False, start_worker: bool = True, worker_name: str = "w0",
-                 on_model: Optional[Callable[["ModelInfo"], None]] = None):
+                 on_model: Optional[Callable[[ModelInfo], None]] = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         self.services = services
@@ -147,7 +148,7 @@ class Runtime:
         self.load_engine = load_engine and role != "api"
         self.on_model = on_model
         self.worker: Optional[Worker] = None
-        self.supervisor: Optional["Supervisor"] = None
+        self.supervisor: Optional[Supervisor] = None
         self.maintenance: Optional[Maintenance] = None
         self.dispatcher: Optional[WebhookDispatcher] = None
         self._start_worker = start_worker and role != "api"
@@ -246,13 +247,13 @@ class Runtime:
         finally:
             self.engine_loading = False
 
-    def set_engine(self, engine: "Engine") -> None:
+    def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self._announce_engine(engine)
         if self.worker is not None:
             self.worker.set_engine(engine)
 
-    def _announce_engine(self, engine: "Engine") -> None:
+    def _announce_engine(self, engine: Engine) -> None:
         engine.image_metadata = not self.settings.no_image_metadata
         info = engine.info
         metrics.observe_model_loaded(info)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional, cast
 
-from kleinserve.service.storage import check_storage_url
 from kleinserve.service.netguard import NetPolicy, parse_cidr
+from kleinserve.service.storage import check_storage_url
 from kleinserve.service.webhooks import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS
 
 ENV_PREFIX = "KLEINSERVE_"
@@ -124,7 +125,7 @@ class Option:
         f = {f.name: f for f in dataclasses.fields(Settings)}[self.name]
         if f.default is not dataclasses.MISSING:
             return f.default
-        return f.default_factory()  # type: ignore[misc]
+        return cast(Callable[[], Any], f.default_factory)()
 
 
 def _opt_str(v: Any) -> Optional[str]:
@@ -241,7 +242,7 @@ class Settings:
 
     @classmethod
     def from_sources(cls, values: Optional[Mapping[str, Any]] = None,
-                     env: Optional[Mapping[str, str]] = None, *, command: str = "serve") -> "Settings":
+                     env: Optional[Mapping[str, str]] = None, *, command: str = "serve") -> Settings:
         """`values`: explicit values (e.g. parsed flags; None entries are "not given"); then the
         environment (the options of `command` only); then the defaults."""
         env = os.environ if env is None else env
@@ -271,7 +272,7 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Optional[Mapping[str, str]] = None, *,
-                  command: str = "serve") -> "Settings":
+                  command: str = "serve") -> Settings:
         return cls.from_sources({o.name: getattr(args, o.name, None) for o in OPTIONS}, env, command=command)
 
     def to_env(self, command: str = "worker") -> dict[str, str]:

@@ -24,16 +24,39 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 from . import jobs as J
 from .jobs import Job
-from .store import (EV_LOG, EV_PROGRESS, EV_STATUS, WATCH_TTL_SECONDS, DEFAULT_LEASE_SECONDS,
-                    CancelOutcome, JobEvent, JobNotFound, JobStore, Lease, Preview)
-from .store_rows import (COLUMNS, check_lease, job_values, check_new, iso_timestamp, log_line, log_text, matches,
-                         requeue_note, row_to_job, sweep_decision)
+from .store import (
+    DEFAULT_LEASE_SECONDS,
+    EV_LOG,
+    EV_PROGRESS,
+    EV_STATUS,
+    WATCH_TTL_SECONDS,
+    CancelOutcome,
+    JobEvent,
+    JobNotFound,
+    JobStore,
+    Lease,
+    Preview,
+)
+from .store_rows import (
+    COLUMNS,
+    check_lease,
+    check_new,
+    iso_timestamp,
+    job_values,
+    log_line,
+    log_text,
+    matches,
+    requeue_note,
+    row_to_job,
+    sweep_decision,
+)
 
 __all__ = ["SQLiteJobStore", "SCHEMA_VERSION", "iso_timestamp"]
 
@@ -179,7 +202,7 @@ class SQLiteJobStore(JobStore):
         self._migrate()
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path | str) -> "SQLiteJobStore":
+    def in_data_dir(cls, data_dir: Path | str) -> SQLiteJobStore:
         return cls(Path(data_dir) / "jobs.sqlite3")
 
     def describe(self) -> str:
@@ -318,6 +341,7 @@ class SQLiteJobStore(JobStore):
             cur = con.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})",
                               _job_values(job) + [job.priority_rank])
             job = job.copy()
+            assert cur.lastrowid is not None  # set by the INSERT
             job.seq = int(cur.lastrowid)
             self._event(con, job.request_id, EV_STATUS, time.time(), event="submit", status=job.status)
         return job
@@ -536,7 +560,7 @@ class SQLiteJobStore(JobStore):
             if events or remaining <= 0 or self._closed:
                 return events
             with self._events_cond:  # this process's commits wake at once; the others' on the next poll
-                self._events_cond.wait_for(lambda: self._local_commits != seen,
+                self._events_cond.wait_for(lambda: self._local_commits != seen,  # noqa: B023 - waited on here
                                            timeout=min(POLL_SECONDS, remaining))
 
     def get_preview(self, request_id: str) -> Optional[Preview]:

@@ -35,9 +35,10 @@ import time
 import unicodedata
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
@@ -231,7 +232,7 @@ class FileStream(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> "FileStream":
+    def __enter__(self) -> FileStream:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -251,7 +252,7 @@ class UploadWriter(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
-    def __enter__(self) -> "UploadWriter":
+    def __enter__(self) -> UploadWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -319,7 +320,7 @@ class FileStorage(ABC):
     def ping(self) -> None:
         """Raises StorageError (StorageUnavailable when the backend cannot be reached) for /ready."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most storages hold no connections
         """Releases connections; the storage is not used afterwards."""
 
     def describe(self) -> str:
@@ -346,7 +347,7 @@ class FileStorage(ABC):
     ) -> MultipartUpload: ...
 
     @abstractmethod
-    def multipart_part_writer(self, upload_id: str, part_number: int) -> "PartWriter": ...
+    def multipart_part_writer(self, upload_id: str, part_number: int) -> PartWriter: ...
 
     @abstractmethod
     def complete_multipart(self, upload_id: str, parts: Optional[list[int]] = None) -> StoredFile: ...
@@ -397,7 +398,7 @@ class _TempFile:
     """The bytes of an upload (or of one multipart part) written under a temporary name, counted
     against the storage's upload limit together with `counted_elsewhere` bytes (the other parts)."""
 
-    def __init__(self, storage: "LocalFileStorage", tmp: Path, counted_elsewhere: int = 0):
+    def __init__(self, storage: LocalFileStorage, tmp: Path, counted_elsewhere: int = 0):
         self._storage = storage
         self._tmp = tmp
         self._f = open(tmp, "wb")
@@ -430,7 +431,7 @@ class _TempFile:
 
 
 class _LocalWriter(_TempFile, UploadWriter):
-    def __init__(self, storage: "LocalFileStorage", meta: StoredFile):
+    def __init__(self, storage: LocalFileStorage, meta: StoredFile):
         super().__init__(storage, storage._tmp_dir / f"{meta.id}.{uuid.uuid4().hex}.part")
         os.chmod(self._tmp, 0o640)
         self._meta = meta
@@ -455,7 +456,7 @@ class _LocalWriter(_TempFile, UploadWriter):
 
 
 class _LocalPartWriter(_TempFile, PartWriter):
-    def __init__(self, storage: "LocalFileStorage", upload_dir: Path, part_number: int):
+    def __init__(self, storage: LocalFileStorage, upload_dir: Path, part_number: int):
         others = sum(
             p.stat().st_size for p in upload_dir.glob("*.bin") if p.name != f"{part_number}.bin"
         )
@@ -545,7 +546,7 @@ class LocalFileStorage(FileStorage):
     @classmethod
     def in_data_dir(
         cls, data_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    ) -> "LocalFileStorage":
+    ) -> LocalFileStorage:
         """The service's standard place: `<data_dir>/files`."""
         return cls(Path(data_dir) / "files", max_upload_bytes=max_upload_bytes)
 
@@ -812,7 +813,7 @@ def load_or_create_secret(path: Path, nbytes: int = 32) -> bytes:
             if data:
                 return base64.b64decode(data.strip())
             time.sleep(0.01)
-        raise RuntimeError(f"secret file {path} is empty")
+        raise RuntimeError(f"secret file {path} is empty") from None
     secret = secrets.token_bytes(nbytes)
     with os.fdopen(fd, "wb") as f:
         f.write(base64.b64encode(secret) + b"\n")
@@ -834,7 +835,7 @@ class UploadTokens:
         self._secret = secret
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path | str) -> "UploadTokens":
+    def from_data_dir(cls, data_dir: Path | str) -> UploadTokens:
         return cls(load_or_create_secret(Path(data_dir) / "keys" / "upload-token.secret"))
 
     def _mac(self, body: str) -> bytes:

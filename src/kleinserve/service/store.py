@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 from .jobs import Job
 
@@ -49,7 +50,7 @@ class LeaseLost(Exception):
     """A worker wrote about a job it no longer holds (its lease expired and the job was re-queued or
     re-claimed, or it was completed). The write changed nothing."""
 
-    def __init__(self, lease: "Lease", detail: str = ""):
+    def __init__(self, lease: Lease, detail: str = ""):
         self.lease = lease
         super().__init__(f"request {lease.request_id}: attempt {lease.attempt} of worker {lease.worker_id} "
                          f"no longer holds it{': ' + detail if detail else ''}")
@@ -64,7 +65,7 @@ class Lease:
     attempt: int
 
     @classmethod
-    def of(cls, job: Job) -> "Lease":
+    def of(cls, job: Job) -> Lease:
         """The lease of a job just returned by `claim_next`."""
         if job.worker_id is None:
             raise ValueError(f"request {job.request_id} is not held by a worker")
@@ -117,7 +118,7 @@ class JobStore(ABC):
     """Abstract store. Times are unix seconds (float). `owner=None` means "any owner" (internal use)."""
 
     # ------------------------------------------------------------------ lifecycle
-    def close(self) -> None:  # pragma: no cover - optional
+    def close(self) -> None:  # noqa: B027  # pragma: no cover - optional
         pass
 
     @abstractmethod

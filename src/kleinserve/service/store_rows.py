@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional, Protocol
 
 from . import jobs as J
 from .jobs import Job
@@ -47,7 +48,13 @@ def matches(match: Callable[[Job], bool], job: Job) -> bool:
         return False
 
 
-def row_to_job(row: Mapping[str, Any]) -> Job:
+class Row(Protocol):
+    """A database row read by column name (a dict, a sqlite3.Row)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def row_to_job(row: Row) -> Job:
     """A `jobs` row (a mapping with `seq` and COLUMNS; the JSON columns as text) as a Job."""
     kw: dict[str, Any] = {}
     for name in COLUMNS:

@@ -94,7 +94,7 @@ class Supervisor:
         log.info("worker %s started on %s (pid %d, %d thread(s))", child.name, child.device, child.proc.pid,
                  child.threads)
 
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         for child in self.children:
             self._spawn(child)
         self._loop.start()

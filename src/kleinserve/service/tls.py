@@ -14,9 +14,9 @@ import datetime as _dt
 import ipaddress
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 TLS_DIR = "tls"
 VALID_DAYS = 825  # the longest validity Apple's clients accept for a server certificate

@@ -32,10 +32,11 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import httpx
@@ -44,8 +45,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kleinserve.service import metrics
-from kleinserve.service.lifecycle import Loop
 from kleinserve.service.jobs import Job, error_body, error_status
+from kleinserve.service.lifecycle import Loop
 from kleinserve.service.netguard import BlockedURL, NetPolicy, check_url, guarded_post, resolve_url
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def load_or_create_private_key(path: Path | str) -> Ed25519PrivateKey:
             time.sleep(0.01)
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} does not hold an Ed25519 private key")
+            raise ValueError(f"{path} does not hold an Ed25519 private key") from None
         return key
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
@@ -134,7 +135,7 @@ class WebhookSigner:
         self.kid = _b64url(hashlib.sha256(thumb_input).digest())
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path | str) -> "WebhookSigner":
+    def from_data_dir(cls, data_dir: Path | str) -> WebhookSigner:
         return cls(load_or_create_private_key(Path(data_dir) / "keys" / KEY_FILE_NAME))
 
     def sign(self, request_id: str, user_id: str, timestamp: str | int, body: bytes) -> str:
@@ -359,7 +360,7 @@ class WebhookDispatcher:
         self._inflight_total = 0
 
     # lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "WebhookDispatcher":
+    def start(self) -> WebhookDispatcher:
         self._loop.start()
         return self
 
@@ -455,6 +456,8 @@ class WebhookDispatcher:
         """One POST of the job's webhook; never raises."""
         url = job.webhook_url
         rid = job.request_id
+        if not url:
+            return DeliveryResult(False, None, "the request has no webhook URL", permanent=True)
         try:
             checked = resolve_url(url, self.policy)  # resolved once: the POST goes to this address
         except BlockedURL as exc:

@@ -37,13 +37,20 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import ValidationError
 
-from kleinserve.engine.types import (GenerationCancelled, GenerationResult, GenerationTask, LoraFormatError,
-                                     ModelUnavailable, StepEvent)
+from kleinserve.engine.types import (
+    GenerationCancelled,
+    GenerationResult,
+    GenerationTask,
+    LoraFormatError,
+    ModelUnavailable,
+    StepEvent,
+)
 
 from ..engine.imageio import data_uri, preview_data_uri
 from . import jobs as J
@@ -58,8 +65,9 @@ from .storage import FileStorage, StorageUnavailable, StoredFile
 from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 
 if TYPE_CHECKING:
-    from kleinserve.endpoints import EndpointRegistry
+    from kleinserve.endpoints import EndpointRegistry, EndpointSpec
     from kleinserve.engine.engine import Engine
+    from kleinserve.schema import FluxKleinInput
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +161,9 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        engine: Optional["Engine"] = None,
+        engine: Optional[Engine] = None,
         *,
-        registry: "EndpointRegistry",
+        registry: EndpointRegistry,
         settings: Settings,
         storage: Optional[FileStorage] = None,
         feed: Optional[EventFeed] = None,
@@ -190,7 +198,7 @@ class Worker:
         self.inputs = RequestInputs(settings, storage)  # image_urls and loras -> decoded images, LoRA files
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         with _LIVE_LOCK:
             _LIVE_WORKERS.add(self.worker_id)
         if self.feed is not None:
@@ -226,7 +234,7 @@ class Worker:
     def alive(self) -> bool:
         return self._claims.alive
 
-    def set_engine(self, engine: "Engine") -> None:
+    def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self._next_registration = 0.0
         self._claims.wake()
@@ -297,7 +305,7 @@ class Worker:
 
             def fits(job: Job) -> bool:
                 other, n = self._batch_key(job)
-                return other == key and n <= room
+                return other == key and n <= room  # noqa: B023 - used within this iteration only
 
             try:
                 more = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(), match=fits,
@@ -312,7 +320,7 @@ class Worker:
         return batch
 
     # ------------------------------------------------------------------ running jobs
-    def _process(self, runs: list["_Run"]) -> None:
+    def _process(self, runs: list[_Run]) -> None:
         """Runs claimed jobs through one `engine.generate_batch`; each ends in `_finish`."""
         for run in runs:
             metrics.observe_job_started(run.job.queue_time)
@@ -326,12 +334,14 @@ class Worker:
                 if not run.finished:  # never leave a claimed job behind
                     self._finish(run, RuntimeError("the worker lost track of this request"))
 
-    def _generate(self, runs: list["_Run"]) -> None:
+    def _generate(self, runs: list[_Run]) -> None:
         assert self.engine is not None
-        tasks = [GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
-                                wants_preview=run.wants_preview, on_done=functools.partial(self._finish, run),
-                                reference_images=run.files.images, loras=run.files.loras)
-                 for run in runs]
+        tasks = []
+        for run in runs:
+            assert run.files is not None and run.request is not None  # prepare() set them
+            tasks.append(GenerationTask(run.request, on_step=run.on_step, should_cancel=run.should_cancel,
+                                        wants_preview=run.wants_preview, on_done=functools.partial(self._finish, run),
+                                        reference_images=run.files.images, loras=run.files.loras))
         # Engine log lines carry the request id when there is one request to name.
         context = request_context(runs[0].rid) if len(runs) == 1 else contextlib.nullcontext()
         try:
@@ -362,7 +372,7 @@ class Worker:
         for run in live:
             self._finish(run, GenerationCancelled("stopped: shutdown") if self.abort.is_set() else failure)
 
-    def _finish(self, run: "_Run", outcome: "GenerationResult | BaseException") -> None:
+    def _finish(self, run: _Run, outcome: GenerationResult | BaseException) -> None:
         """THE place a claimed job ends: its outcome becomes one fenced store write (complete_ok,
         complete_error or release). A write the store refuses (LeaseLost: the job was taken back
         and is someone else's now) changes nothing, and this attempt's stored files are deleted."""
@@ -387,7 +397,7 @@ class Worker:
             except Exception:
                 log.exception("on_complete hook failed")
 
-    def _verdict(self, run: "_Run", outcome: "GenerationResult | BaseException", stored: list[str]) -> "_Verdict":
+    def _verdict(self, run: _Run, outcome: GenerationResult | BaseException, stored: list[str]) -> _Verdict:
         """What the outcome means for the job: its output, its error, a release, or nothing (lost)."""
         if isinstance(outcome, GenerationCancelled):
             reason = run.stop_reason() or "cancel"
@@ -404,6 +414,7 @@ class Worker:
                 J.CANCELLED_STATUS_CODE))
         if isinstance(outcome, BaseException):
             return _Verdict("error", error=self._classify(run, outcome))
+        assert run.spec is not None and run.request is not None  # a result: prepare() set them
         try:
             for line in outcome.logs:
                 self.store.append_log(run.rid, str(line), source="engine", lease=run.lease)
@@ -418,7 +429,7 @@ class Worker:
         metrics.observe_result(outcome, getattr(run.request, "output_format", "png"))
         return _Verdict("ok", output=output)
 
-    def _commit(self, run: "_Run", verdict: "_Verdict", stored: list[str]) -> Optional[Job]:
+    def _commit(self, run: _Run, verdict: _Verdict, stored: list[str]) -> Optional[Job]:
         lease = run.lease
         if verdict.kind == "ok":
             assert verdict.output is not None
@@ -445,7 +456,7 @@ class Worker:
                     run.rid, lease.attempt)
         return None
 
-    def _classify(self, run: "_Run", exc: BaseException) -> dict[str, Any]:
+    def _classify(self, run: _Run, exc: BaseException) -> dict[str, Any]:
         error = classify_exception(exc)
         if error["error_type"] in (J.ERR_INTERNAL, J.ERR_MODEL):
             log.error("request %s failed: %s", run.rid, error["error"], exc_info=exc)
@@ -460,7 +471,7 @@ class Worker:
             base = f"{scheme}://{self.settings.host}:{self.settings.port}"
         return str(base).rstrip("/")
 
-    def _store_images(self, job: Job, request: Any, result: "GenerationResult",
+    def _store_images(self, job: Job, request: FluxKleinInput, result: GenerationResult,
                       stored: list[str]) -> list[dict[str, Any]]:
         """The output's file entries; the ids of files written are appended to `stored` as they are."""
         files: list[dict[str, Any]] = []
@@ -520,8 +531,8 @@ class _Run:
         self.rid = job.request_id
         self.lease = Lease.of(job)
         self.started = time.monotonic()
-        self.spec: Any = None
-        self.request: Any = None
+        self.spec: Optional[EndpointSpec] = None
+        self.request: Optional[FluxKleinInput] = None
         self.files: Optional[RequestFiles] = None  # its decoded input images and LoRA files
         self.finished = False
         self.cancel_seen = threading.Event()  # set by the event feed or the monitor's poll
@@ -681,7 +692,7 @@ class Maintenance:
                 log.info("purged %d stored file(s) older than %.0fs", removed, self.retention)
         return purged
 
-    def start(self) -> "Maintenance":
+    def start(self) -> Maintenance:
         self._loop.start()
         return self
 

@@ -17,7 +17,8 @@ import logging
 import signal
 import sys
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from .logging import configure_logging
 from .runtime import Runtime, build_services
