@@ -10,10 +10,10 @@ import time
 
 import httpx
 import pytest
+from service_helpers import serve_app
 
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
-from service_helpers import serve_app
 
 pytestmark = pytest.mark.browser
 

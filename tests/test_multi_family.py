@@ -31,8 +31,8 @@ DISTILLED = "fal-ai/flux-2/klein/9b"
 TWO = "9b-base=tiny,9b=tiny-distilled"
 KEY = "multi-key"
 H = {"Authorization": f"Key {KEY}"}
-REQ = dict(prompt="a red fox in snow", seed=7, image_size={"width": 64, "height": 64}, num_inference_steps=4,
-           enable_safety_checker=False, sync_mode=True)
+REQ = {"prompt": "a red fox in snow", "seed": 7, "image_size": {"width": 64, "height": 64},
+       "num_inference_steps": 4, "enable_safety_checker": False, "sync_mode": True}
 
 
 def pixels(url_or_bytes) -> np.ndarray:
@@ -154,11 +154,11 @@ def test_a_worker_process_serves_two_families_for_an_api_replica(tmp_path):
     api = create_app(Settings(data_dir=data, api_keys=[KEY], model=TWO, role="api", store=store))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KLEINSERVE_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "kleinserve", "worker", "--model", "9b-base=tiny",
-                             "--model", "9b=tiny-distilled", "--store", store, "--data-dir", str(data),
-                             "--device", "cpu", "--dtype", "float32", "--no-warmup", "--threads", "1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kleinserve", "worker", "--model", "9b-base=tiny",
+                                 "--model", "9b=tiny-distilled", "--store", store, "--data-dir", str(data),
+                                 "--device", "cpu", "--dtype", "float32", "--no-warmup", "--threads", "1"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         with TestClient(api) as client:
             ids = [client.post(f"/queue/{eid}", json={**REQ, "sync_mode": False}, headers=H).json()["request_id"]
@@ -184,5 +184,4 @@ def test_a_worker_process_serves_two_families_for_an_api_replica(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
     assert proc.returncode == 0, (tmp_path / "worker.log").read_text()

@@ -285,7 +285,7 @@ def family_of(endpoint_id: str) -> Family:
     raise KeyError(f"no klein family serves {endpoint_id!r}")
 
 
-def parse_model_specs(text: "str | Iterable[str]") -> dict[str, str]:
+def parse_model_specs(text: str | Iterable[str]) -> dict[str, str]:
     """`--model`: one spec (the 9B base family, as before) or `FAMILY=SPEC[,FAMILY=SPEC...]` for
     several checkpoints, e.g. `9b-base=black-forest-labs/FLUX.2-klein-base-9B,9b=/models/klein-9b`.
     A list is the repeated flag (`--model 9b-base=... --model 9b=...`); a part without `FAMILY=` is

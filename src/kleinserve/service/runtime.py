@@ -54,7 +54,7 @@ from .worker import Maintenance, Worker
 if TYPE_CHECKING:
     from kleinserve.api.endpoints import EndpointRegistry
     from kleinserve.engine.engine import Engine
-    from kleinserve.engine.pool import EnginePool
+    from kleinserve.engine.pool import EnginePool, FamilyEngine
     from kleinserve.engine.types import ModelInfo
 
     from .supervisor import Supervisor
@@ -148,7 +148,10 @@ class Runtime:
         self.services = services
         self.settings = services.settings
         self.role = role
-        self.engine = engine
+        # The process's (first family's) engine; with a pool, that family's FamilyEngine.
+        self.engine: Optional["Engine | FamilyEngine"] = engine
+        if engine is not None:
+            engine.image_metadata = not self.settings.no_image_metadata
         self.engine_error: Optional[str] = None
         self.engine_loading = False
         self.warmup_seconds: Optional[float] = None  # compile time spent at startup (None: not warmed)
@@ -209,7 +212,6 @@ class Runtime:
         self.maintenance.start()
         self.dispatcher.start()
         if self.engine is not None:
-            self.engine.image_metadata = not self.settings.no_image_metadata
             self._announce_engine(self.engine.info)
         elif self.pool is not None:
             self.engine_loading = True
@@ -340,7 +342,7 @@ class Runtime:
         if workers is None:
             try:
                 workers = self.services.store.live_workers()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the store is down: /ready says so; no counts here
                 workers = {}
         specs = self.settings.model_specs
         families: dict[str, Any] = {}
@@ -356,9 +358,9 @@ class Runtime:
                 entry["state"] = "resident" if self.engine is not None else "not_loaded"
             families[family] = entry
         unserved: dict[str, str] = {}
-        for name, family in FAMILIES.items():
-            if family.base_id in registry.unserved:
-                unserved[name] = registry.unserved[family.base_id]
+        for name, declared in FAMILIES.items():
+            if declared.base_id in registry.unserved:
+                unserved[name] = registry.unserved[declared.base_id]
         return {"families": families, "unserved": unserved}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -60,6 +60,7 @@ from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 if TYPE_CHECKING:
     from kleinserve.api.endpoints import EndpointRegistry
     from kleinserve.engine.engine import Engine
+    from kleinserve.engine.pool import FamilyEngine
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        engine: Optional["Engine"] = None,
+        engine: Optional["Engine | FamilyEngine"] = None,
         *,
         registry: "EndpointRegistry",
         settings: Settings,
@@ -225,7 +226,7 @@ class Worker:
     def alive(self) -> bool:
         return self._claims.alive
 
-    def set_engine(self, engine: "Engine") -> None:
+    def set_engine(self, engine: "Engine | FamilyEngine") -> None:
         self.engine = engine
         self._next_registration = 0.0
         self._claims.wake()
@@ -337,12 +338,14 @@ class Worker:
     def _load_model(self, runs: list["_Run"]) -> bool:
         """An engine pool's family that is not resident loads now (the jobs are claimed: their log says
         so, and their run-time limit starts after the load); False (the jobs ended) when it fails."""
-        ensure = getattr(self.engine, "ensure_loaded", None)
-        if ensure is None or getattr(self.engine, "state", "resident") == "resident":
+        engine = self.engine
+        assert engine is not None
+        ensure = getattr(engine, "ensure_loaded", None)
+        if ensure is None or getattr(engine, "state", "resident") == "resident":
             return True
         for run in runs:
             with contextlib.suppress(Exception):
-                self.store.append_log(run.rid, f"Loading the model {self.engine.info.spec!r}: it is not resident "
+                self.store.append_log(run.rid, f"Loading the model {engine.info.spec!r}: it is not resident "
                                                "on this device", source="service", lease=run.lease)
         t0 = time.monotonic()
         try:
