@@ -198,7 +198,7 @@ class Runtime:
             self.supervisor.start()
         elif self._start_worker and self.engine is None and self.load_engine:
             self.pool = self._build_pool()
-            families = list(self.pool.specs)
+            families = [f for f in self.pool.specs if f in sv.registry.engines()]
             for family in families:  # engines once the startup load is done (_load_engines)
                 name = self._worker_name if len(families) == 1 else f"{self._worker_name}-{family}"
                 self.workers.append(Worker(sv.store, None, registry=sv.registry.subset(family), storage=sv.storage,
