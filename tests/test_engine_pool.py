@@ -90,3 +90,53 @@ def test_registry_subsets_per_family():
                          "fal-ai/flux-2/klein/9b/edit/lora"]
     assert "fal-ai/flux-2/klein/4b" in sub.unserved
     np.testing.assert_equal(len(registry.subset("9b-base")), 4)
+
+
+def test_info_and_state_never_load_and_a_failed_load_is_reported(tmp_path):
+    p = EnginePool({"9b-base": "tiny", "9b": "tiny-distilled", "4b": str(tmp_path / "missing")}, device="cpu",
+                   dtype="float32")
+    fam = p.engine_for("9b")
+    assert fam.info.spec == "tiny-distilled" and fam.info.is_tiny and fam.state == "not_loaded"
+    assert p.loaded() == []  # asking loaded nothing
+    assert fam.ensure_loaded() is True and fam.state == "resident" and fam.info.distilled
+    assert fam.ensure_loaded() is False and p.loads == 1
+    with pytest.raises(ModelUnavailable):
+        p.ensure_loaded("4b")
+    assert p.state("4b") == "failed" and "ModelUnavailable" in p.errors["4b"] and p.loaded() == ["9b"]
+
+
+def test_the_device_turn_is_first_come_first_served_and_can_be_given_up():
+    p = pool()
+    order: list[str] = []
+    stop_c = threading.Event()
+    first_holds = threading.Event()
+    release_first = threading.Event()
+
+    def first():
+        with p.turn() as mine:
+            order.append(f"first {mine}")
+            first_holds.set()
+            release_first.wait(10)
+
+    def waiter(name, give_up=lambda: False):
+        with p.turn(give_up) as mine:
+            order.append(f"{name} {mine}")
+
+    a = threading.Thread(target=first)
+    a.start()
+    first_holds.wait(10)
+    b = threading.Thread(target=waiter, args=("second",))
+    b.start()
+    time.sleep(0.2)
+    c = threading.Thread(target=waiter, args=("third", stop_c.is_set))
+    c.start()
+    time.sleep(0.2)
+    stop_c.set()  # a stopping worker stops waiting
+    c.join(5)
+    assert order == ["first True", "third False"]
+    release_first.set()
+    for t in (a, b):
+        t.join(5)
+    assert order == ["first True", "third False", "second True"]
+    with p.turn() as mine:  # free again
+        assert mine

@@ -7,7 +7,7 @@ generated from these models, so a field added here shows up everywhere.
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
 from typing import Any, Literal, Optional, Union, cast, get_args, get_origin
@@ -289,25 +289,38 @@ def family_of(endpoint_id: str) -> Family:
     raise KeyError(f"no klein family serves {endpoint_id!r}")
 
 
-def parse_model_specs(text: str) -> dict[str, str]:
+def parse_model_specs(text: str | Iterable[str]) -> dict[str, str]:
     """`--model`: one spec (the 9B base family, as before) or `FAMILY=SPEC[,FAMILY=SPEC...]` for
     several checkpoints, e.g. `9b-base=black-forest-labs/FLUX.2-klein-base-9B,9b=/models/klein-9b`.
-    ValueError naming the bad part."""
-    text = (text or "").strip() or "auto"
-    if "=" not in text:
-        return {DEFAULT_FAMILY: text}
+    A list is the repeated flag (`--model 9b-base=... --model 9b=...`); a part without `FAMILY=` is
+    the 9B base family's. ValueError naming the bad part."""
+    parts = [text] if isinstance(text, str) else list(text)
+    items = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+    if not items:
+        return {DEFAULT_FAMILY: "auto"}
     specs: dict[str, str] = {}
-    for part in text.split(","):
-        name, sep, spec = part.partition("=")
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            name, spec = DEFAULT_FAMILY, item
         name, spec = name.strip(), spec.strip()
-        if not sep or not spec:
-            raise ValueError(f"{part.strip()!r}: expected FAMILY=SPEC (families: {', '.join(FAMILIES)})")
+        if not spec:
+            raise ValueError(f"{item!r}: expected FAMILY=SPEC (families: {', '.join(FAMILIES)})")
         if name not in FAMILIES:
             raise ValueError(f"{name!r} is not a klein family; expected one of {', '.join(FAMILIES)}")
         if name in specs:
-            raise ValueError(f"{name!r} is given twice")
+            raise ValueError(f"{name!r} is given twice" + (" (a spec without FAMILY= is the 9b-base one)"
+                                                           if name == DEFAULT_FAMILY else ""))
         specs[name] = spec
     return specs
+
+
+def format_model_specs(specs: Mapping[str, str]) -> str:
+    """The inverse of `parse_model_specs`: the 9B base family alone is its bare spec (as before),
+    several are `FAMILY=SPEC,...` (what `--model` and KLEINSERVE_MODEL take back)."""
+    if list(specs) == [DEFAULT_FAMILY]:
+        return specs[DEFAULT_FAMILY]
+    return ",".join(f"{name}={spec}" for name, spec in specs.items())
 
 
 # The input model of each endpoint id (the API registry declares these; the CLI's --endpoint picks one).

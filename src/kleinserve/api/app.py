@@ -203,7 +203,7 @@ def create_app(
         settings = services.settings
         registry = services.registry
     settings = settings or Settings.from_sources()
-    registry = registry or default_registry()
+    registry = registry or default_registry(settings.model_specs)
     auth = Authenticator.from_settings(settings)  # refuses to build without keys or --no-auth
     own_services = services is None
     services = services or build_services(settings, registry)

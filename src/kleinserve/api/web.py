@@ -35,7 +35,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.endpoints import app_prefix
-from kleinserve.schema import ENDPOINT_ID, IMAGE_SIZE_PRESETS, INPUT_MODELS, FluxKleinInput, FluxKleinOutput
+from kleinserve.schema import ENDPOINT_ID, FAMILIES, IMAGE_SIZE_PRESETS, INPUT_MODELS, FluxKleinInput, FluxKleinOutput
 from kleinserve.service.auth import Principal
 from kleinserve.service.events import watch
 from kleinserve.service.jobs import Job
@@ -120,9 +120,16 @@ async def api_schema(request: Request, endpoint: Optional[str] = Query(None)) ->
         "run_path": "",
         "auth_required": request.app.state.auth.enabled,
         "model": dataclasses.asdict(info) if info is not None else None,
-        "endpoints": [{"endpoint_id": s.endpoint_id, "title": s.title or s.endpoint_id, "tags": list(s.tags)}
-                      for s in registry],
+        "endpoints": [{"endpoint_id": s.endpoint_id, "title": s.title or s.endpoint_id, "tags": list(s.tags),
+                       "family": s.engine} for s in registry],
     }
+    # Which klein families are served here (endpoints, checkpoint, loaded / loading / on demand) and
+    # how to enable the others: the picker groups the endpoints by family.
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        body.update(await run_in_threadpool(runtime.served))
+    for name, family in body.get("families", {}).items():
+        family["title"] = FAMILIES[name].title if name in FAMILIES else name
     return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
 

@@ -10,6 +10,14 @@ lock while a run uses its engine, so eviction never pulls weights from under a r
 stays resident while the budget allows; `budget_bytes` defaults to 90 % of the CUDA device's memory
 (no limit on CPU). Each family's `FamilyEngine` is what a worker holds instead of an Engine: one worker
 per family, claiming only that family's endpoints (`EndpointRegistry.subset(family)`).
+
+The device's turn (`turn()`): the family workers of one pool take turns first-come first-served, and a
+worker claims a job only while it holds the turn. So a claimed job never waits behind another family's
+run (nor is shown IN_PROGRESS meanwhile: it stays queued, where another worker of the fleet may take
+it); once claimed, a family that is not resident is loaded right then (`ensure_loaded`, evicting the
+least recently used), the job's log says so, and its run-time limit starts after the load.
+`info` never loads nor waits: it is the family's last known ModelInfo (or what its spec says before
+the first load), so a worker's registration heartbeat never blocks behind a run.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .types import ModelUnavailable
+from .types import ModelInfo, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,12 @@ class EnginePool:
         self._lock = threading.RLock()
         self.loads = 0
         self.evictions: list[str] = []
+        self.loading: Optional[str] = None  # the family being loaded now
+        self.errors: dict[str, str] = {}  # family -> why its last load failed
+        self._infos: dict[str, ModelInfo] = {}  # family -> its engine's info (kept after eviction)
+        self._turn = threading.Condition()
+        self._turn_queue: list[object] = []  # waiting for the device's turn, first come first served
+        self._turn_holder: Optional[object] = None
 
     def _default_budget(self) -> Optional[int]:
         dev = torch.device(self.device) if self.device is not None else (
@@ -76,9 +90,63 @@ class EnginePool:
         return list(self.specs)
 
     def loaded(self) -> list[str]:
-        """Families resident now, least recently used first."""
+        """Families resident now, least recently used first (never waits for a run)."""
+        return list(self._engines)
+
+    def state(self, family: str) -> str:
+        """resident | loading | failed (its last load) | not_loaded; never waits for a run."""
+        if family in self._engines:
+            return "resident"
+        if self.loading == family:
+            return "loading"
+        return "failed" if family in self.errors else "not_loaded"
+
+    def info(self, family: str) -> ModelInfo:
+        """The family's ModelInfo without loading or waiting: its engine's (kept after an eviction), or
+        before its first load what its spec says."""
+        engine = self._engines.get(family)
+        if engine is not None:
+            return engine.info
+        if family in self._infos:
+            return self._infos[family]
+        spec = self.specs[family]
+        return ModelInfo(spec=spec, source=spec, is_tiny=spec in ("tiny", "tiny-distilled"),
+                         device=str(self.device or "auto"), dtype=str(self.dtype or "auto"), load_seconds=0.0,
+                         distilled=spec == "tiny-distilled")
+
+    def ensure_loaded(self, family: str) -> bool:
+        """Loads the family now unless it is resident (evicting as the budget needs); True when it
+        loaded. Callers that run next hold `turn()` so nothing evicts it in between."""
         with self._lock:
-            return list(self._engines)
+            resident = family in self._engines
+            self._get(family)
+            return not resident
+
+    @contextlib.contextmanager
+    def turn(self, give_up: Callable[[], bool] = lambda: False) -> Iterator[bool]:
+        """The device's turn among this pool's workers, first come first served: yields True while
+        held; False (without it) when `give_up()` became true while waiting (a worker stopping)."""
+        me = object()
+        with self._turn:
+            self._turn_queue.append(me)
+            while self._turn_holder is not None or self._turn_queue[0] is not me:
+                if give_up():
+                    self._turn_queue.remove(me)
+                    self._turn.notify_all()
+                    break
+                self._turn.wait(0.1)
+            else:
+                self._turn_queue.pop(0)
+                self._turn_holder = me
+        if self._turn_holder is not me:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._turn:
+                self._turn_holder = None
+                self._turn.notify_all()
 
     @contextlib.contextmanager
     def lease(self, family: str) -> Iterator[Any]:
@@ -93,7 +161,16 @@ class EnginePool:
         if family in self._engines:
             self._engines.move_to_end(family)
             return self._engines[family]
-        engine = self._loader(self.specs[family])
+        self.loading = family
+        try:
+            engine = self._loader(self.specs[family])
+        except Exception as exc:
+            self.errors[family] = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.loading = None
+        self.errors.pop(family, None)
+        self._infos[family] = engine.info
         size = engine_bytes(engine)
         self._engines[family] = engine
         self._sizes[family] = size
@@ -132,9 +209,20 @@ class FamilyEngine:
         self.family = family
 
     @property
-    def info(self):
-        with self.pool.lease(self.family) as engine:
-            return engine.info
+    def info(self) -> ModelInfo:
+        """Never loads nor waits (EnginePool.info)."""
+        return self.pool.info(self.family)
+
+    @property
+    def state(self) -> str:
+        return self.pool.state(self.family)
+
+    def turn(self, give_up: Callable[[], bool] = lambda: False):
+        """The device's turn (EnginePool.turn): a worker claims and runs only while it holds it."""
+        return self.pool.turn(give_up)
+
+    def ensure_loaded(self) -> bool:
+        return self.pool.ensure_loaded(self.family)
 
     def batch_key(self, request) -> Optional[tuple]:
         """The engine's batch key, without loading weights (it only reads the request)."""

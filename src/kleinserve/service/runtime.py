@@ -9,10 +9,17 @@ ones for a process's role.
 HTTP layer receives the `Services` and never assembles a part itself.
 
 Roles:
-- "all" (the default `serve`): the API, and workers: one in-process worker thread on one device, or
+- "all" (the default `serve`): the API, and workers: in-process worker threads on one device, or
   with `--devices` one supervised `kleinserve worker` process per device (service/supervisor.py).
 - "api": the API only; loads no model; every worker runs elsewhere (`kleinserve worker`).
-- "worker": a worker process: one engine on one device; no HTTP.
+- "worker": a worker process: the workers of one device; no HTTP.
+
+Models (`--model`, `settings.model_specs`): one checkpoint per served klein family. The registry
+declares the served families' endpoints (`default_registry(settings.model_specs)`); a process that runs
+workers builds one `EnginePool` for its device and one Worker per family, holding
+`pool.engine_for(family)` and claiming only `registry.subset(family)`. At startup the families load in
+`--model` order until the memory budget (`--model-memory`) is full; the others load on demand, the
+least recently used evicted (engine/pool.py says how a worker waits for the device and a load).
 Every role runs the maintenance loop (deadline expiry, the lease sweeper, purge) and the webhook
 dispatcher: the store makes them safe to run everywhere at once.
 """
@@ -48,6 +55,7 @@ from .worker import Maintenance, Worker
 if TYPE_CHECKING:
     from kleinserve.endpoints import EndpointRegistry
     from kleinserve.engine.engine import Engine
+    from kleinserve.engine.pool import EnginePool, FamilyEngine
     from kleinserve.engine.types import ModelInfo
 
     from .supervisor import Supervisor
@@ -141,13 +149,17 @@ class Runtime:
         self.services = services
         self.settings = services.settings
         self.role = role
-        self.engine = engine
+        # The process's (first family's) engine; with a pool, that family's FamilyEngine.
+        self.engine: Optional[Engine | FamilyEngine] = engine
+        if engine is not None:
+            engine.image_metadata = not self.settings.no_image_metadata
         self.engine_error: Optional[str] = None
         self.engine_loading = False
         self.warmup_seconds: Optional[float] = None  # compile time spent at startup (None: not warmed)
         self.load_engine = load_engine and role != "api"
         self.on_model = on_model
-        self.worker: Optional[Worker] = None
+        self.pool: Optional[EnginePool] = None  # the served families' engines (load_engine)
+        self.workers: list[Worker] = []  # one per served family (or one over the registry with `engine`)
         self.supervisor: Optional[Supervisor] = None
         self.maintenance: Optional[Maintenance] = None
         self.dispatcher: Optional[WebhookDispatcher] = None
@@ -158,6 +170,11 @@ class Runtime:
         self.stopping = threading.Event()
         self.stop_deadline: Optional[float] = None
         self._loader: Optional[threading.Thread] = None
+
+    @property
+    def worker(self) -> Optional[Worker]:
+        """The first worker (the only one when one family is served)."""
+        return self.workers[0] if self.workers else None
 
     @property
     def runs_workers_in_process(self) -> bool:
@@ -180,17 +197,27 @@ class Runtime:
 
             self.supervisor = Supervisor(s, s.devices)
             self.supervisor.start()
-        elif self._start_worker:
-            self.worker = Worker(sv.store, self.engine, registry=sv.registry, storage=sv.storage, feed=sv.feed,
-                                 settings=s, name=self._worker_name, on_complete=self._on_complete)
-            self.worker.start()
+        elif self._start_worker and self.engine is None and self.load_engine:
+            self.pool = self._build_pool()
+            families = [f for f in self.pool.specs if f in sv.registry.engines()]
+            for family in families:  # engines once the startup load is done (_load_engines)
+                name = self._worker_name if len(families) == 1 else f"{self._worker_name}-{family}"
+                self.workers.append(Worker(sv.store, None, registry=sv.registry.subset(family), storage=sv.storage,
+                                           feed=sv.feed, settings=s, name=name, on_complete=self._on_complete))
+        elif self._start_worker:  # a given engine (or one set later): one worker over the whole registry
+            self.workers.append(Worker(sv.store, self.engine, registry=sv.registry, storage=sv.storage,
+                                       feed=sv.feed, settings=s, name=self._worker_name,
+                                       on_complete=self._on_complete))
+        for worker in self.workers:
+            worker.start()
         self.maintenance.start()
         self.dispatcher.start()
         if self.engine is not None:
-            self._announce_engine(self.engine)
-        elif self.load_engine and self.runs_workers_in_process:
+            self._announce_engine(self.engine.info)
+        elif self.pool is not None:
             self.engine_loading = True
-            self._loader = threading.Thread(target=self._load_engine, name="kleinserve-engine-loader", daemon=True)
+            self._loader = threading.Thread(target=self._load_engines, name="kleinserve-engine-loader",
+                                            daemon=True)
             self._loader.start()
 
     def begin_shutdown(self) -> None:
@@ -202,8 +229,8 @@ class Runtime:
         self.stopping.set()
         log.warning("shutting down: no new request starts; running ones have %gs to finish",
                     self.settings.shutdown_grace)
-        if self.worker is not None:
-            self.worker.stop_claiming()
+        for worker in self.workers:
+            worker.stop_claiming()
 
     def restart_due(self) -> bool:
         """Whether a handler waiting on a request must give up now: the shutdown grace is over."""
@@ -212,8 +239,11 @@ class Runtime:
     def stop(self) -> None:
         # After begin_shutdown, what is left of the grace; without it (tests, embedding) none.
         grace = max(0.0, (self.stop_deadline or 0.0) - time.monotonic()) if self.stopping.is_set() else 0.0
-        if self.worker is not None:
-            self.worker.stop(grace=grace)
+        deadline = time.monotonic() + grace
+        for worker in self.workers:  # none claims anything new meanwhile
+            worker.stop_claiming()
+        for worker in self.workers:
+            worker.stop(grace=max(0.0, deadline - time.monotonic()))
         if self.supervisor is not None:
             self.supervisor.stop(grace=grace)
         if self.maintenance is not None:
@@ -230,35 +260,72 @@ class Runtime:
             self.dispatcher.notify()
 
     # -------------------------------------------------------------- the engine
-    def _load_engine(self) -> None:
-        s = self.settings
-        try:
-            from kleinserve.engine import load_engine
+    def _build_pool(self) -> EnginePool:
+        """The served families' checkpoints on this process's device (`auto`: each family's own repo
+        on CUDA, the tiny model or its distilled twin on CPU)."""
+        from kleinserve.engine.models import resolve_spec
+        from kleinserve.engine.pool import EnginePool
+        from kleinserve.schema import FAMILIES
 
-            log.info("loading model %r ...", s.model)
-            engine = load_engine(s.model, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
-            if not s.no_warmup:  # before /ready says yes: the first request must not be the one compiling
-                self.warmup_seconds = sum(engine.warmup().values())
+        s = self.settings
+        served = self.services.registry.engines()
+        specs = {f: resolve_spec(spec, repo_id=FAMILIES[f].default_repo, distilled=FAMILIES[f].distilled)
+                 for f, spec in s.model_specs.items() if f in served}
+        for family in served:
+            if family not in specs:
+                log.warning("no --model is given for the %s family: its endpoints are declared but nothing runs "
+                            "them here", family)
+        return EnginePool(specs or s.model_specs, loader=self._load_one, device=s.device, dtype=s.dtype,
+                          cpu_offload=s.cpu_offload, budget_bytes=s.model_memory or None)
+
+    def _load_one(self, spec: str) -> Engine:
+        """The pool's loader: load, then warm up (before /ready says yes, or before the run that needed
+        an on-demand load: the first request must not be the one compiling)."""
+        from kleinserve.engine import load_engine
+
+        s = self.settings
+        log.info("loading model %r ...", spec)
+        engine = load_engine(spec, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
+        engine.image_metadata = not s.no_image_metadata
+        if not s.no_warmup:
+            self.warmup_seconds = (self.warmup_seconds or 0.0) + sum(engine.warmup().values())
+        return engine
+
+    def _load_engines(self) -> None:
+        """Startup: the families in `--model` order until the budget is full (the rest on demand),
+        then every worker gets its family's engine."""
+        pool = self.pool
+        assert pool is not None
+        family = ""
+        try:
+            for family in pool.specs:
+                pool.ensure_loaded(family)
+                self._announce_engine(pool.info(family), first=family == next(iter(pool.specs)))
+                if pool.evictions:  # the budget holds no more: the others load when a request needs them
+                    break
         except Exception as exc:
-            self.engine_error = f"{type(exc).__name__}: {exc}"
+            self.engine_error = f"{family}: {type(exc).__name__}: {exc}" if len(pool.specs) > 1 else \
+                f"{type(exc).__name__}: {exc}"
             log.error("the model could not be loaded: %s", self.engine_error)
         else:
-            self.set_engine(engine)
+            self.engine = pool.engine_for(next(iter(pool.specs)))
+            for worker in self.workers:
+                worker.set_engine(pool.engine_for(worker.registry.engines()[0]))
         finally:
             self.engine_loading = False
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
-        self._announce_engine(engine)
-        if self.worker is not None:
-            self.worker.set_engine(engine)
-
-    def _announce_engine(self, engine: Engine) -> None:
         engine.image_metadata = not self.settings.no_image_metadata
-        info = engine.info
-        metrics.observe_model_loaded(info)
-        if self.on_model is not None:
-            self.on_model(info)
+        self._announce_engine(engine.info)
+        for worker in self.workers:
+            worker.set_engine(engine)
+
+    def _announce_engine(self, info: ModelInfo, first: bool = True) -> None:
+        if first:  # the process's model in metrics, /health and the playground's badge: the first family's
+            metrics.observe_model_loaded(info)
+            if self.on_model is not None:
+                self.on_model(info)
         if info.is_tiny:  # the loader printed the big banner; one line here for the service log
             log.warning(TINY_WARNING)
         else:
@@ -266,6 +333,37 @@ class Runtime:
                      info.load_seconds)
 
     # -------------------------------------------------------------- readiness
+    def served(self, workers: Optional[dict[str, int]] = None) -> dict[str, Any]:
+        """What this server serves, for /ready and the playground: per served klein family its
+        endpoints, checkpoint spec, live workers (the whole fleet) and, where this process runs it,
+        its state (resident | loading | not_loaded | failed); per unserved family how to enable it."""
+        from kleinserve.schema import FAMILIES
+
+        registry = self.services.registry
+        if workers is None:
+            try:
+                workers = self.services.store.live_workers()
+            except Exception:  # noqa: BLE001 - the store is down: /ready says so; no counts here
+                workers = {}
+        specs = self.settings.model_specs
+        families: dict[str, Any] = {}
+        for family in registry.engines():
+            ids = registry.subset(family).ids()
+            entry: dict[str, Any] = {"endpoints": ids, "spec": specs.get(family),
+                                     "workers": max((workers.get(eid, 0) for eid in ids), default=0)}
+            if self.pool is not None and family in self.pool.specs:
+                entry["state"] = self.pool.state(family)
+                if family in self.pool.errors:
+                    entry["error"] = self.pool.errors[family]
+            elif self.runs_workers_in_process:
+                entry["state"] = "resident" if self.engine is not None else "not_loaded"
+            families[family] = entry
+        unserved: dict[str, str] = {}
+        for name, declared in FAMILIES.items():
+            if declared.base_id in registry.unserved:
+                unserved[name] = registry.unserved[declared.base_id]
+        return {"families": families, "unserved": unserved}
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, body) for /ready: the store and storage answer, the model is loaded (roles that
         run it here), and how many live workers serve each endpoint (the whole fleet)."""
@@ -289,6 +387,7 @@ class Runtime:
         except Exception:
             workers = {}
         body["workers"] = {eid: workers.get(eid, 0) for eid in sv.registry.ids()}
+        body.update(self.served(workers))
         info = self.engine.info if self.engine is not None else None
         if info is not None:
             body["model"] = {**dataclasses.asdict(info), "warmup_seconds": self.warmup_seconds}
@@ -302,12 +401,15 @@ class Runtime:
                     body["detail"] = f"The model failed to load: {self.engine_error}"
                 elif self.engine_loading:
                     body["status"] = "loading"
-                    body["detail"] = f"The model {self.settings.model!r} is loading."
+                    loading = self.pool.loading if self.pool is not None else None
+                    body["detail"] = (f"The model {self.pool.specs[loading]!r} ({loading}) is loading."
+                                      if self.pool is not None and loading and len(self.pool.specs) > 1
+                                      else f"The model {self.settings.model!r} is loading.")
                 else:
                     body["status"] = "no_model"
                     body["detail"] = "No model is loaded."
                 return False, body
-            if self.worker is not None and not self.worker.alive:
+            if any(not worker.alive for worker in self.workers):
                 body["status"] = "worker_stopped"
                 body["detail"] = "The worker thread is not running."
                 return False, body

@@ -100,6 +100,16 @@ def parse_devices(value: Any) -> list[str]:
     return devices
 
 
+def parse_model(value: Any) -> str:
+    """`--model` (repeatable) / KLEINSERVE_MODEL: one spec, or FAMILY=SPEC parts; checked, and kept in
+    the canonical text form `schema.format_model_specs` writes (what `to_env` passes on)."""
+    from kleinserve.schema import format_model_specs, parse_model_specs
+
+    if isinstance(value, (list, tuple)):
+        return format_model_specs(parse_model_specs([str(v) for v in value]))
+    return format_model_specs(parse_model_specs(str(value)))
+
+
 def parse_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         out: list[str] = []
@@ -179,9 +189,13 @@ class Settings:
     input_fetch_timeout: float = 30.0
     lora_dir: Optional[Path] = None
     lora_cache_bytes: int = 8 * 1024 * 1024 * 1024
+    model_memory: int = 0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        self.model = parse_model(self.model)  # ValueError naming the bad FAMILY=SPEC part
+        if self.model_memory < 0:
+            raise ValueError("model memory must be >= 0 (0: 90% of the CUDA device's memory, no limit on CPU)")
         if self.role not in ("all", "api"):
             raise ValueError(f"role must be all or api, not {self.role!r}")
         if self.role == "api" and self.devices:
@@ -226,6 +240,13 @@ class Settings:
         if self.tls_self_signed and self.ssl_certfile:
             raise ValueError("--tls-self-signed makes its own certificate: drop --ssl-certfile/--ssl-keyfile, "
                              "or drop --tls-self-signed to serve yours")
+
+    @property
+    def model_specs(self) -> dict[str, str]:
+        """The served klein families and their checkpoint specs, in `--model` order."""
+        from kleinserve.schema import parse_model_specs
+
+        return parse_model_specs(self.model)
 
     def net_policy(self) -> NetPolicy:
         """Where server-side requests (webhooks, and later fetched inputs) may go (service/netguard.py)."""
@@ -304,8 +325,16 @@ OPTIONS: list[Option] = [
            "Serve https with a self-signed certificate made once and kept in <data-dir>/tls/ (its path is "
            "printed at startup: trust it with SSL_CERT_FILE / NODE_EXTRA_CA_CERTS).", kind="flag",
            commands=("serve",)),
-    Option("model", ("--model",), "KLEINSERVE_MODEL", str,
-           "Model spec: auto | tiny | a local diffusers folder | a Hugging Face repo id.", metavar="SPEC"),
+    Option("model", ("--model",), "KLEINSERVE_MODEL", parse_model,
+           "Model spec: auto | tiny | a local diffusers folder | a Hugging Face repo id (the 9B base family); "
+           "or FAMILY=SPEC to serve a klein family (9b-base, 9b, 4b-base, 4b; tiny-distilled is the tiny "
+           "distilled twin): repeat the flag (the env var is comma-separated) to serve several from one "
+           "server, each family's endpoints by its own worker. See docs/FAMILY.md.",
+           metavar="SPEC", kind="append"),
+    Option("model_memory", ("--model-memory",), "KLEINSERVE_MODEL_MEMORY", parse_size,
+           "With several --model families: device memory their weights may hold at once; past it the least "
+           "recently used family is unloaded and loads again on demand (0: 90% of the CUDA device, no limit "
+           "on CPU).", metavar="SIZE"),
     Option("device", ("--device",), "KLEINSERVE_DEVICE", _opt_str, "Torch device (default: cuda if available)."),
     Option("dtype", ("--dtype",), "KLEINSERVE_DTYPE", _opt_str, "bfloat16 | float16 | float32 (default: per device)."),
     Option("cpu_offload", ("--cpu-offload",), "KLEINSERVE_CPU_OFFLOAD", parse_bool,

@@ -67,6 +67,7 @@ from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 if TYPE_CHECKING:
     from kleinserve.endpoints import EndpointRegistry, EndpointSpec
     from kleinserve.engine.engine import Engine
+    from kleinserve.engine.pool import FamilyEngine
     from kleinserve.schema import FluxKleinInput
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        engine: Optional[Engine] = None,
+        engine: Optional[Engine | FamilyEngine] = None,
         *,
         registry: EndpointRegistry,
         settings: Settings,
@@ -234,7 +235,7 @@ class Worker:
     def alive(self) -> bool:
         return self._claims.alive
 
-    def set_engine(self, engine: Engine) -> None:
+    def set_engine(self, engine: Engine | FamilyEngine) -> None:
         self.engine = engine
         self._next_registration = 0.0
         self._claims.wake()
@@ -258,6 +259,15 @@ class Worker:
     def _claim_pass(self) -> None:
         if self.engine is None or self.draining.is_set():
             return
+        # An engine pool's family (engine/pool.py): claim and run only in the device's turn, so a
+        # claimed job never waits behind another family's run.
+        turn = getattr(self.engine, "turn", None)
+        with (turn(give_up=self.draining.is_set) if turn is not None else contextlib.nullcontext(True)) as mine:
+            if mine:
+                self._claim_and_run()
+
+    def _claim_and_run(self) -> None:
+        assert self.engine is not None
         job = self.store.claim_next(self.worker_id, endpoint_ids=self.registry.ids(),
                                     lease_seconds=self.lease_seconds)
         if job is None:
@@ -327,12 +337,39 @@ class Worker:
         metrics.observe_batch(len(runs))
         try:
             ready = [run for run in runs if run.prepare()]
-            if ready:
+            if ready and self._load_model(ready):
                 self._generate(ready)
         finally:
             for run in runs:
                 if not run.finished:  # never leave a claimed job behind
                     self._finish(run, RuntimeError("the worker lost track of this request"))
+
+    def _load_model(self, runs: list[_Run]) -> bool:
+        """An engine pool's family that is not resident loads now (the jobs are claimed: their log says
+        so, and their run-time limit starts after the load); False (the jobs ended) when it fails."""
+        engine = self.engine
+        assert engine is not None
+        ensure = getattr(engine, "ensure_loaded", None)
+        if ensure is None or getattr(engine, "state", "resident") == "resident":
+            return True
+        for run in runs:
+            with contextlib.suppress(Exception):
+                self.store.append_log(run.rid, f"Loading the model {engine.info.spec!r}: it is not resident "
+                                               "on this device", source="service", lease=run.lease)
+        t0 = time.monotonic()
+        try:
+            ensure()
+        except Exception as exc:  # noqa: BLE001 - each job ends with why
+            log.error("worker %s: loading its model failed: %s: %s", self.name, type(exc).__name__, exc)
+            for run in runs:
+                self._finish(run, exc)
+            return False
+        for run in runs:
+            run.started = time.monotonic()
+            with contextlib.suppress(Exception):
+                self.store.append_log(run.rid, f"Model loaded in {time.monotonic() - t0:.1f}s", source="service",
+                                      lease=run.lease)
+        return True
 
     def _generate(self, runs: list[_Run]) -> None:
         assert self.engine is not None

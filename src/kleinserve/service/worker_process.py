@@ -1,9 +1,12 @@
-"""`kleinserve worker`: one worker process, one engine, one device — for a fleet, on any host.
+"""`kleinserve worker`: one worker process on one device — for a fleet, on any host.
 
     kleinserve worker --store postgresql://ks@db:5432/ks --storage s3://bucket/prefix --device cuda:0
+    kleinserve worker ... --model 9b-base=black-forest-labs/FLUX.2-klein-base-9B --model 9b=/models/klein-9b
 
-It loads the model, registers in the store (so /ready of every API replica counts it), claims jobs of
-the endpoints it serves, and runs them; it serves no HTTP. `kleinserve serve --devices ...` starts
+It loads the model(s) — `--model` as `serve` takes it: one spec (the 9B base family) or FAMILY=SPEC per
+klein family, all on this device under `--model-memory` — registers one worker per family in the store
+(so /ready of every API replica counts each endpoint's workers), claims jobs of its families' endpoints
+only, and runs them; it serves no HTTP. `kleinserve serve --devices ...` starts
 these same processes as children (service/supervisor.py).
 
 SIGTERM or SIGINT: it stops claiming, lets the running request finish within --shutdown-grace, then
@@ -51,7 +54,7 @@ def run_worker(argv: Optional[Sequence[str]] = None) -> int:
     from kleinserve.endpoints import default_registry
 
     try:
-        services = build_services(settings, default_registry())
+        services = build_services(settings, default_registry(settings.model_specs))
     except Exception as exc:  # the store or storage cannot be opened: say which and why
         print(f"kleinserve worker: cannot open the store or storage: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -1144,7 +1144,27 @@
     if (!resp.ok) { showTopError("Cannot load the input schema.", `HTTP ${resp.status}`); return; }
     setMeta(await resp.json());
     const picker = $("#endpoint-picker");
-    for (const e of state.meta.endpoints || []) picker.append(el("option", { value: e.endpoint_id, text: e.title, title: e.endpoint_id }));
+    const option = (e) => el("option", { value: e.endpoint_id, text: e.title, title: e.endpoint_id });
+    const families = state.meta.families || {};
+    const unserved = Object.values(state.meta.unserved || {});
+    if (Object.keys(families).length > 1) {
+      // Several klein families served: one group each, saying whether its model is loaded.
+      const STATES = { resident: "loaded", loading: "loading…", not_loaded: "loads on first use", failed: "failed to load" };
+      for (const [name, f] of Object.entries(families)) {
+        const label = `${f.title || name}${f.state ? ` · ${STATES[f.state] || f.state}` : ""}`;
+        const group = el("optgroup", { label });
+        for (const e of (state.meta.endpoints || []).filter((x) => x.family === name)) group.append(option(e));
+        picker.append(group);
+      }
+      const served = $("#served-families");
+      served.textContent = "Served: " + Object.entries(families).map(([name, f]) =>
+        `${f.title || name} (${STATES[f.state] || f.state || `${f.workers} worker(s)`})`).join(", ");
+      served.title = unserved.join("\n");
+      served.hidden = false;
+    } else {
+      for (const e of state.meta.endpoints || []) picker.append(option(e));
+    }
+    if (unserved.length) picker.title = "Not served here:\n" + unserved.join("\n");
     picker.value = state.meta.endpoint_id;
     picker.hidden = (state.meta.endpoints || []).length < 2;
     picker.addEventListener("change", () => switchEndpoint(picker.value));
