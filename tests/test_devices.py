@@ -18,6 +18,17 @@ from service_helpers import start_subprocess_server
 
 pytestmark = pytest.mark.timeout(600)
 
+# seconds long on one thread: still running when the test reads which process runs it
+LONG = {**SLOW, "image_size": {"width": 768, "height": 768}, "num_inference_steps": 40}
+
+
+def running_pid(store, base: str, rid: str) -> int:
+    """The pid of the worker process running `rid` (read as soon as it has made progress)."""
+    wait_progress(base, rid, 1)
+    worker_id = store.get(rid).worker_id
+    assert worker_id is not None, f"{rid} finished before its worker could be read"
+    return int(worker_id.split(":")[1])
+
 
 def live_workers(base: str) -> int:
     return httpx.get(base + "/ready", timeout=10).json().get("workers", {}).get(EP, 0)
@@ -41,16 +52,13 @@ def test_devices_cpu_cpu_runs_two_worker_processes_and_restarts_a_killed_one(tmp
         wait_workers(base, 2)
         assert "one process per device: cpu, cpu" in server.log_text()
         # two jobs at once run on the two processes
-        rids = [submit(base, SLOW), submit(base, SLOW)]
-        wait_progress(base, rids[0], 1)
-        wait_progress(base, rids[1], 1)
-        pids = {int(store.get(r).worker_id.split(":")[1]) for r in rids}
+        rids = [submit(base, LONG), submit(base, LONG)]
+        pids = {running_pid(store, base, r) for r in rids}
         assert len(pids) == 2 and server.proc.pid not in pids
         wait_done([base], rids)
         # SIGKILL the process running a job: the supervisor restarts it; the job completes
-        victim_rid = submit(base, SLOW)
-        wait_progress(base, victim_rid, 2)
-        victim = int(store.get(victim_rid).worker_id.split(":")[1])
+        victim_rid = submit(base, LONG)
+        victim = running_pid(store, base, victim_rid)
         import os
 
         os.kill(victim, signal.SIGKILL)
@@ -60,10 +68,20 @@ def test_devices_cpu_cpu_runs_two_worker_processes_and_restarts_a_killed_one(tmp
         assert job.error is None and job.attempts == 2
         assert result(base, victim_rid).status_code == 200
         deadline = time.monotonic() + 120
-        while "restarting in" not in server.log_text():
+        while len(re.findall(r"started on cpu \(pid (\d+),", server.log_text())) < 3:
             assert time.monotonic() < deadline, server.log_text()[-3000:]
             time.sleep(0.2)
-        wait_workers(base, 2)  # the restarted process registered again
+        assert "restarting in" in server.log_text()
+        restarted = int(re.findall(r"started on cpu \(pid (\d+),", server.log_text())[2])
+        # the restarted process serves: two jobs at once run on the two live processes, one of them it
+        deadline = time.monotonic() + 240
+        while True:
+            pair = [submit(base, LONG), submit(base, LONG)]
+            pids = {running_pid(store, base, r) for r in pair}
+            wait_done([base], pair)
+            if restarted in pids:
+                break
+            assert time.monotonic() < deadline, f"the restarted worker {restarted} never ran a job: {pids}"
         assert status(base, victim_rid)["status"] == "COMPLETED"
     finally:
         store.close()
