@@ -6,8 +6,9 @@ RELIABILITY.md holds its figures. Everything runs on 127.0.0.1; every loop is bo
 - submit: `kleinserve serve --model tiny` in a subprocess (the embedded SQLite store, one worker
   thread generating meanwhile, so submits contend with its per-step progress, log and event writes);
   `--clients` asyncio clients each submit back to back (closed loop); latency of each submit.
-- history: the same kind of server without a model (requests stay queued); `--queued` requests
-  submitted, then `GET /api/requests?limit=200` timed `--history-reads` times.
+- history: the API role without a worker (requests stay queued); `--queued` requests submitted by
+  `--clients` clients back to back (the API's own submit latency, no generation competing for the
+  CPU), then `GET /api/requests?limit=200` timed `--history-reads` times.
 - soak: the tiny-model server again; `--soak` HTTP requests from 16 clients, a mix of what a client
   does (submit, status, result, the history page, cancel, a status stream); the server's RSS is read
   from /proc after a warm-up of `--warmup` requests (the model's first generations, caches filling)
@@ -161,11 +162,29 @@ def submit_latency(tmp: Path, clients: int, total: int, src: Path, interval: flo
 
 # ------------------------------------------------------------------------------------------ history
 
-def history(tmp: Path, queued: int, reads: int, src: Path) -> dict:
+async def _get_loop(base: str, path: str, clients: int, total: int) -> tuple[list[float], float]:
+    """A reference: `clients` clients GET `path` back to back (what the HTTP stack alone costs)."""
+    lat: list[float] = []
+    todo = iter(range(total))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, headers=H, timeout=60, limits=limits) as c:
+        async def client() -> None:
+            for _ in todo:
+                t = time.perf_counter()
+                (await c.get(path)).raise_for_status()
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return lat, time.perf_counter() - t0
+
+
+def history(tmp: Path, queued: int, reads: int, src: Path, clients: int) -> dict:
     # A model that cannot load would make submits answer 503: run the API role with no worker
     # instead (requests stay queued in the shared store).
     with Serve(tmp / "history", "--role", "api", src=src, ready="/health") as srv:
-        lat, statuses, _ = asyncio.run(_submit_loop(srv.base, 16, queued))
+        lat, statuses, took = asyncio.run(_submit_loop(srv.base, clients, queued))  # the API alone
+        health, health_took = asyncio.run(_get_loop(srv.base, "/health", clients, queued))
         times = []
         with httpx.Client(base_url=srv.base, headers=H, timeout=60) as c:
             c.get("/api/requests", params={"limit": 200}).raise_for_status()
@@ -175,7 +194,11 @@ def history(tmp: Path, queued: int, reads: int, src: Path) -> dict:
                 times.append(time.perf_counter() - t)
                 r.raise_for_status()
             rows = r.json()["requests"]
-    return {"queued": queued, "submit_statuses": statuses, "api_only_submit_16_clients": _ms(lat), "page_rows": len(rows),
+    return {"queued": queued, "submit_statuses": statuses,
+            "api_only_submit": {"clients": clients, "submits_per_s": round(queued / took, 1), "latency": _ms(lat)},
+            "health_reference": {"clients": clients, "requests_per_s": round(queued / health_took, 1),
+                                 "latency": _ms(health)},
+            "page_rows": len(rows),
             "positions": [rows[0].get("queue_position"), rows[-1].get("queue_position")],
             "history_limit_200": _ms(times)}
 
@@ -280,8 +303,15 @@ def _table(label: str, results: dict) -> str:
         h = results["history"]
         lt = h["history_limit_200"]
         rows.append(f"[{label}] history limit=200 with {h['queued']} queued: p50 {lt['p50_ms']} ms, "
-                    f"p99 {lt['p99_ms']} ms ({lt['n']} reads); API-only submits (16 clients, no model): p50 "
-                    f"{h['api_only_submit_16_clients']['p50_ms']} ms, p99 {h['api_only_submit_16_clients']['p99_ms']} ms")
+                    f"p99 {lt['p99_ms']} ms ({lt['n']} reads)")
+        a = h["api_only_submit"]
+        rows.append(f"[{label}] API-only submits ({a['clients']} clients back to back, no model): p50 "
+                    f"{a['latency']['p50_ms']} ms, p99 {a['latency']['p99_ms']} ms, max {a['latency']['max_ms']} ms, "
+                    f"{a['submits_per_s']} submits/s")
+        a = h["health_reference"]
+        rows.append(f"[{label}] reference: GET /health ({a['clients']} clients back to back): p50 "
+                    f"{a['latency']['p50_ms']} ms, p99 {a['latency']['p99_ms']} ms, max {a['latency']['max_ms']} ms, "
+                    f"{a['requests_per_s']} requests/s")
     if "soak" in results:
         k = results["soak"]
         rows.append(f"[{label}] soak {k['requests']} requests (+{k['warmup_requests']} warm-up, {k['idle_gaps']} "
@@ -329,7 +359,7 @@ def main() -> int:
                                     "latency": _ms(pooled), "rounds": rs}
         for label, src in trees:
             if "history" in only:
-                per[label]["history"] = history(tmp / label, args.queued, args.history_reads, src)
+                per[label]["history"] = history(tmp / label, args.queued, args.history_reads, src, args.clients)
         for label, src in trees:
             if "soak" in only:
                 per[label]["soak"] = soak(tmp / label, args.soak, args.warmup, args.gaps, src)
