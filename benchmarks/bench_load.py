@@ -5,7 +5,8 @@ RELIABILITY.md holds its figures. Everything runs on 127.0.0.1; every loop is bo
 
 - submit: `kleinserve serve --model tiny` in a subprocess (the embedded SQLite store, one worker
   thread generating meanwhile, so submits contend with its per-step progress, log and event writes);
-  `--clients` asyncio clients each submit back to back (closed loop); latency of each submit.
+  `--clients` asyncio clients each submit back to back (closed loop: a flood); submit_paced: the
+  same clients each submit once every `--interval` seconds (a steady offered load).
 - history: the API role without a worker (requests stay queued); `--queued` requests submitted by
   `--clients` clients back to back (the API's own submit latency, no generation competing for the
   CPU), then `GET /api/requests?limit=200` timed `--history-reads` times.
