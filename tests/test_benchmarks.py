@@ -63,3 +63,16 @@ def test_reliability_benchmark_smoke_run(tmp_path):
     assert results["ssrf_at_submit"]["refused_422"] == results["ssrf_at_submit"]["webhook_urls"]
     assert results["graceful_shutdown"]["sync_run"]["status"] == 503
     assert results["cancel_race"]["ended"] == {"cancelled": 3}
+
+
+def test_load_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "load.json"
+    run_script("bench_load.py", "--clients", "5", "--submits", "20", "--rounds", "1", "--interval", "0.2",
+               "--only", "submit_paced", "--only", "history", "--only", "soak",
+               "--queued", "30", "--history-reads", "2", "--soak", "60", "--warmup", "20", "--gaps", "0",
+               "--json", str(out))
+    results = json.loads(out.read_text())["this"]
+    assert results["submit_paced"]["rounds"][0]["statuses"] == {"200": 20}
+    assert results["submit_paced"]["latency"]["n"] == 20
+    assert results["history"]["page_rows"] == 30 and results["history"]["positions"] == [29, 0]
+    assert results["soak"]["server_errors"] == {} and results["soak"]["rss_mb"]["end"] > 0

@@ -135,6 +135,21 @@ def test_claim_priority_then_fifo_positions_and_counts(store):
     assert store.queued_count() == 0
 
 
+def test_queue_positions_of_many_requests_agree_with_queue_position(store):
+    jobs = [store.submit(mk(priority="low" if i % 3 == 0 else "normal", owner=f"k_{i % 2}")) for i in range(9)]
+    running = store.claim_next("w")  # the first normal-priority job
+    done = store.submit(mk())
+    store.request_cancel(done.request_id)  # COMPLETED (cancelled while queued)
+    ids = [j.request_id for j in jobs] + [done.request_id, "nope", jobs[4].request_id]
+    expected = {rid: store.queue_position(rid) for rid in ids}
+    expected = {rid: pos for rid, pos in expected.items() if pos is not None}
+    assert len(expected) == 8 and running.request_id not in expected and done.request_id not in expected
+    assert sorted(expected.values()) == list(range(8))
+    assert store.queue_positions(ids) == expected
+    assert store.queue_positions([jobs[6].request_id]) == {jobs[6].request_id: expected[jobs[6].request_id]}
+    assert store.queue_positions([]) == {} and store.queue_positions(["nope"]) == {}
+
+
 def test_claim_by_endpoint(store):
     a = store.submit(mk(endpoint_id=EP))
     b = store.submit(mk(endpoint_id=EP2))

@@ -55,6 +55,17 @@ def _log_refusal(exc: "deps.QueueFull") -> None:
 async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owner: str, *, mode: str,
                      webhook_url: Optional[str] = None, request_id: Optional[str] = None) -> Job:
     """Validated input -> a durable IN_QUEUE job (seed drawn now, so a re-run reproduces)."""
+    job, _ = await _submit(request, spec, body, owner, mode=mode, webhook_url=webhook_url,
+                           request_id=request_id, with_position=False)
+    return job
+
+
+async def _submit(request: Request, spec: EndpointSpec, body: BaseModel, owner: str, *, mode: str,
+                  webhook_url: Optional[str], request_id: Optional[str],
+                  with_position: bool) -> tuple[Job, Optional[int]]:
+    """`submit_job`, and the job's queue position when `with_position`. The store calls (backpressure,
+    submit, position) run in one trip to the thread pool: at 50 concurrent clients each extra trip
+    was a wait for a thread and for the GIL."""
     store = deps.services(request).store
     runtime = deps.runtime(request)
     if runtime.engine is None and runtime.engine_error:
@@ -62,12 +73,6 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
         raise HTTPException(503, f"The model failed to load, so no request can run: {runtime.engine_error}")
     timeout = deps.parse_timeout_header(request)
     priority = deps.parse_priority_header(request)
-    try:
-        await run_in_threadpool(deps.check_backpressure, store, request.app.state.settings, owner)
-    except deps.QueueFull as exc:
-        metrics.observe_submit_refused(exc.limit)
-        _log_refusal(exc)
-        raise
     data = body.model_dump(mode="json")
     if spec.seed_field and spec.seed_field in data and data[spec.seed_field] is None:
         data[spec.seed_field] = deps.draw_seed()
@@ -85,12 +90,24 @@ async def submit_job(request: Request, spec: EndpointSpec, body: BaseModel, owne
         webhook_url=webhook_url,
         extra={"no_retry": True} if deps.wants_no_retry(request) else {},
     )
+    settings = request.app.state.settings
+
+    def store_it() -> tuple[Job, Optional[int]]:
+        deps.check_backpressure(store, settings, owner)
+        stored = store.submit(job)
+        return stored, (store.queue_position(stored.request_id) if with_position else None)
+
+    try:
+        job, position = await run_in_threadpool(store_it)
+    except deps.QueueFull as exc:
+        metrics.observe_submit_refused(exc.limit)
+        _log_refusal(exc)
+        raise
     deps.set_request_id(request, job.request_id)
-    job = await run_in_threadpool(store.submit, job)
     metrics.observe_job_submitted(spec.endpoint_id, priority)
     log.info("request %s submitted (%s, %s priority%s)", job.request_id, mode, priority,
              f", must start within {timeout:g}s" if timeout else "")
-    return job
+    return job, position
 
 
 async def load_job(request: Request, request_id: str, owner: str, prefix: Optional[str],
@@ -135,9 +152,8 @@ def _make_submit(spec: EndpointSpec):
         owner: str = Depends(deps.require_owner),
     ):
         webhook = _validate_webhook(request, fal_webhook)
-        job = await submit_job(request, spec, body, owner, mode=J.MODE_QUEUE, webhook_url=webhook)
-        store = deps.services(request).store
-        position = await run_in_threadpool(store.queue_position, job.request_id)
+        job, position = await _submit(request, spec, body, owner, mode=J.MODE_QUEUE, webhook_url=webhook,
+                                      request_id=None, with_position=True)
         urls = deps.request_urls(request, spec.app_prefix, job.request_id)
         return JSONResponse({"status": J.IN_QUEUE, "request_id": job.request_id, **urls,
                              "queue_position": int(position or 0)},

@@ -214,16 +214,24 @@ async def api_requests(
     principal: Principal = Depends(require_principal),
 ) -> JSONResponse:
     store = deps.services(request).store
-    jobs = await run_in_threadpool(store.list_requests, principal.owner, limit)
-    rows = []
-    for job in jobs:
-        row = await run_in_threadpool(_history_row, request, job)  # may decode a data URI thumbnail
-        if job.status == "IN_QUEUE":
+
+    def page() -> list[dict[str, Any]]:
+        # Two store queries per page, whatever its size: the jobs, then the positions of the queued ones.
+        jobs = store.list_requests(principal.owner, limit)
+        rows = [_history_row(request, job) for job in jobs]  # may decode data URI thumbnails
+        queued = [job.request_id for job in jobs if job.status == "IN_QUEUE"]
+        if queued:
             try:
-                row["queue_position"] = await run_in_threadpool(store.queue_position, job.request_id)
+                positions = store.queue_positions(queued)
             except Exception:
-                row["queue_position"] = None
-        rows.append(row)
+                log.warning("could not read the queue positions of the history page", exc_info=True)
+                positions = {}
+            for row in rows:
+                if "queue_position" in row:
+                    row["queue_position"] = positions.get(row["request_id"])
+        return rows
+
+    rows = await run_in_threadpool(page)
     return JSONResponse({"requests": rows}, headers={"Cache-Control": "no-store"})
 
 

@@ -155,8 +155,14 @@ for _limit in ("max_queue_depth", "max_queued_per_key"):
 # Update functions (what the service and the API call)
 # ---------------------------------------------------------------------------------------------------
 
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
 def record_http_request(endpoint: str, method: str, status: int | str, seconds: float) -> None:
-    """One HTTP response. `endpoint` is the route template (`/queue/{owner}/...`), never the raw path."""
+    """One HTTP response. `endpoint` is the route template (`/queue/{owner}/...`), never the raw path;
+    a method outside HTTP's own is counted as "OTHER" (any token is a valid method on the wire: each
+    would otherwise be a new label set, kept for the life of the process)."""
+    method = method if method in _HTTP_METHODS else "OTHER"
     HTTP_REQUESTS.labels(endpoint=endpoint, method=method, status=str(status)).inc()
     HTTP_DURATION.labels(endpoint=endpoint, method=method).observe(max(0.0, float(seconds)))
     status_i = _int_or_none(status)

@@ -403,6 +403,16 @@ class PostgresJobStore(JobStore):
                 "WHERE j.request_id = %s AND j.status = 'IN_QUEUE'", (request_id,)).fetchone()
         return None if row is None else int(row["n"])
 
+    def queue_positions(self, request_ids: Iterable[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(request_ids))
+        if not ids:
+            return {}
+        with self._cursor() as cur:  # one pass over the queue in claim order, whatever the number of ids
+            rows = cur.execute(
+                "SELECT request_id, pos FROM (SELECT request_id, row_number() OVER (ORDER BY prio, seq) - 1 AS pos "
+                "FROM jobs WHERE status = 'IN_QUEUE') q WHERE request_id = ANY(%s)", (ids,)).fetchall()
+        return {r["request_id"]: int(r["pos"]) for r in rows}
+
     def queue_depth(self) -> dict[str, int]:
         with self._cursor() as cur:
             rows = cur.execute("SELECT status, count(*) AS n FROM jobs WHERE status IN ('IN_QUEUE', 'IN_PROGRESS') "

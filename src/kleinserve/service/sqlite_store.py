@@ -1,11 +1,14 @@
 """The embedded JobStore: one SQLite database in WAL mode under the data directory.
 
 - Durable: `synchronous=FULL`; `submit` returns only after its transaction committed, so an id handed
-  to a client survives a SIGKILL (and a power cut) of the server. Log lines and progress (one per
+  to a client survives a SIGKILL (and a power cut) of the server. Submits that arrive together share
+  one commit (group commit: one fsync for all of them). Log lines and progress (one per
   denoising step, written on the engine thread) commit without the fsync (`synchronous=NORMAL`): they
   survive a SIGKILL all the same, and the next durable commit (the job's completion) flushes them.
 - Private: jobs.sqlite3 (and its -wal/-shm, which SQLite creates with the database's mode) is 0600.
-- Thread-safe: one connection per thread (sqlite3 connections are not shared across threads).
+- Thread-safe: one connection per thread (sqlite3 connections are not shared across threads; the
+  connection of a thread that ended is closed). This process's write transactions take turns on a
+  lock, not in SQLite's busy handler (which sleeps up to 100 ms a time).
 - Multi-process safe (one box, several worker processes): every mutation is `BEGIN IMMEDIATE` (takes
   the write lock up front, so two workers cannot claim the same job), then read -> `jobs.apply` (the
   one state machine) -> write -> COMMIT. Readers never block writers in WAL mode.
@@ -184,6 +187,18 @@ def _create_private(path: Path) -> None:
             pass
 
 
+class _PendingSubmit:
+    """A submit waiting for the group commit that stores it (see SQLiteJobStore.submit)."""
+
+    __slots__ = ("job", "done", "result", "error")
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.done = False
+        self.result: Optional[Job] = None
+        self.error: Optional[BaseException] = None
+
+
 class SQLiteJobStore(JobStore):
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0):
         super().__init__()
@@ -192,9 +207,12 @@ class SQLiteJobStore(JobStore):
         _create_private(self.path)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        self._all_conns: list[sqlite3.Connection] = []
+        self._all_conns: list[tuple[threading.Thread, sqlite3.Connection]] = []  # (owner thread, its conn)
         self._conns_lock = threading.Lock()
         self._closed = False
+        self._write_lock = threading.Lock()  # one write transaction at a time in this process (see _tx)
+        self._pending_lock = threading.Lock()
+        self._pending: list[_PendingSubmit] = []  # submits waiting for their group commit
         self._events_cond = threading.Condition()
         self._local_commits = 0  # bumped (under _events_cond) after each commit that wrote an event
         con = self._conn()
@@ -246,15 +264,33 @@ class SQLiteJobStore(JobStore):
             con.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
             con.execute("PRAGMA synchronous=FULL")
             self._local.con = con
+            me = threading.current_thread()
             with self._conns_lock:
-                self._all_conns.append(con)
+                # Threads come and go (the API's thread pool retires a thread idle for 10 s): close
+                # the connections of those that ended, or each burst of traffic after a quiet spell
+                # would leave its connections (file descriptors, page caches) behind for good.
+                dead = [c for t, c in self._all_conns if not t.is_alive()]
+                self._all_conns = [(t, c) for t, c in self._all_conns if t.is_alive()]
+                self._all_conns.append((me, con))
+            for c in dead:
+                try:
+                    c.close()
+                except Exception:  # pragma: no cover - closing is best effort
+                    pass
         return con
 
     @contextmanager
-    def _tx(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, fsync: bool = True, locked: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction. `fsync=False`: the commit is not synced to disk (WAL: it survives a
-        crash of the process, not of the machine, until the next synced commit)."""
+        crash of the process, not of the machine, until the next synced commit). `locked`: the caller
+        already holds `_write_lock` (and keeps it)."""
         con = self._conn()
+        # This process's writers queue on a lock that wakes the next one as soon as the commit is
+        # done; left to SQLite, a writer that finds the database locked sleeps in its busy handler
+        # (up to 100 ms a time, not woken by the commit). Other processes still meet at BEGIN
+        # IMMEDIATE (busy_timeout).
+        if not locked:
+            self._write_lock.acquire()
         if not fsync:
             con.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -270,8 +306,12 @@ class SQLiteJobStore(JobStore):
                 if con.total_changes != changes_before:
                     self._wake()
         finally:
-            if not fsync:
-                con.execute("PRAGMA synchronous=FULL")
+            try:
+                if not fsync:
+                    con.execute("PRAGMA synchronous=FULL")
+            finally:
+                if not locked:
+                    self._write_lock.release()
 
     def _wake(self) -> None:
         with self._events_cond:
@@ -282,7 +322,7 @@ class SQLiteJobStore(JobStore):
         self._closed = True
         with self._conns_lock:
             conns, self._all_conns = self._all_conns, []
-        for con in conns:
+        for _, con in conns:
             try:
                 con.close()
             except Exception:
@@ -334,17 +374,53 @@ class SQLiteJobStore(JobStore):
 
     # ------------------------------------------------------------------ submit / read
     def submit(self, job: Job) -> Job:
+        """Group commit: submits that arrive while another write holds the lock wait for it, then the
+        first of them to get the lock commits all of them in one transaction (one fsync). Each still
+        returns only after the commit that holds its job; one that fails (e.g. a duplicate request
+        id) fails alone (a savepoint each)."""
         check_new(job)
+        item = _PendingSubmit(job)
+        with self._pending_lock:
+            self._pending.append(item)
+        with self._write_lock:
+            if not item.done:  # else the holder before us committed it
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    with self._tx(locked=True) as con:
+                        now = time.time()
+                        for it in batch:
+                            self._insert_new(con, it, now)
+                except BaseException as exc:  # the commit failed: none of the batch is stored
+                    for it in batch:
+                        it.result, it.error = None, exc
+                    raise
+                finally:
+                    for it in batch:
+                        it.done = True
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def _insert_new(self, con: sqlite3.Connection, item: _PendingSubmit, now: float) -> None:
         cols = ", ".join(COLUMNS) + ", prio"
         marks = ", ".join("?" for _ in range(len(COLUMNS) + 1))
-        with self._tx() as con:
+        con.execute("SAVEPOINT submit")
+        try:
             cur = con.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})",
-                              _job_values(job) + [job.priority_rank])
-            job = job.copy()
-            assert cur.lastrowid is not None  # set by the INSERT
-            job.seq = int(cur.lastrowid)
-            self._event(con, job.request_id, EV_STATUS, time.time(), event="submit", status=job.status)
-        return job
+                              _job_values(item.job) + [item.job.priority_rank])
+            self._event(con, item.job.request_id, EV_STATUS, now, event="submit", status=item.job.status)
+        except sqlite3.DatabaseError as exc:  # this job only (a duplicate id, ...): the others go on
+            con.execute("ROLLBACK TO submit")
+            con.execute("RELEASE submit")
+            item.error = exc
+            return
+        con.execute("RELEASE submit")
+        job = item.job.copy()
+        assert cur.lastrowid is not None  # set by the INSERT
+        job.seq = int(cur.lastrowid)
+        item.result = job
 
     def get(self, request_id: str, owner: Optional[str] = None, *, with_logs: bool = False) -> Job:
         job = self._load(self._conn(), request_id, owner)
@@ -367,6 +443,18 @@ class SQLiteJobStore(JobStore):
             "SELECT COUNT(*) FROM jobs WHERE status=? AND (prio < ? OR (prio = ? AND seq < ?))",
             (J.IN_QUEUE, row["prio"], row["prio"], row["seq"])).fetchone()[0]
         return int(n)
+
+    def queue_positions(self, request_ids: Iterable[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(request_ids))
+        if not ids:
+            return {}
+        # One pass over the queue in claim order (the jobs_queue index), whatever the number of ids;
+        # json_each keeps it one statement (no limit on the number of bound variables).
+        rows = self._conn().execute(
+            "SELECT request_id, pos FROM (SELECT request_id, ROW_NUMBER() OVER (ORDER BY prio, seq) - 1 AS pos "
+            "FROM jobs WHERE status=?) WHERE request_id IN (SELECT value FROM json_each(?))",
+            (J.IN_QUEUE, json.dumps(ids))).fetchall()
+        return {r["request_id"]: int(r["pos"]) for r in rows}
 
     def queue_depth(self) -> dict[str, int]:
         rows = self._conn().execute(

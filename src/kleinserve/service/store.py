@@ -147,6 +147,17 @@ class JobStore(ABC):
         """0-based position among queued jobs in claim order (priority, then FIFO); None when the
         job is not queued."""
 
+    def queue_positions(self, request_ids: Iterable[str]) -> dict[str, int]:
+        """`queue_position` of many requests in one query: {request_id: position} for those of them
+        that are queued (the others are left out). Backends answer it with one statement, so a page
+        of the history costs the same whatever its size."""
+        out: dict[str, int] = {}
+        for rid in dict.fromkeys(request_ids):
+            pos = self.queue_position(rid)
+            if pos is not None:
+                out[rid] = pos
+        return out
+
     @abstractmethod
     def queue_depth(self) -> dict[str, int]:
         """Counts by status among non-terminal jobs: {"IN_QUEUE": n, "IN_PROGRESS": m}."""
