@@ -10,9 +10,9 @@ import sqlite3
 import threading
 
 from fastapi.testclient import TestClient
-from kleinserve.api.endpoints import default_registry
 
 from kleinserve.api.app import create_app
+from kleinserve.endpoints import default_registry
 from kleinserve.service.runtime import build_services
 from kleinserve.service.settings import Settings
 from kleinserve.service.sqlite_store import SQLiteJobStore
