@@ -105,3 +105,48 @@ def test_storage_transform_input(server):
 def test_storage_multipart_upload(server):
     out = run_check(server, "storageMultipart")
     assert out["size"] > 90 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def family_server(tmp_path_factory):
+    """A server with its own tiny engine (LoRA adapters are loaded into it) for the edit/LoRA check."""
+    from kleinserve.api.app import create_app
+    from kleinserve.engine import load_engine
+    from kleinserve.service.settings import Settings
+
+    data_dir = tmp_path_factory.mktemp("js-family") / "data"
+    engine = load_engine("tiny", device="cpu", dtype="float32")
+    app = create_app(Settings(data_dir=data_dir, api_keys=[KEY], model="tiny"), engine=engine)
+    with serve_app(app) as srv:
+        yield srv
+
+
+def test_edit_with_an_uploaded_image_and_a_lora(family_server, tmp_path, monkeypatch):
+    """The JS client uploads a reference image and a LoRA file, then runs the edit/lora endpoint: the
+    image equals what the engine makes directly from the same image and LoRA."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from kleinserve.engine import load_engine
+    from kleinserve.engine.tiny import save_tiny_lora
+    from kleinserve.engine.types import LoraFile
+    from kleinserve.schema import FluxKleinEditLoraInput
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (70, 100, 3), dtype=np.uint8)).save(image)
+    lora = save_tiny_lora(tmp_path / "style.safetensors", layout="kohya")
+    monkeypatch.setenv("EDIT_IMAGE", str(image))
+    monkeypatch.setenv("LORA_FILE", str(lora))
+    out = run_check(family_server, "editLora")
+    assert out["imageUrl"].startswith(family_server.base_url + "/files/")
+    assert (out["width"], out["height"]) == (96, 64)  # the reference's size, rounded to 16
+    request = FluxKleinEditLoraInput(prompt="make it night", seed=7, num_inference_steps=4,
+                                     enable_safety_checker=False, image_urls=["data:,x"],
+                                     loras=[{"path": "style", "scale": 0.8}])
+    direct = load_engine("tiny", device="cpu", dtype="float32").generate(
+        request, reference_images=[Image.open(image).convert("RGB")], loras=[LoraFile(lora, 0.8, "style")])
+    ours = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["png"]))).convert("RGB"))
+    assert np.array_equal(ours, np.asarray(Image.open(io.BytesIO(direct.images[0].data)).convert("RGB")))

@@ -177,6 +177,25 @@ const checks = {
     return { url, size };
   },
 
+  async editLora() {
+    // An edit with a reference image and a LoRA, both uploaded through the client's storage first.
+    const { readFileSync } = await import("node:fs");
+    const imageUrl = await fal.storage.upload(new Blob([readFileSync(process.env.EDIT_IMAGE)], { type: "image/png" }));
+    const loraUrl = await fal.storage.upload(
+      new Blob([readFileSync(process.env.LORA_FILE)], { type: "application/octet-stream" }));
+    const result = await fal.subscribe("fal-ai/flux-2/klein/9b/base/edit/lora", {
+      input: {
+        prompt: "make it night", seed: 7, num_inference_steps: 4, enable_safety_checker: false,
+        image_urls: [imageUrl], loras: [{ path: loraUrl, scale: 0.8 }],
+      },
+      logs: true,
+    });
+    const img = result.data.images[0];
+    const back = await download(img.url);
+    return { imageUrl, loraUrl, width: img.width, height: img.height,
+             png: Buffer.from(back.bytes).toString("base64") };
+  },
+
   async transformInput() {
     // Blob inputs are uploaded by the client and replaced by their URL before submit.
     const transformed = await fal.storage.transformInput({
