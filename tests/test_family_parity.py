@@ -135,7 +135,7 @@ def lora_engine():
 def lora_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
     return {layout: save_tiny_lora(d / f"{layout}.safetensors", layout=layout, seed=seed)
-            for layout, seed in (("diffusers", 1), ("kohya", 3), ("bfl", 5))}
+            for layout, seed in (("diffusers", 1), ("kohya", 3), ("bfl", 5), ("lokr", 7))}
 
 
 LORA_KW = dict(prompt="a red fox in fresh snow", negative_prompt="", guidance_scale=3.0, num_inference_steps=4,
@@ -159,7 +159,7 @@ def pipe_image(pipe, lora=None, scale=1.0):
 
 
 @pytest.mark.parametrize("layout,scale", [("diffusers", 1.0), ("diffusers", 0.6), ("kohya", 1.0), ("kohya", 0.7),
-                                          ("bfl", 0.9)])
+                                          ("bfl", 0.9), ("lokr", 1.0)])
 def test_lora_matches_load_lora_weights(lora_engine, pipe, lora_files, layout, scale):
     loras = [LoraFile(lora_files[layout], scale, f"{layout}.safetensors")]
     reference = pipe_image(pipe, lora_files[layout], scale)

@@ -290,7 +290,8 @@ def save_tiny_lora(path: str | Path, *, layout: str = "diffusers", seed: int = 1
       as `Flux2KleinPipeline.save_lora_weights` writes them;
     - "kohya": `lora_unet_{double,single}_blocks_N_<name>.lora_down/lora_up.weight` + `.alpha`, with the
       fused img/txt qkv of the original BFL layout (what kohya/ComfyUI trainers write);
-    - "bfl": `diffusion_model.{double,single}_blocks.N.*.lora_A/B.weight` (BFL / ai-toolkit / fal's trainer).
+    - "bfl": `diffusion_model.{double,single}_blocks.N.*.lora_A/B.weight` (BFL / ai-toolkit / fal's trainer);
+    - "lokr": LyCORIS LoKr `lycoris_transformer_blocks_N_<module>.lokr_w1/lokr_w2` (W += kron(w1, w2)).
     `strength` sizes the weights so the LoRA changes the image clearly (but not to noise)."""
     from diffusers import Flux2KleinPipeline
     from safetensors.torch import save_file
@@ -360,4 +361,17 @@ def save_tiny_lora(path: str | Path, *, layout: str = "diffusers", seed: int = 1
             sd[f"diffusion_model.single_blocks.{i}.linear1.lora_B.weight"] = up
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
         return path
-    raise ValueError(f"unknown LoRA layout {layout!r}: diffusers | kohya | bfl")
+    if layout == "lokr":  # LyCORIS LoKr (W += kron(w1, w2)) on the diffusers module names, as LyCORIS writes them
+        sd = {}
+        for name, lin in modules.items():
+            if not (name.startswith("transformer_blocks.") and name.endswith(TINY_LORA_TARGETS)
+                    and isinstance(lin, torch.nn.Linear)):
+                continue
+            _, idx, sub = name.split(".", 2)
+            key = f"lycoris_transformer_blocks_{idx}_{sub.replace('.', '_')}"
+            sd[f"{key}.lokr_w1"] = torch.randn(2, 2, generator=g) * strength
+            sd[f"{key}.lokr_w2"] = torch.randn(lin.out_features // 2, lin.in_features // 2, generator=g) * (
+                strength / lin.in_features ** 0.5)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        return path
+    raise ValueError(f"unknown LoRA layout {layout!r}: diffusers | kohya | bfl | lokr")
