@@ -58,6 +58,20 @@ CLIENT_SCRIPT = textwrap.dedent(
     def _():
         return fal_client.run(EP, arguments={**SMALL, "seed": 12})
 
+    @step("readme_example")
+    def _():
+        # README's quick-start call, exactly (the endpoint's defaults: 1024x768, 28 steps), printing
+        # every queue update as the README does; what a new user sees is measured.
+        import contextlib, io
+        printed = io.StringIO()
+        t0 = time.monotonic()
+        with contextlib.redirect_stdout(printed):
+            out = fal_client.subscribe("fal-ai/flux-2/klein/9b/base",
+                                       arguments={"prompt": "a lighthouse at dusk", "negative_prompt": "blurry"},
+                                       with_logs=True, on_queue_update=print)
+        return {"bytes": len(printed.getvalue()), "lines": printed.getvalue().count("\n"),
+                "seconds": time.monotonic() - t0, "width": out["images"][0]["width"]}
+
     @step("stream")
     def _():
         return list(fal_client.stream(EP, arguments={**SMALL, "seed": 13}))
@@ -171,6 +185,17 @@ def test_subscribe_with_logs_and_queue_updates(report):
     assert kinds[-1] == "Completed" and ("InProgress" in kinds or "Queued" in kinds)
     logs = [m for u in v["updates"] for m in u["logs"]]
     assert "step 4/4" in logs
+
+
+def test_readme_example_prints_a_readable_amount(report):
+    """Issue 11 point 10: `on_queue_update=print` once printed ~900 KB for one image (every status
+    update repeats every log line, and there was one line per step). Steps now log at each quarter
+    (the typed progress is what streams use), so the README's example prints a screenful."""
+    v = ok(report, "readme_example")
+    assert v["width"] == 1024
+    # ~24 KB, ~60 updates in 6 s measured here (the client polls the status every 0.1 s); one log line
+    # per step made it ~0.9 MB
+    assert v["bytes"] < 60_000, v
 
 
 def test_run(report):
