@@ -2,7 +2,7 @@
 
 Stable API (other test modules import these; keep signatures backward compatible):
 
-    make_self_signed_cert(directory, hosts=("127.0.0.1", "localhost")) -> (cert_path, key_path)
+    make_self_signed_cert(directory, host="127.0.0.1") -> (cert_path, key_path)
     free_port(host="127.0.0.1") -> int
     wait_for_http(url, timeout=60.0, verify=True, ok_statuses=(200,)) -> httpx.Response
     serve_app(app, *, ssl_cert=None, ssl_key=None, host="127.0.0.1", port=None) -> ServerThread
@@ -19,8 +19,6 @@ Stable API (other test modules import these; keep signatures backward compatible
 
 from __future__ import annotations
 
-import datetime as _dt
-import ipaddress
 import os
 import signal
 import socket
@@ -28,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -49,61 +47,14 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- TLS
 
-def make_self_signed_cert(
-    directory: Path | str, hosts: Iterable[str] = ("127.0.0.1", "localhost")
-) -> tuple[Path, Path]:
-    """Writes `cert.pem` and `key.pem` (self-signed, valid for `hosts`: IPs and DNS names) under
-    `directory` and returns their paths. Trust the cert with SSL_CERT_FILE=<cert.pem> (httpx honours
-    it) or `verify=str(cert_path)`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+def make_self_signed_cert(directory: Path | str, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate (and key) for localhost, 127.0.0.1, ::1 and `host` under `directory`,
+    made by the product's own `serve --tls-self-signed` code; returns (cert.pem, key.pem). Trust the
+    cert with SSL_CERT_FILE=<cert.pem> (httpx honours it) or `verify=str(cert_path)`."""
+    from kleinserve.service.tls import ensure_self_signed
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kleinserve-test")])
-    alt_names: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            alt_names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            alt_names.append(x509.DNSName(h))
-    now = _dt.datetime.now(_dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=True, crl_sign=False,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = directory / "cert.pem"
-    key_path = directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    cert = ensure_self_signed(Path(directory), host)
+    return cert.cert_path, cert.key_path
 
 
 # ------------------------------------------------------------------------------------------ ports

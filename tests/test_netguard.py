@@ -167,7 +167,7 @@ def test_the_default_policy_sends_nothing_to_loopback():
 def test_https_keeps_sni_and_verifies_the_certificate_for_the_name(tmp_path):
     from service_helpers import make_self_signed_cert
 
-    cert, key = make_self_signed_cert(tmp_path, hosts=("hook.test",))
+    cert, key = make_self_signed_cert(tmp_path, host="hook.test")
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))

@@ -502,15 +502,6 @@ class PostgresJobStore(JobStore):
             self._save(tx, job, event)
         return job
 
-    def complete_ok(self, lease: Lease, result: dict[str, Any]) -> Job:
-        return self._fenced_mutate(lease, "complete_ok", result=result)
-
-    def complete_error(self, lease: Lease, error: dict[str, Any]) -> Job:
-        return self._fenced_mutate(lease, "complete_error", error=error)
-
-    def release(self, lease: Lease) -> Job:
-        return self._fenced_mutate(lease, "release")
-
     def expire_due(self, *, now: Optional[float] = None) -> list[Job]:
         with self._tx(now=now) as tx:
             return self._expire_due(tx)

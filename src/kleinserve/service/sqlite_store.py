@@ -548,15 +548,6 @@ class SQLiteJobStore(JobStore):
             self._save(con, job, event, now)
         return job
 
-    def complete_ok(self, lease: Lease, result: dict[str, Any]) -> Job:
-        return self._fenced_mutate(lease, "complete_ok", result=result)
-
-    def complete_error(self, lease: Lease, error: dict[str, Any]) -> Job:
-        return self._fenced_mutate(lease, "complete_error", error=error)
-
-    def release(self, lease: Lease) -> Job:
-        return self._fenced_mutate(lease, "release")
-
     def expire_due(self, *, now: Optional[float] = None) -> list[Job]:
         now = time.time() if now is None else now
         # Cheap read first: most of the time nothing is due and no write lock is needed.

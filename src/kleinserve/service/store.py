@@ -200,17 +200,22 @@ class JobStore(ABC):
         job's latest when given, and appends an EV_PROGRESS event. Fenced: raises LeaseLost."""
 
     @abstractmethod
+    def _fenced_mutate(self, lease: Lease, event: str, **kw: Any) -> Job:
+        """One `jobs.apply(event, **kw)` on the job `lease` holds, in one transaction; raises LeaseLost
+        (and changes nothing) when the lease no longer holds it."""
+
     def complete_ok(self, lease: Lease, result: dict[str, Any]) -> Job:
         """IN_PROGRESS -> COMPLETED with `result`. Fenced: raises LeaseLost. When a cancel was recorded
         before this commit, the job completes as cancelled instead (jobs.apply decides)."""
+        return self._fenced_mutate(lease, "complete_ok", result=result)
 
-    @abstractmethod
     def complete_error(self, lease: Lease, error: dict[str, Any]) -> Job:
         """IN_PROGRESS -> COMPLETED with `error` (see jobs.job_error). Fenced: raises LeaseLost."""
+        return self._fenced_mutate(lease, "complete_error", error=error)
 
-    @abstractmethod
     def release(self, lease: Lease) -> Job:
         """IN_PROGRESS -> IN_QUEUE without counting the attempt (graceful shutdown). Fenced."""
+        return self._fenced_mutate(lease, "release")
 
     @abstractmethod
     def expire_due(self, *, now: Optional[float] = None) -> list[Job]:
