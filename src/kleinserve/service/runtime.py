@@ -370,18 +370,13 @@ class Runtime:
         sv = self.services
         body: dict[str, Any] = {"ready": False, "role": self.role}
         problems: list[str] = []
-        try:
-            sv.store.ping()
-            body["store"] = {"ok": True, "url": sv.store.describe()}
-        except Exception as exc:
-            body["store"] = {"ok": False, "url": sv.store.describe(), "error": f"{type(exc).__name__}: {exc}"}
-            problems.append("the job store cannot be reached")
-        try:
-            sv.storage.ping()
-            body["storage"] = {"ok": True, "url": sv.storage.describe()}
-        except Exception as exc:
-            body["storage"] = {"ok": False, "url": sv.storage.describe(), "error": f"{type(exc).__name__}: {exc}"}
-            problems.append("the file storage cannot be reached")
+        for key, part, what in (("store", sv.store, "the job store"), ("storage", sv.storage, "the file storage")):
+            try:
+                part.ping()
+                body[key] = {"ok": True, "url": part.describe()}
+            except Exception as exc:
+                body[key] = {"ok": False, "url": part.describe(), "error": f"{type(exc).__name__}: {exc}"}
+                problems.append(f"{what} cannot be reached")
         try:
             workers = sv.store.live_workers() if body["store"]["ok"] else {}
         except Exception:

@@ -65,6 +65,7 @@ from kleinserve.service.storage import (
     is_valid_file_id,
     new_file_id,
     new_file_meta,
+    select_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -390,13 +391,7 @@ class S3FileStorage(FileStorage):
     def complete_multipart(self, upload_id: str, parts: Optional[list[int]] = None) -> StoredFile:
         mp = self.get_multipart(upload_id)
         present = self._parts(upload_id)
-        if parts is not None:
-            wanted = sorted(set(int(p) for p in parts))
-            missing = [p for p in wanted if p not in present]
-            if missing:
-                raise InvalidUpload(f"parts not uploaded: {missing[:10]}")
-        else:
-            wanted = sorted(present)
+        wanted = select_parts(present, parts)
         if not wanted:
             raise InvalidUpload("no parts uploaded")
         total = sum(present[p] for p in wanted)

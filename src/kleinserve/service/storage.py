@@ -356,6 +356,19 @@ class FileStorage(ABC):
     def get_multipart(self, upload_id: str) -> MultipartUpload: ...
 
 
+def select_parts(present: Iterable[int], parts: Optional[list[int]]) -> list[int]:
+    """The part numbers a multipart completion assembles, in order: those the client listed (each
+    must have been uploaded: InvalidUpload otherwise), or every uploaded part."""
+    present = sorted(present)
+    if parts is None:
+        return present
+    wanted = sorted({int(p) for p in parts})
+    missing = [p for p in wanted if p not in set(present)]
+    if missing:
+        raise InvalidUpload(f"parts not uploaded: {missing[:10]}")
+    return wanted
+
+
 class PartWriter(ABC):
     @abstractmethod
     def write(self, chunk: bytes) -> None: ...
@@ -675,13 +688,7 @@ class LocalFileStorage(FileStorage):
         mp = self.get_multipart(upload_id)
         d = self._mp_path(upload_id)
         present = sorted(int(p.stem) for p in d.glob("*.bin") if p.stem.isdigit())
-        if parts is not None:
-            wanted = sorted(set(int(p) for p in parts))
-            missing = [p for p in wanted if p not in present]
-            if missing:
-                raise InvalidUpload(f"parts not uploaded: {missing[:10]}")
-        else:
-            wanted = present
+        wanted = select_parts(present, parts)
         if not wanted:
             raise InvalidUpload("no parts uploaded")
         expires_in = None
