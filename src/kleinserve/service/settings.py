@@ -259,7 +259,7 @@ class Settings:
     @property
     def store_url(self) -> str:
         """`--store`, or the embedded SQLite database under --data-dir."""
-        return self.store or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').resolve()}"
+        return self.store or f"sqlite://{(self.data_dir / 'jobs.sqlite3').resolve()}"  # sqlite:///abs/path
 
     @classmethod
     def from_sources(cls, values: Optional[Mapping[str, Any]] = None,
