@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STORE_PATIENCE = 120.0  # seconds a known outcome waits for an unreachable job store before giving up
 STORAGE_PATIENCE = 120.0  # seconds a finished request waits for an unreachable storage before failing
 PROGRESS_LOG_LINES = 4  # "step i/N" log lines per run (at each quarter), not one per step
 BATCH_LOOKAHEAD = 32  # queued jobs looked at for ones that can join a batch (the rest keep their place)
@@ -422,7 +423,7 @@ class Worker:
         with request_context(run.rid):
             try:
                 verdict = self._verdict(run, outcome, stored)
-                done = self._commit(run, verdict, stored)
+                done = self._commit_patiently(run, verdict, stored)
             except LeaseLost as exc:
                 log.warning("%s; its result is dropped", exc)
                 self._delete_files(stored)
@@ -454,7 +455,13 @@ class Worker:
         assert run.spec is not None and run.request is not None  # a result: prepare() set them
         try:
             for line in outcome.logs:
-                self.store.append_log(run.rid, str(line), source="engine", lease=run.lease)
+                try:
+                    self.store.append_log(run.rid, str(line), source="engine", lease=run.lease)
+                except LeaseLost:
+                    raise
+                except Exception:  # the log lines are best effort: a store hiccup must not fail the result
+                    log.warning("could not store the engine's log lines of %s", run.rid, exc_info=True)
+                    break
             files = self._store_images(run.job, run.request, outcome, stored)
             output = run.spec.build_output(run.job, run.request, outcome, files)
         except LeaseLost:
@@ -465,6 +472,26 @@ class Worker:
         # Metrics first: once the job reads COMPLETED, /metrics already counts it.
         metrics.observe_result(outcome, getattr(run.request, "output_format", "png"))
         return _Verdict("ok", output=output)
+
+    def _commit_patiently(self, run: _Run, verdict: _Verdict, stored: list[str]) -> Optional[Job]:
+        """`_commit`, riding out a store outage (PostgreSQL restarting, SQLite busy): the outcome is
+        known, so retry with backoff rather than lose it; the monitor keeps heartbeating meanwhile.
+        LeaseLost (another worker owns the job now) and state errors are final; past STORE_PATIENCE the
+        job is left to the sweeper (its lease expires and it runs again)."""
+        deadline = time.monotonic() + STORE_PATIENCE
+        delay = 0.5
+        while True:
+            try:
+                return self._commit(run, verdict, stored)
+            except (LeaseLost, J.InvalidTransition):
+                raise
+            except Exception as exc:
+                if time.monotonic() + delay > deadline or self.abort.is_set():
+                    raise
+                log.warning("could not record the outcome of %s (%s: %s); retrying in %.1fs", run.rid,
+                            type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
 
     def _commit(self, run: _Run, verdict: _Verdict, stored: list[str]) -> Optional[Job]:
         lease = run.lease
@@ -480,11 +507,12 @@ class Worker:
         if verdict.kind == "error":
             assert verdict.error is not None
             error = verdict.error
-            self.last_error = error["error"]
-            metrics.observe_job_failed(error["error_type"])
             with contextlib.suppress(LeaseLost, Exception):
                 self.store.append_log(run.rid, error["error"], level="ERROR", source="service", lease=lease)
-            return self.store.complete_error(lease, error)
+            done = self.store.complete_error(lease, error)
+            self.last_error = error["error"]
+            metrics.observe_job_failed(error["error_type"])
+            return done
         if verdict.kind == "release":
             self.store.release(lease)
             log.info("request %s released back to the queue (shutdown)", run.rid)
