@@ -15,8 +15,9 @@ and, once per owner/alias (fal drops the path part for these):
     GET  /queue/<owner>/<alias>/requests/<id>
     PUT  /queue/<owner>/<alias>/requests/<id>/cancel
 
-Another klein variant is one more `declare` with its own id (and `engine` name when it needs a
-different model); an edit endpoint declares its own input model and `build_output`.
+Each klein family (schema.FAMILIES) declares its four endpoints (`family_specs`: text to image,
+/edit, /lora, /edit/lora), run by the engine named after the family; `default_registry(families)`
+serves some and lists the others as unserved, with how to enable them.
 """
 
 from __future__ import annotations
@@ -29,15 +30,8 @@ from pydantic import BaseModel
 
 from kleinserve.schema import (
     DEFAULT_FAMILY,
-    EDIT_ENDPOINT_ID,
-    EDIT_LORA_ENDPOINT_ID,
-    ENDPOINT_ID,
     FAMILIES,
-    LORA_ENDPOINT_ID,
-    FluxKleinEditInput,
-    FluxKleinEditLoraInput,
     FluxKleinInput,
-    FluxKleinLoraInput,
     FluxKleinOutput,
     family_of,
 )
@@ -159,46 +153,6 @@ class EndpointRegistry:
         return {s.endpoint_id.split("/")[0] for s in self._specs.values()}
 
 
-FLUX_KLEIN_9B_BASE = EndpointSpec(
-    engine=DEFAULT_FAMILY,
-    endpoint_id=ENDPOINT_ID,
-    input_model=FluxKleinInput,
-    output_model=FluxKleinOutput,
-    title="FLUX.2 [klein] 9B base — text to image",
-    description="Self-hosted, fal-compatible FLUX.2 [klein] 9B base text-to-image.",
-)
-
-FLUX_KLEIN_9B_BASE_EDIT = EndpointSpec(
-    engine=DEFAULT_FAMILY,
-    endpoint_id=EDIT_ENDPOINT_ID,
-    input_model=FluxKleinEditInput,
-    output_model=FluxKleinOutput,
-    title="FLUX.2 [klein] 9B base — edit with reference images",
-    description="Edits or composes 1..4 reference images (image_urls) by the prompt; without image_size "
-                "the output takes the first image's size.",
-    tags=("edit",),
-)
-
-FLUX_KLEIN_9B_BASE_LORA = EndpointSpec(
-    engine=DEFAULT_FAMILY,
-    endpoint_id=LORA_ENDPOINT_ID,
-    input_model=FluxKleinLoraInput,
-    output_model=FluxKleinOutput,
-    title="FLUX.2 [klein] 9B base — text to image with LoRA",
-    description="Text to image with up to 3 LoRA adapters (loras: [{path, scale}]).",
-    tags=("lora",),
-)
-
-FLUX_KLEIN_9B_BASE_EDIT_LORA = EndpointSpec(
-    engine=DEFAULT_FAMILY,
-    endpoint_id=EDIT_LORA_ENDPOINT_ID,
-    input_model=FluxKleinEditLoraInput,
-    output_model=FluxKleinOutput,
-    title="FLUX.2 [klein] 9B base — edit with LoRA",
-    description="Edits 1..4 reference images with up to 3 LoRA adapters.",
-    tags=("edit", "lora"),
-)
-
 _DESCRIPTIONS = {
     "": "Text to image.",
     "/edit": "Edits or composes 1..4 reference images (image_urls) by the prompt; without image_size the "
@@ -212,8 +166,6 @@ _SUFFIX_TITLES = {"": "text to image", "/edit": "edit with reference images", "/
 
 def family_specs(family_name: str) -> list[EndpointSpec]:
     """The four endpoints of a klein family, run by the engine named after the family."""
-    if family_name == DEFAULT_FAMILY:  # the objects above (other modules import them)
-        return [FLUX_KLEIN_9B_BASE, FLUX_KLEIN_9B_BASE_EDIT, FLUX_KLEIN_9B_BASE_LORA, FLUX_KLEIN_9B_BASE_EDIT_LORA]
     family = FAMILIES[family_name]
     specs = []
     for eid in family.endpoint_ids():
