@@ -39,7 +39,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from pydantic import ValidationError
 
@@ -61,7 +61,7 @@ from .jobs import Job, job_error
 from .lifecycle import Loop
 from .logging import request_context
 from .settings import Settings
-from .storage import FileStorage, StorageUnavailable, StoredFile
+from .storage import FileStorage, StorageUnavailable
 from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 
 if TYPE_CHECKING:
@@ -72,8 +72,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STORE_PATIENCE = 120.0  # seconds a known outcome waits for an unreachable job store before giving up
-STORAGE_PATIENCE = 120.0  # seconds a finished request waits for an unreachable storage before failing
+T = TypeVar("T")
+PATIENCE = 120.0  # seconds a finished request waits for an unreachable job store or storage before failing
 PROGRESS_LOG_LINES = 4  # "step i/N" log lines per run (at each quarter), not one per step
 BATCH_LOOKAHEAD = 32  # queued jobs looked at for ones that can join a batch (the rest keep their place)
 
@@ -423,7 +423,10 @@ class Worker:
         with request_context(run.rid):
             try:
                 verdict = self._verdict(run, outcome, stored)
-                done = self._commit_patiently(run, verdict, stored)
+                # LeaseLost (another worker owns the job now) and state errors are final
+                done = self._patiently(f"recording the outcome of {run.rid}",
+                                       lambda: self._commit(run, verdict, stored),
+                                       retry=(Exception,), final=(LeaseLost, J.InvalidTransition))
             except LeaseLost as exc:
                 log.warning("%s; its result is dropped", exc)
                 self._delete_files(stored)
@@ -473,23 +476,23 @@ class Worker:
         metrics.observe_result(outcome, getattr(run.request, "output_format", "png"))
         return _Verdict("ok", output=output)
 
-    def _commit_patiently(self, run: _Run, verdict: _Verdict, stored: list[str]) -> Optional[Job]:
-        """`_commit`, riding out a store outage (PostgreSQL restarting, SQLite busy): the outcome is
-        known, so retry with backoff rather than lose it; the monitor keeps heartbeating meanwhile.
-        LeaseLost (another worker owns the job now) and state errors are final; past STORE_PATIENCE the
-        job is left to the sweeper (its lease expires and it runs again)."""
-        deadline = time.monotonic() + STORE_PATIENCE
+    def _patiently(self, what: str, call: Callable[[], T], *, retry: tuple[type[Exception], ...],
+                   final: tuple[type[Exception], ...] = ()) -> T:
+        """`call()`, retried with backoff (0.5 s doubling to 8 s) while it raises one of `retry` (and
+        none of `final`), for up to PATIENCE seconds and unless shutting down: a finished request's
+        outcome or images are not lost to a store or storage restarting. The monitor keeps the lease
+        alive meanwhile; past PATIENCE the error stands (the sweeper takes back a job never completed)."""
+        deadline = time.monotonic() + PATIENCE
         delay = 0.5
         while True:
             try:
-                return self._commit(run, verdict, stored)
-            except (LeaseLost, J.InvalidTransition):
+                return call()
+            except final:
                 raise
-            except Exception as exc:
+            except retry as exc:
                 if time.monotonic() + delay > deadline or self.abort.is_set():
                     raise
-                log.warning("could not record the outcome of %s (%s: %s); retrying in %.1fs", run.rid,
-                            type(exc).__name__, exc, delay)
+                log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
@@ -547,27 +550,13 @@ class Worker:
                 files.append({"url": data_uri(im.data, im.content_type), "file_name": file_name,
                               "file_size": len(im.data)})
                 continue
-            f = self._put_patiently(im.data, im.content_type, file_name, job.owner)
+            f = self._patiently(f"storing {file_name}",
+                                functools.partial(self.storage.put, im.data, im.content_type, file_name,
+                                                  owner=job.owner),
+                                retry=(StorageUnavailable,))
             stored.append(f.id)
             files.append({"url": f.url(self._public_base(job)), "file_name": f.file_name, "file_size": f.size})
         return files
-
-    def _put_patiently(self, data: bytes, content_type: str, file_name: str, owner: str) -> StoredFile:
-        """`storage.put`, riding out a storage outage (S3 restarting): the images exist, so wait and
-        retry (the lease is kept alive by the monitor meanwhile) rather than fail the request; gives up
-        after STORAGE_PATIENCE seconds or on shutdown."""
-        assert self.storage is not None
-        deadline = time.monotonic() + STORAGE_PATIENCE
-        delay = 0.5
-        while True:
-            try:
-                return self.storage.put(data, content_type, file_name, owner=owner)
-            except StorageUnavailable as exc:
-                if time.monotonic() + delay > deadline or self.abort.is_set():
-                    raise
-                log.warning("storage unavailable (%s); retrying in %.1fs", exc.detail, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 8.0)
 
     def _delete_files(self, file_ids: list[str]) -> None:
         if self.storage is None:
