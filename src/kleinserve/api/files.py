@@ -74,10 +74,6 @@ PRESIGNED_GET_TTL = 15 * 60.0  # --storage-redirect: how long a presigned URL a 
 # the objects this router needs, kept on app.state
 
 
-def _svc(request: Request) -> Services:
-    return deps.services(request)
-
-
 def _raise(exc: StorageError) -> NoReturn:
     headers = None
     if isinstance(exc, StorageUnavailable):
@@ -97,7 +93,7 @@ def _cdn_or_api_key_owner(request: Request,
     scheme, _, value = authz.partition(" ")
     if scheme.lower() == "bearer" and value.count(".") == 1:
         try:
-            claims = _svc(request).tokens.verify(value.strip(), "cdn")
+            claims = deps.services(request).tokens.verify(value.strip(), "cdn")
         except ExpiredToken as exc:
             _raise(exc)  # the client refreshes its token on its own schedule: say why
         except InvalidToken:
@@ -237,7 +233,7 @@ async def initiate_upload(
     owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
-    svc = _svc(request)
+    svc = deps.services(request)
     try:
         ctype = normalize_content_type(body.content_type)
     except StorageError as exc:
@@ -258,7 +254,7 @@ async def initiate_upload(
 
 @router.put("/storage/upload/{file_id}", responses=error_responses(400, 401, 403, 413, 415, 422))
 async def put_signed_upload(request: Request, file_id: str, token: Optional[str] = Query(None)):
-    svc = _svc(request)
+    svc = deps.services(request)
     try:
         claims = svc.tokens.verify(token, "put")
     except StorageError as exc:
@@ -286,7 +282,7 @@ async def initiate_multipart_upload(
     owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
-    svc = _svc(request)
+    svc = deps.services(request)
     mp = await _create_multipart(request, svc, body.content_type, body.file_name, owner)
     token, _ = svc.tokens.issue("mp", MULTIPART_TOKEN_TTL, u=mp.upload_id)
     base = public_base(request)
@@ -355,7 +351,7 @@ async def complete_needs_post() -> None:
 async def put_signed_part(
     request: Request, upload_id: str, part_number: int, token: Optional[str] = Query(None)
 ):
-    svc = _svc(request)
+    svc = deps.services(request)
     _check_mp_token(svc, token, upload_id)
     etag = await _put_part(request, svc, upload_id, part_number)
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
@@ -365,7 +361,7 @@ async def put_signed_part(
 async def complete_signed_multipart(
     request: Request, upload_id: str, token: Optional[str] = Query(None)
 ):
-    svc = _svc(request)
+    svc = deps.services(request)
     _check_mp_token(svc, token, upload_id)
     stored = await _complete(request, svc, upload_id)
     return {"file_url": stored.url(public_base(request))}
@@ -383,7 +379,7 @@ async def storage_auth_token(
     owner: Optional[str] = Depends(require_owner),
 ):
     _check_storage_type(storage_type)
-    svc = _svc(request)
+    svc = deps.services(request)
     token, exp = svc.tokens.issue("cdn", CDN_TOKEN_TTL, o=owner)
     expires_at = _dt.datetime.fromtimestamp(exp, tz=_dt.timezone.utc)
     return {
@@ -396,7 +392,7 @@ async def storage_auth_token(
 
 @router.post("/files/upload", responses=error_responses(400, 401, 403, 413, 415))
 async def cdn_upload(request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)):
-    svc = _svc(request)
+    svc = deps.services(request)
     stored = await _store_body(
         request,
         svc,
@@ -412,7 +408,7 @@ async def cdn_upload(request: Request, owner: Optional[str] = Depends(_cdn_or_ap
 async def cdn_multipart_create(
     request: Request, owner: Optional[str] = Depends(_cdn_or_api_key_owner)
 ):
-    svc = _svc(request)
+    svc = deps.services(request)
     mp = await _create_multipart(
         request, svc, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), owner
     )
@@ -438,7 +434,7 @@ async def cdn_multipart_part(
     part_number: int,
     _owner: Optional[str] = Depends(_cdn_or_api_key_owner),
 ):
-    svc = _svc(request)
+    svc = deps.services(request)
     await _check_mp_file(svc, file_id, file_name, upload_id)
     etag = await _put_part(request, svc, upload_id, part_number)
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": etag})
@@ -453,7 +449,7 @@ async def cdn_multipart_complete(
     upload_id: str,
     _owner: Optional[str] = Depends(_cdn_or_api_key_owner),
 ):
-    svc = _svc(request)
+    svc = deps.services(request)
     await _check_mp_file(svc, file_id, file_name, upload_id)
     stored = await _complete(request, svc, upload_id)
     return {"access_url": stored.url(public_base(request))}
@@ -520,7 +516,7 @@ async def _stream_body(stream: FileStream) -> AsyncIterator[bytes]:
 
 @router.get("/files/{file_id}/{file_name}", responses=error_responses(404))
 async def download_file(request: Request, file_id: str, file_name: str):
-    svc = _svc(request)
+    svc = deps.services(request)
     if not is_valid_file_id(file_id):
         raise HTTPException(status_code=404, detail="no such file")
     try:
@@ -561,5 +557,5 @@ router.add_api_route(
 @router.get("/.well-known/jwks.json")
 async def jwks(request: Request):
     return JSONResponse(
-        _svc(request).signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
+        deps.services(request).signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
     )
