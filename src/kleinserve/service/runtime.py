@@ -152,7 +152,7 @@ class Runtime:
         # The process's (first family's) engine; with a pool, that family's FamilyEngine.
         self.engine: Optional[Engine | FamilyEngine] = engine
         if engine is not None:
-            engine.image_metadata = not self.settings.no_image_metadata
+            self._configure(engine)
         self.engine_error: Optional[str] = None
         self.engine_loading = False
         self.warmup_seconds: Optional[float] = None  # compile time spent at startup (None: not warmed)
@@ -285,8 +285,7 @@ class Runtime:
 
         s = self.settings
         log.info("loading model %r ...", spec)
-        engine = load_engine(spec, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload)
-        engine.image_metadata = not s.no_image_metadata
+        engine = self._configure(load_engine(spec, device=s.device, dtype=s.dtype, cpu_offload=s.cpu_offload))
         if not s.no_warmup:
             self.warmup_seconds = (self.warmup_seconds or 0.0) + sum(engine.warmup().values())
         return engine
@@ -314,9 +313,13 @@ class Runtime:
         finally:
             self.engine_loading = False
 
-    def set_engine(self, engine: Engine) -> None:
-        self.engine = engine
+    def _configure(self, engine: Engine) -> Engine:
+        """What the service's options say about every engine it runs (`--no-image-metadata`)."""
         engine.image_metadata = not self.settings.no_image_metadata
+        return engine
+
+    def set_engine(self, engine: Engine) -> None:
+        self.engine = self._configure(engine)
         self._announce_engine(engine.info)
         for worker in self.workers:
             worker.set_engine(engine)
