@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .lifecycle import Loop
@@ -59,10 +59,8 @@ class _Child:
     threads: int
     proc: Optional[subprocess.Popen] = None
     started_at: float = 0.0
-    restarts: int = 0
-    backoff: float = RESTART_BACKOFF_MIN
+    backoff: float = RESTART_BACKOFF_MIN  # the wait before its next restart
     restart_at: Optional[float] = None  # monotonic time of the next start, while waiting
-    exits: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -105,7 +103,6 @@ class Supervisor:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
-                child.exits.append(code)
                 up = now - child.started_at
                 if up >= HEALTHY_AFTER:
                     child.backoff = RESTART_BACKOFF_MIN
@@ -116,11 +113,7 @@ class Supervisor:
                           child.name, child.device, code, up, delay)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at \
                     and not self._loop.stopping.is_set():
-                child.restarts += 1
                 self._spawn(child)
-
-    def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.children if c.proc is not None]
 
     def stop(self, grace: float = 60.0) -> None:
         self._loop.stop()
