@@ -226,7 +226,9 @@ def test_stream_client_disconnect_cancels_its_job(server):
 
 
 def test_sync_run_client_disconnect_cancels_its_job(server):
-    slow = {**SMALL, **SLOW}
+    # far longer than the client's 2 s read timeout even on an idle machine (the 1+1-block tiny model
+    # runs 512x512 x 50 steps in about 2 s)
+    slow = {**SMALL, **SLOW, "image_size": {"width": 1024, "height": 1024}}
     with httpx.Client(base_url=server.base_url, headers=H, timeout=httpx.Timeout(30, read=2.0)) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             impatient.post(f"/{EP}", json=slow)
