@@ -132,7 +132,9 @@ def test_playground_end_to_end(server, browser):
         page.check("#size-custom", force=True)
         page.fill("#f-image_size-width", "320")
         page.fill("#f-image_size-height", "240")
-        page.fill("#f-num_inference_steps", "8")
+        # enough steps that the page's progress stream follows the request before its previews are due
+        # (previews are made only while someone watches; the 1+1-block tiny model runs 8 steps in ~0.3 s)
+        page.fill("#f-num_inference_steps", "32")
         page.fill("#f-seed", "1234")
         page.click("#generate")
         # progress per step and a live preview from the stream
@@ -160,7 +162,7 @@ def test_playground_end_to_end(server, browser):
         expect(snippet).to_contain_text('"seed": 1234')
         page.click(".tab[data-lang=python]")
         expect(snippet).to_contain_text("import")
-        expect(snippet).to_contain_text('"num_inference_steps": 8')
+        expect(snippet).to_contain_text('"num_inference_steps": 32')
         page.click(".tab[data-lang=javascript]")
         expect(snippet).to_contain_text("@fal-ai/client")
         page.click(".tab[data-lang=curl]")
