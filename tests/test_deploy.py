@@ -223,7 +223,8 @@ def k8s_processes() -> list[Process]:
             ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
             procs.append(Process(where, [expand_k8s(a, env) for a in args], env,
                                  stop_grace=float(spec.get("terminationGracePeriodSeconds", 30)),
-                                 port=ports.get("http"), extra={"container": c, "pod": spec}))
+                                 port=ports.get("http"),
+                                 extra={"container": c, "pod": spec, "meta": dep["spec"]["template"]["metadata"]}))
     return procs
 
 
@@ -561,7 +562,12 @@ def test_k8s_probes():
         assert probe["httpGet"]["port"] in {p["name"] for p in c["ports"]} | {p["containerPort"] for p in c["ports"]}
     (worker,) = [p for p in procs if p.argv[0] == "worker"]
     c = worker.extra["container"]
-    assert "ports" not in c, "a worker serves no HTTP"
+    # A worker serves no API, only its Prometheus metrics, scraped from another pod.
+    _, _, settings = parse_process(worker)
+    assert [p["containerPort"] for p in c["ports"]] == [settings.metrics_port] and settings.host == "0.0.0.0"
+    annotations = worker.extra["meta"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == settings.metrics_port
     for key in ("startupProbe", "livenessProbe"):
         assert c[key]["exec"]["command"] == ["kleinserve-worker-alive"]
     assert "COPY deploy/worker_alive.py /usr/local/bin/kleinserve-worker-alive" in DOCKERFILE.read_text()

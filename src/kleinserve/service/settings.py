@@ -190,6 +190,7 @@ class Settings:
     lora_dir: Optional[Path] = None
     lora_cache_bytes: int = 8 * 1024 * 1024 * 1024
     model_memory: int = 0
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -202,6 +203,8 @@ class Settings:
             raise ValueError("--devices starts worker processes: it needs --role all (an api replica runs none)")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: a share of the CPU cores per worker)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be a TCP port (1-65535) or 0 for none, not {self.metrics_port}")
         if self.public_url:
             self.public_url = str(self.public_url).rstrip("/")
         if self.storage:
@@ -289,7 +292,20 @@ class Settings:
             if k not in kw and k in {f.name for f in dataclasses.fields(cls)} and v is not None \
                     and k not in {o.name for o in OPTIONS}:
                 kw[k] = v
-        return cls(**kw)
+        settings = cls(**kw)
+        if command == "serve" and settings.metrics_port:
+            settings._check_worker_metrics_ports()
+        return settings
+
+    def _check_worker_metrics_ports(self) -> None:
+        """`serve --metrics-port`: the ports of its worker processes (see supervisor.py)."""
+        if not self.devices:
+            raise ValueError("--metrics-port is where worker processes serve their /metrics: it needs --devices "
+                             f"(this server's own /metrics is on --port {self.port})")
+        last = self.metrics_port + (len(self.devices) if self.devices != ["all"] else 1) - 1
+        if self.metrics_port <= self.port <= last or last > 65535:
+            raise ValueError(f"--metrics-port {self.metrics_port}: the worker processes would listen on "
+                             f"{self.metrics_port}-{last}, which must be free TCP ports other than --port {self.port}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Optional[Mapping[str, str]] = None, *,
@@ -314,7 +330,9 @@ class Settings:
 
 
 OPTIONS: list[Option] = [
-    Option("host", ("--host",), "KLEINSERVE_HOST", str, "Interface to listen on (0.0.0.0: all).", commands=("serve",)),
+    Option("host", ("--host",), "KLEINSERVE_HOST", str,
+           "Interface to listen on (0.0.0.0: all); for a worker process, that of its --metrics-port.",
+           commands=("serve", "worker")),
     Option("port", ("--port",), "KLEINSERVE_PORT", parse_int, "TCP port.", commands=("serve",)),
     Option("ssl_certfile", ("--ssl-certfile",), "KLEINSERVE_SSL_CERTFILE", _opt_str,
            "TLS certificate (PEM). The fal clients speak https only: serve TLS, or put a TLS proxy in front.",
@@ -412,6 +430,11 @@ OPTIONS: list[Option] = [
            "Every API replica and worker of one deployment names the same store.", metavar="URL"),
     Option("threads", ("--threads",), "KLEINSERVE_THREADS", parse_int,
            "CPU threads of each worker's torch (0: the cores divided among this box's worker processes).",
+           commands=("serve", "worker")),
+    Option("metrics_port", ("--metrics-port",), "KLEINSERVE_METRICS_PORT", parse_int,
+           "Worker processes serve their Prometheus /metrics (jobs, steps, inference time, GPU memory) on this "
+           "port, on --host; with serve --devices, the first worker on this port and each next one on the "
+           "next port (0: none; the server's own /metrics is on --port).", metavar="PORT",
            commands=("serve", "worker")),
     Option("webhook_allow_private", ("--webhook-allow-private",), "KLEINSERVE_WEBHOOK_ALLOW_PRIVATE", parse_bool,
            "Let webhooks (and other server-side requests) reach loopback, private and link-local addresses "

@@ -57,6 +57,7 @@ class _Child:
     name: str
     device: str
     threads: int
+    metrics_port: int = 0  # where it serves its /metrics (0: none)
     proc: Optional[subprocess.Popen] = None
     started_at: float = 0.0
     backoff: float = RESTART_BACKOFF_MIN  # the wait before its next restart
@@ -69,7 +70,8 @@ class Supervisor:
         self.devices = expand_devices(devices)
         self.python = python
         self.children = [_Child(name=f"{d.replace(':', '')}-{i}", device=d,
-                                threads=threads_for(d, self.devices, settings))
+                                threads=threads_for(d, self.devices, settings),
+                                metrics_port=settings.metrics_port + i if settings.metrics_port else 0)
                          for i, d in enumerate(self.devices)]
         self._loop = Loop("supervisor", self._pass, interval=0.2)
 
@@ -82,6 +84,7 @@ class Supervisor:
         env["KLEINSERVE_DEVICE"] = child.device
         env["KLEINSERVE_THREADS"] = str(child.threads)
         env["OMP_NUM_THREADS"] = str(child.threads)
+        env["KLEINSERVE_METRICS_PORT"] = str(child.metrics_port)
         return env
 
     def _spawn(self, child: _Child) -> None:
@@ -89,8 +92,8 @@ class Supervisor:
         child.proc = subprocess.Popen(cmd, env=self._env(child), stdin=subprocess.DEVNULL)
         child.started_at = time.monotonic()
         child.restart_at = None
-        log.info("worker %s started on %s (pid %d, %d thread(s))", child.name, child.device, child.proc.pid,
-                 child.threads)
+        log.info("worker %s started on %s (pid %d, %d thread(s)%s)", child.name, child.device, child.proc.pid,
+                 child.threads, f", /metrics on port {child.metrics_port}" if child.metrics_port else "")
 
     def start(self) -> Supervisor:
         for child in self.children:

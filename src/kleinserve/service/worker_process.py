@@ -6,8 +6,9 @@
 It loads the model(s) — `--model` as `serve` takes it: one spec (the 9B base family) or FAMILY=SPEC per
 klein family, all on this device under `--model-memory` — registers one worker per family in the store
 (so /ready of every API replica counts each endpoint's workers), claims jobs of its families' endpoints
-only, and runs them; it serves no HTTP. `kleinserve serve --devices ...` starts
-these same processes as children (service/supervisor.py).
+only, and runs them. It serves no API; with `--metrics-port` it serves its Prometheus metrics (jobs,
+steps, inference time, GPU memory: what only the process that generates can count) on `--host`.
+`kleinserve serve --devices ...` starts these same processes as children (service/supervisor.py).
 
 SIGTERM or SIGINT: it stops claiming, lets the running request finish within --shutdown-grace, then
 releases it to the queue (no attempt counted) and exits 0.
@@ -58,6 +59,22 @@ def run_worker(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # the store or storage cannot be opened: say which and why
         print(f"kleinserve worker: cannot open the store or storage: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    metrics_server = None
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        from . import metrics
+
+        try:  # the same registry as the API's /metrics
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host,
+                                                  registry=metrics.REGISTRY)
+        except OSError as exc:
+            print(f"kleinserve worker: --metrics-port {settings.metrics_port}: cannot listen on "
+                  f"{settings.host}:{settings.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+            services.close()
+            return 2
+        log.info("worker %s: Prometheus metrics on http://%s:%d/metrics", args.name, settings.host,
+                 settings.metrics_port)
     runtime = Runtime(services, role="worker", load_engine=True, worker_name=args.name)
     stop = threading.Event()
 
@@ -79,4 +96,6 @@ def run_worker(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         runtime.stop()
         services.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return 0
