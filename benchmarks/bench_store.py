@@ -92,7 +92,10 @@ def measure_submits(url: str, n: int) -> dict:
     return C.summarize(samples)
 
 
-def measure_event_latency(url: str, n: int) -> dict:
+def measure_event_latency(url: str, n: int) -> tuple[dict, dict]:
+    """(step event latency from the writer's commit to another connection's reader, the time of one
+    `record_progress` call: what a denoising step paid before the worker wrote progress on a thread
+    of its own)."""
     writer, reader = open_store(url), open_store(url)
     job = writer.submit(new_job())
     lease = Lease.of(writer.claim_next("bench-writer"))
@@ -100,6 +103,7 @@ def measure_event_latency(url: str, n: int) -> dict:
     reader.wait_events(cursor, 0.1)  # starts the reader's listener (PostgreSQL)
     received: dict[int, float] = {}  # step -> when the reader got it
     committed: dict[int, float] = {}  # step -> when record_progress returned (committed)
+    writes: list[float] = []
 
     def read():
         nonlocal cursor
@@ -116,15 +120,17 @@ def measure_event_latency(url: str, n: int) -> dict:
     t = threading.Thread(target=read)
     t.start()
     for step in range(1, n + 1):
+        t0 = time.perf_counter()
         writer.record_progress(lease, step, n)
         committed[step] = time.perf_counter()
+        writes.append(committed[step] - t0)
         time.sleep(0.01)
     t.join(150)
     # A reader may see the event before the writer's call returns: count that as 0.
     samples = [max(0.0, received[s] - committed[s]) for s in committed if s in received]
     writer.close()
     reader.close()
-    return C.summarize(samples)
+    return C.summarize(samples), C.summarize(writes)
 
 
 def run_backend(name: str, url: str, args) -> dict:
@@ -133,7 +139,7 @@ def run_backend(name: str, url: str, args) -> dict:
     out["submit"] = measure_submits(url, args.submits)
     out["claims"] = [measure_claims(url, args.jobs, p, complete=False) for p in (1, args.procs)]
     out["claim_complete"] = [measure_claims(url, args.jobs, p, complete=True) for p in (1, args.procs)]
-    out["event_latency"] = measure_event_latency(url, args.events)
+    out["event_latency"], out["progress_write"] = measure_event_latency(url, args.events)
     return out
 
 
@@ -178,6 +184,7 @@ def main() -> None:
             "claims_1": r["claims"][0]["per_s"], "claims_n": r["claims"][1]["per_s"],
             "cc_1": r["claim_complete"][0]["per_s"], "cc_n": r["claim_complete"][1]["per_s"],
             "ev_p50": r["event_latency"]["p50"] * ms, "ev_p99": r["event_latency"]["p99"] * ms,
+            "pw_p50": r["progress_write"]["p50"] * ms, "pw_p99": r["progress_write"]["p99"] * ms,
         })
     n = args.procs
     table = C.print_table(
@@ -186,7 +193,8 @@ def main() -> None:
          ("submit_p99", "submit p99 ms", ".2f"), ("claims_1", "claims/s 1 proc", ".0f"),
          ("claims_n", f"claims/s {n} procs", ".0f"), ("cc_1", "claim+complete/s 1 proc", ".0f"),
          ("cc_n", f"claim+complete/s {n} procs", ".0f"), ("ev_p50", "event latency p50 ms", ".1f"),
-         ("ev_p99", "event p99 ms", ".1f")])
+         ("ev_p99", "event p99 ms", ".1f"), ("pw_p50", "progress write p50 ms", ".2f"),
+         ("pw_p99", "progress write p99 ms", ".2f")])
     payload = {"benchmark": "store", "environment": C.environment(), "settings": vars(args), "results": results,
                "table": table}
     path = C.write_json("store", payload, args.json)

@@ -52,6 +52,7 @@ def test_store_benchmark_smoke_run_measures_both_backends(tmp_path):
         assert r["submit"]["n"] == 20 and r["submit"]["p50"] > 0
         assert [c["procs"] for c in r["claims"]] == [1, 2] and all(c["per_s"] > 0 for c in r["claims"])
         assert r["event_latency"]["n"] >= 10
+        assert r["progress_write"]["n"] == 10 and r["progress_write"]["p50"] > 0
 
 
 def test_reliability_benchmark_smoke_run(tmp_path):

@@ -7,7 +7,9 @@ It runs as threads inside the server process (`kleinserve serve`) or in a worker
   its job (its lease expired and the sweeper gave it to another worker) can change nothing;
 - cancellation is the store's flag: its event reaches the worker through the EventFeed before the
   next step (the monitor also polls it);
-- progress is typed (`store.record_progress(step, total)`), previews only while someone watches.
+- progress is typed (`store.record_progress(step, total)`), previews only while someone watches; a
+  thread of its own writes it (`_Run.on_step` only leaves it there), so a slow or stalled store never
+  holds up the denoising loop.
 
 Every claimed job ends in `Worker._finish`, from one outcome value (the engine's result or an
 exception; GenerationCancelled with the run's `stop_reason`): complete_ok, complete_error or release.
@@ -65,6 +67,8 @@ from .storage import FileStorage, StorageUnavailable
 from .store import EV_STATUS, JobEvent, JobStore, Lease, LeaseLost
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from kleinserve.endpoints import EndpointRegistry, EndpointSpec
     from kleinserve.engine.engine import Engine
     from kleinserve.engine.pool import FamilyEngine
@@ -196,6 +200,7 @@ class Worker:
         self.abort = threading.Event()  # stop the running generation at its next step (released)
         self._claims = Loop(f"worker-{name}", self._claim_pass, interval=idle_poll)
         self._monitor = Loop(f"monitor-{name}", self._monitor_pass, interval=monitor_every)
+        self._progress = Loop(f"progress-{name}", self._progress_pass, interval=0.5)
         self._next_registration = 0.0
         self.inputs = RequestInputs(settings, storage)  # image_urls and loras -> decoded images, LoRA files
 
@@ -208,6 +213,7 @@ class Worker:
         self.draining.clear()
         self.abort.clear()
         self._monitor.start()
+        self._progress.start()
         self._claims.start()
         return self
 
@@ -225,6 +231,7 @@ class Worker:
         self.abort.set()
         self._claims.stop(timeout)
         self._monitor.stop(timeout)
+        self._progress.stop(timeout)
         if self.feed is not None:
             self.feed.remove_listener(self._on_event)
         with contextlib.suppress(Exception):
@@ -294,6 +301,10 @@ class Worker:
                 log.warning("could not register worker %s in the store", self.worker_id, exc_info=True)
         for run in list(self.running):
             run.monitor(now)
+
+    def _progress_pass(self) -> None:
+        for run in list(self.running):
+            run.write_progress()
 
     # ------------------------------------------------------------------ batches
     def _batch_key(self, job: Job) -> tuple[Optional[tuple], int]:
@@ -416,6 +427,7 @@ class Worker:
         and is someone else's now) changes nothing, and this attempt's stored files are deleted."""
         if run.finished:
             return
+        run.finish_progress()  # its last steps are in the store before its outcome
         run.finished = True
         metrics.observe_job_finished_running()
         stored: list[str] = []
@@ -594,6 +606,13 @@ class _Run:
         self.watched = False  # someone follows it (previews are worth making)
         self._next_heartbeat = time.monotonic() + worker.heartbeat_every
         self._next_poll = 0.0
+        # Progress handed from the engine's thread to the worker's progress writer (on_step ->
+        # write_progress): the latest step (with the latest preview) and the log lines due.
+        self._progress_lock = threading.Lock()
+        self._pending: Optional[tuple[int, int, Optional[Image.Image]]] = None
+        self._pending_logs: list[str] = []
+        self._written = threading.Event()  # nothing pending: every step handed over is in the store
+        self._written.set()
 
     def prepare(self) -> bool:
         """Validates the input and logs the start; False (and the job ended) when it cannot run."""
@@ -673,26 +692,62 @@ class _Run:
             except Exception:
                 log.debug("could not read the watch/cancel state of %s", self.rid, exc_info=True)
 
+    # --------------------------------------------------------------- progress
     def on_step(self, ev: StepEvent) -> None:
-        preview = None
-        if ev.preview is not None:
-            try:
-                preview = preview_data_uri(ev.preview, max_side=256)
-            except Exception:
-                log.debug("preview encoding failed", exc_info=True)
+        """On the engine's thread: hands the step to the progress writer and returns at once. When the
+        store is slower than the steps, the writer skips to the latest step (a preview rides with it);
+        the "step i/N" log lines at each quarter are all written, in order."""
         step, total = int(ev.step), int(ev.total)
-        try:
-            self.worker.store.record_progress(self.lease, step, total, preview)
+        with self._progress_lock:
+            previous = self._pending
+            preview = ev.preview if ev.preview is not None else (previous[2] if previous else None)
+            self._pending = (step, total, preview)
             if (step * PROGRESS_LOG_LINES) // total != ((step - 1) * PROGRESS_LOG_LINES) // total:
                 # A few lines for the humans reading the logs (fal's clients print them); the typed
-                # progress above is what the streams and the playground use.
-                self.worker.store.append_log(self.rid, f"step {step}/{total}", lease=self.lease)
-        except LeaseLost as exc:
-            log.warning("%s: stopping it", exc)
-            self.lost = True
-        except Exception:  # progress is best effort; the result is what must not be lost
-            log.warning("could not record step %d of %s", int(ev.step), self.rid, exc_info=True)
+                # progress is what the streams and the playground use.
+                self._pending_logs.append(f"step {step}/{total}")
+            self._written.clear()
+        self.worker._progress.wake()
         metrics.observe_step()
+
+    def write_progress(self) -> None:
+        """On the progress writer's thread: stores what on_step handed over (fenced by the lease)."""
+        with self._progress_lock:
+            pending, self._pending = self._pending, None
+            lines, self._pending_logs = self._pending_logs, []
+        try:
+            if pending is not None:
+                step, total, image = pending
+                preview = None
+                if image is not None:
+                    try:
+                        preview = preview_data_uri(image, max_side=256)
+                    except Exception:
+                        log.debug("preview encoding failed", exc_info=True)
+                self.worker.store.record_progress(self.lease, step, total, preview)
+            for line in lines:
+                self.worker.store.append_log(self.rid, line, lease=self.lease)
+        except LeaseLost as exc:
+            if not self.finished:
+                log.warning("%s: stopping it", exc)
+                self.lost = True
+        except Exception:  # progress is best effort; the result is what must not be lost
+            log.warning("could not record the progress of %s", self.rid, exc_info=True)
+        finally:
+            with self._progress_lock:
+                if self._pending is None and not self._pending_logs:
+                    self._written.set()
+
+    def finish_progress(self, timeout: float = 10.0) -> None:
+        """Before the outcome is committed: waits (up to `timeout`) until the progress handed over is
+        written. Past it the outcome goes first; a later progress write is then refused (fenced)."""
+        if not self.worker._progress.alive:  # a worker driven by hand (not started): write it here
+            self.write_progress()
+            return
+        self.worker._progress.wake()
+        if not self._written.wait(timeout):
+            log.warning("the progress of %s is not written after %.0fs (store slow?): recording its outcome",
+                        self.rid, timeout)
 
 
 # ------------------------------------------------------------------------------ maintenance
