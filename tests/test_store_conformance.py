@@ -568,6 +568,18 @@ def test_shared_secret_race_from_threads(backend):
     assert stores[1].shared_secret("upload-key", lambda: b"u" * 16) == b"u" * 16
 
 
+def test_a_rotated_secret_keeps_one_previous_version(backend):
+    a, b = backend.open(), backend.open()
+    assert a.secret_versions("upload-key") == (None, None)
+    first = a.shared_secret("upload-key", lambda: b"1" * 32)
+    b.rotate_secret("upload-key", b"2" * 32)
+    assert a.secret_versions("upload-key") == (b"2" * 32, first)
+    assert a.shared_secret("upload-key", lambda: b"x" * 32) == b"2" * 32  # the current version
+    a.rotate_secret("upload-key", b"3" * 32)
+    assert b.secret_versions("upload-key") == (b"3" * 32, b"2" * 32)  # the first one is gone
+    assert b.secret_versions("webhook-key") == (None, None)  # other secrets untouched
+
+
 def test_worker_registry_expires(backend):
     a, b = backend.open(), backend.open()
     assert a.live_workers() == {}

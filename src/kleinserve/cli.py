@@ -865,6 +865,64 @@ def add_keys_parser(sub) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------------
+# secrets
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from .service.runtime import SECRETS_REFRESH_SECONDS, describe_secrets, rotate_secrets
+    from .service.settings import Settings
+    from .service.store import open_store
+
+    try:
+        settings = Settings.from_sources({"data_dir": args.data_dir, "store": args.store})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.action == "rotate" and args.which is None:
+        raise UsageError("rotate needs the secret: webhook-key or upload-secret")
+    try:
+        store = open_store(settings.store_url)
+    except Exception as exc:  # the store cannot be opened: say which and why
+        _eprint(f"kleinserve secrets: cannot open the store {settings.store_url}: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    try:
+        if args.action == "rotate":
+            _eprint(f"rotated {rotate_secrets(store, args.which)} in {store.describe()}")
+            _eprint(f"every kleinserve process of this store takes it within {SECRETS_REFRESH_SECONDS:.0f} s. "
+                    + ("Webhooks are then signed with the new key; /.well-known/jwks.json publishes it first "
+                       "and the previous key after it until the next rotation (receivers that cache the JWKS "
+                       "should fetch it again when a signature does not verify)."
+                       if args.which == "webhook-key" else
+                       "Upload URLs are then signed with the new secret; those signed with the previous one "
+                       "keep working until they expire, and none signed before that."))
+        for line in describe_secrets(store):
+            sys.stdout.write(line + "\n")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def add_secrets_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "secrets", help="show or rotate the shared secrets (webhook signing key, upload-URL secret)",
+        description="The secrets every process of a deployment shares, kept in its job store: the Ed25519 key "
+                    "that signs webhooks (published at /.well-known/jwks.json) and the secret that signs upload "
+                    "URLs. `rotate` makes a new version; the previous one stays valid (published) until the next "
+                    "rotation.")
+    p.add_argument("action", choices=("show", "rotate"), nargs="?", default="show",
+                   help="show (default): their fingerprints; rotate WHICH: a new version")
+    p.add_argument("which", nargs="?", default=None, choices=("webhook-key", "upload-secret"),
+                   help="the secret to rotate")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="the job store (default: $KLEINSERVE_STORE, or the SQLite store under --data-dir)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the server's data dir (default: $KLEINSERVE_DATA_DIR or ./data)")
+    p.set_defaults(func=cmd_secrets)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def _endpoint_in(argv: Sequence[str]) -> str:
@@ -886,6 +944,7 @@ def build_parser(endpoint: str = ENDPOINT_ID) -> argparse.ArgumentParser:
     add_worker_parser(sub)
     add_calibrate_parser(sub)
     add_keys_parser(sub)
+    add_secrets_parser(sub)
     return parser
 
 

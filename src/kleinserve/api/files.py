@@ -113,7 +113,11 @@ class InitiateUploadBody(BaseModel):
     file_name: Optional[str] = None
 
 
-def _check_storage_type(storage_type: Optional[str]) -> None:
+def _check_storage_type(
+    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
+                                        description="The fal clients' storage type (all are stored here)."),
+) -> None:
+    """A dependency of the upload routes: the fal clients send `?storage_type=`; all are stored here."""
     if storage_type is not None and storage_type not in STORAGE_TYPES:
         raise HTTPException(
             status_code=400,
@@ -228,11 +232,9 @@ async def _json_body(request: Request) -> Any:
 async def initiate_upload(
     request: Request,
     body: InitiateUploadBody,
-    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
-                                        description="The fal clients' storage type (all are stored here)."),
+    _storage_type: None = Depends(_check_storage_type),
     owner: Optional[str] = Depends(require_owner),
 ):
-    _check_storage_type(storage_type)
     svc = deps.services(request)
     try:
         ctype = normalize_content_type(body.content_type)
@@ -277,11 +279,9 @@ async def put_signed_upload(request: Request, file_id: str, token: Optional[str]
 async def initiate_multipart_upload(
     request: Request,
     body: InitiateUploadBody,
-    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
-                                        description="The fal clients' storage type (all are stored here)."),
+    _storage_type: None = Depends(_check_storage_type),
     owner: Optional[str] = Depends(require_owner),
 ):
-    _check_storage_type(storage_type)
     svc = deps.services(request)
     mp = await _create_multipart(request, svc, body.content_type, body.file_name, owner)
     token, _ = svc.tokens.issue("mp", MULTIPART_TOKEN_TTL, u=mp.upload_id)
@@ -374,11 +374,9 @@ async def complete_signed_multipart(
 @router.post("/storage/auth/token", responses=error_responses(400, 401, 422))
 async def storage_auth_token(
     request: Request,
-    storage_type: Optional[str] = Query(None, json_schema_extra={"enum": sorted(STORAGE_TYPES)},
-                                        description="The fal clients' storage type (all are stored here)."),
+    _storage_type: None = Depends(_check_storage_type),
     owner: Optional[str] = Depends(require_owner),
 ):
-    _check_storage_type(storage_type)
     svc = deps.services(request)
     token, exp = svc.tokens.issue("cdn", CDN_TOKEN_TTL, o=owner)
     expires_at = _dt.datetime.fromtimestamp(exp, tz=_dt.timezone.utc)

@@ -44,6 +44,7 @@ from .store import (
     EV_LOG,
     EV_PROGRESS,
     EV_STATUS,
+    PREVIOUS_SECRET,
     WATCH_TTL_SECONDS,
     CancelOutcome,
     JobEvent,
@@ -685,6 +686,20 @@ class PostgresJobStore(JobStore):
             cur.execute("INSERT INTO secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
                         (name, bytes(create())))
             return bytes(_one(cur.execute("SELECT value FROM secrets WHERE name = %s", (name,)))["value"])
+
+    def rotate_secret(self, name: str, value: bytes) -> None:
+        with self._tx() as tx:
+            tx.cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("kleinserve-secret:" + name,))
+            tx.cur.execute("DELETE FROM secrets WHERE name = %s", (name + PREVIOUS_SECRET,))
+            tx.cur.execute("UPDATE secrets SET name = %s WHERE name = %s", (name + PREVIOUS_SECRET, name))
+            tx.cur.execute("INSERT INTO secrets (name, value) VALUES (%s, %s)", (name, bytes(value)))
+
+    def secret_versions(self, name: str) -> tuple[Optional[bytes], Optional[bytes]]:
+        with self._cursor() as cur:
+            rows = {r["name"]: bytes(r["value"]) for r in
+                    cur.execute("SELECT name, value FROM secrets WHERE name IN (%s, %s)",
+                                (name, name + PREVIOUS_SECRET)).fetchall()}
+        return rows.get(name), rows.get(name + PREVIOUS_SECRET)
 
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
                         info: Optional[dict[str, Any]] = None) -> None:

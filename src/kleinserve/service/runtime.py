@@ -27,6 +27,7 @@ dispatcher: the store makes them safe to run everywhere at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import secrets as pysecrets
@@ -45,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import metrics
 from .events import EventFeed
 from .jobs import Job
+from .lifecycle import Loop
 from .netguard import NetPolicy
 from .settings import Settings
 from .storage import FileStorage, UploadTokens, load_or_create_secret, open_storage
@@ -68,6 +70,8 @@ TINY_WARNING = ("SERVING THE TINY RANDOM MODEL: outputs are noise, NOT FLUX.2 [k
 
 UPLOAD_SECRET = "upload-token"
 WEBHOOK_KEY = "webhook-ed25519"
+SECRETS = {"upload-secret": UPLOAD_SECRET, "webhook-key": WEBHOOK_KEY}  # `kleinserve secrets` names -> store names
+SECRETS_REFRESH_SECONDS = 30.0  # how soon every process takes a rotated secret (`kleinserve secrets rotate`)
 
 
 @dataclass
@@ -88,6 +92,67 @@ class Services:
         self.feed.stop()
         self.storage.close()
         self.store.close()
+
+    def refresh_secrets(self) -> None:
+        """Takes the shared secrets' current versions from the store (another process may have rotated
+        them): new upload tokens and webhooks are signed with the new ones; the previous ones still
+        verify (upload tokens) and stay published (JWKS)."""
+        upload = _secret_versions(self.store, UPLOAD_SECRET)
+        if upload != self.tokens.secrets:
+            self.tokens.set_secrets(*upload)
+            log.warning("the upload secret was rotated: new upload URLs are signed with the new one")
+        current, previous = _secret_versions(self.store, WEBHOOK_KEY)
+        if current != self.signer.private_bytes:
+            self.signer.set_keys(_ed25519(current), _ed25519(previous) if previous else None)
+            log.warning("the webhook key was rotated: webhooks are signed with key %s; the JWKS publishes it "
+                        "and the previous one", self.signer.kid)
+
+
+def _secret_versions(store: JobStore, name: str) -> tuple[bytes, Optional[bytes]]:
+    current, previous = store.secret_versions(name)
+    if current is None:
+        raise RuntimeError(f"the store holds no secret {name!r}")
+    return current, previous
+
+
+def _ed25519(raw: bytes) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def _new_secret(which: str) -> bytes:
+    if which == "webhook-key":
+        return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                          serialization.NoEncryption())
+    return pysecrets.token_bytes(32)
+
+
+def _fingerprint(which: str, raw: Optional[bytes]) -> str:
+    if raw is None:
+        return "none"
+    if which == "webhook-key":
+        return "kid " + WebhookSigner(_ed25519(raw)).kid
+    return "sha256 " + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def describe_secrets(store: JobStore) -> list[str]:
+    """One line per shared secret: its current and previous versions' fingerprints."""
+    lines = []
+    for which, name in SECRETS.items():
+        current, previous = store.secret_versions(name)
+        lines.append(f"{which}: current {_fingerprint(which, current)}, previous {_fingerprint(which, previous)}")
+    return lines
+
+
+def rotate_secrets(store: JobStore, which: str) -> str:
+    """`kleinserve secrets rotate WHICH`: a new version of the shared secret, the current one kept as
+    the previous (still verifying / published) one; every process takes it within
+    SECRETS_REFRESH_SECONDS. Returns what changed, for the operator."""
+    if which not in SECRETS:
+        raise ValueError(f"no secret {which!r}: one of {', '.join(SECRETS)}")
+    before, _ = store.secret_versions(SECRETS[which])
+    new = _new_secret(which)
+    store.rotate_secret(SECRETS[which], new)
+    return f"{which}: {_fingerprint(which, before)} -> {_fingerprint(which, new)}"
 
 
 def _existing_or_new_upload_secret(data_dir: Path) -> Callable[[], bytes]:
@@ -125,9 +190,12 @@ def build_services(settings: Settings, registry: EndpointRegistry, *,
     store = store if store is not None else open_store(settings.store_url)
     try:
         storage = build_storage(settings)
-        tokens = UploadTokens(store.shared_secret(UPLOAD_SECRET, _existing_or_new_upload_secret(settings.data_dir)))
-        key = store.shared_secret(WEBHOOK_KEY, _existing_or_new_webhook_key(settings.data_dir))
-        signer = WebhookSigner(Ed25519PrivateKey.from_private_bytes(key))
+        # The first process of a deployment creates them; then every process reads the same versions.
+        store.shared_secret(UPLOAD_SECRET, _existing_or_new_upload_secret(settings.data_dir))
+        store.shared_secret(WEBHOOK_KEY, _existing_or_new_webhook_key(settings.data_dir))
+        tokens = UploadTokens(*_secret_versions(store, UPLOAD_SECRET))
+        key, previous = _secret_versions(store, WEBHOOK_KEY)
+        signer = WebhookSigner(_ed25519(key), _ed25519(previous) if previous else None)
     except BaseException:
         store.close()
         raise
@@ -143,7 +211,8 @@ class Runtime:
 
     def __init__(self, services: Services, *, role: str = "all", engine: Optional[Engine] = None,
                  load_engine: bool = False, start_worker: bool = True, worker_name: str = "w0",
-                 on_model: Optional[Callable[[ModelInfo], None]] = None):
+                 on_model: Optional[Callable[[ModelInfo], None]] = None,
+                 secrets_every: float = SECRETS_REFRESH_SECONDS):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         self.services = services
@@ -162,6 +231,7 @@ class Runtime:
         self.workers: list[Worker] = []  # one per served family (or one over the registry with `engine`)
         self.supervisor: Optional[Supervisor] = None
         self.maintenance: Optional[Maintenance] = None
+        self._secrets = Loop("secrets", services.refresh_secrets, interval=secrets_every)
         self.dispatcher: Optional[WebhookDispatcher] = None
         self._start_worker = start_worker and role != "api"
         self._worker_name = worker_name
@@ -211,6 +281,7 @@ class Runtime:
         for worker in self.workers:
             worker.start()
         self.maintenance.start()
+        self._secrets.start()
         self.dispatcher.start()
         if self.engine is not None:
             self._announce_engine(self.engine.info)
@@ -248,6 +319,7 @@ class Runtime:
             self.supervisor.stop(grace=grace)
         if self.maintenance is not None:
             self.maintenance.stop()
+        self._secrets.stop()
         if self.dispatcher is not None:
             try:
                 self.dispatcher.stop()

@@ -39,6 +39,7 @@ from .store import (
     EV_LOG,
     EV_PROGRESS,
     EV_STATUS,
+    PREVIOUS_SECRET,
     WATCH_TTL_SECONDS,
     CancelOutcome,
     JobEvent,
@@ -673,6 +674,18 @@ class SQLiteJobStore(JobStore):
                         (name, candidate))
             row = con.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
         return bytes(row[0])
+
+    def rotate_secret(self, name: str, value: bytes) -> None:
+        with self._tx() as con:
+            con.execute("DELETE FROM secrets WHERE name=?", (name + PREVIOUS_SECRET,))
+            con.execute("UPDATE secrets SET name=? WHERE name=?", (name + PREVIOUS_SECRET, name))
+            con.execute("INSERT INTO secrets(name, value) VALUES (?, ?)", (name, bytes(value)))
+
+    def secret_versions(self, name: str) -> tuple[Optional[bytes], Optional[bytes]]:
+        rows = dict(self._conn().execute("SELECT name, value FROM secrets WHERE name IN (?, ?)",
+                                         (name, name + PREVIOUS_SECRET)).fetchall())
+        current, previous = rows.get(name), rows.get(name + PREVIOUS_SECRET)
+        return (None if current is None else bytes(current)), (None if previous is None else bytes(previous))
 
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
                         info: Optional[dict[str, Any]] = None) -> None:

@@ -834,25 +834,36 @@ class UploadTokens:
 
     Kinds: "put" (a signed upload URL for one file id: no other credential needed), "mp" (the same
     for a multipart upload), "cdn" (the Python client's bearer token for `POST /files/upload`).
-    The kind is inside the MAC, so one kind can never be used as another."""
+    The kind is inside the MAC, so one kind can never be used as another. After a rotation
+    (`kleinserve secrets rotate upload-secret`) tokens are signed with the new secret, and those
+    signed with the previous one stay valid until they expire."""
 
-    def __init__(self, secret: bytes):
-        if len(secret) < 16:
+    def __init__(self, secret: bytes, previous: Optional[bytes] = None):
+        self.set_secrets(secret, previous)
+
+    def set_secrets(self, secret: bytes, previous: Optional[bytes] = None) -> None:
+        if len(secret) < 16 or (previous is not None and len(previous) < 16):
             raise ValueError("secret too short")
-        self._secret = secret
+        self._secrets = (secret,) if previous is None else (secret, previous)
+
+    @property
+    def secrets(self) -> tuple[bytes, Optional[bytes]]:
+        """(the signing secret, the previous one that still verifies or None)."""
+        return self._secrets[0], (self._secrets[1] if len(self._secrets) > 1 else None)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path | str) -> UploadTokens:
         return cls(load_or_create_secret(Path(data_dir) / "keys" / "upload-token.secret"))
 
-    def _mac(self, body: str) -> bytes:
-        return hmac.new(self._secret, body.encode("ascii"), hashlib.sha256).digest()
+    @staticmethod
+    def _mac(secret: bytes, body: str) -> bytes:
+        return hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()
 
     def issue(self, kind: str, ttl_seconds: float, **claims: Any) -> tuple[str, float]:
         exp = time.time() + float(ttl_seconds)
         payload = {"k": kind, "e": round(exp, 3), **claims}
         body = _b64e(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8"))
-        return f"{body}.{_b64e(self._mac(body))}", exp
+        return f"{body}.{_b64e(self._mac(self._secrets[0], body))}", exp
 
     def verify(self, token: Optional[str], kind: str) -> dict[str, Any]:
         """The claims; raises InvalidToken (forged, malformed, wrong kind) or ExpiredToken."""
@@ -863,7 +874,7 @@ class UploadTokens:
             given = _b64d(mac)
         except (ValueError, TypeError):
             raise InvalidToken("malformed upload token") from None
-        if not hmac.compare_digest(given, self._mac(body)):
+        if not any(hmac.compare_digest(given, self._mac(secret, body)) for secret in self._secrets):
             raise InvalidToken("invalid upload token signature")
         try:
             claims = json.loads(_b64d(body))

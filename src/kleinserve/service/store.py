@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 120.0  # --worker-stale-after: a worker silent this long loses its jobs
 WATCH_TTL_SECONDS = 10.0  # a watcher not refreshed this long no longer counts
+PREVIOUS_SECRET = ":previous"  # the name suffix of a rotated secret's previous version (rotate_secret)
 
 
 class JobNotFound(KeyError):
@@ -277,6 +278,15 @@ class JobStore(ABC):
     def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes:
         """The secret stored under `name`; the first caller's `create()` result wins (atomically),
         so every replica gets the same bytes."""
+
+    @abstractmethod
+    def rotate_secret(self, name: str, value: bytes) -> None:
+        """Makes `value` the secret `name`, and the one it replaces its previous version (in one
+        transaction; the version before that is dropped). See `secret_versions`."""
+
+    @abstractmethod
+    def secret_versions(self, name: str) -> tuple[Optional[bytes], Optional[bytes]]:
+        """(the secret `name`, its previous version), None where there is none."""
 
     @abstractmethod
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,

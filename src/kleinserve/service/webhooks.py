@@ -120,19 +120,25 @@ def signing_message(request_id: str, user_id: str, timestamp: str | int, body: b
 
 
 class WebhookSigner:
-    def __init__(self, private_key: Ed25519PrivateKey):
+    """Signs webhooks with the current key. After a rotation (`kleinserve secrets rotate webhook-key`)
+    the JWKS publishes the new key first and the previous one after it, so receivers that verify
+    against every published key accept deliveries signed before and after it."""
+
+    def __init__(self, private_key: Ed25519PrivateKey, previous: Optional[Ed25519PrivateKey] = None):
+        self.set_keys(private_key, previous)
+
+    def set_keys(self, private_key: Ed25519PrivateKey, previous: Optional[Ed25519PrivateKey] = None) -> None:
         self._key = private_key
         self.public_key: Ed25519PublicKey = private_key.public_key()
-        self.public_key_bytes = self.public_key.public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        # kid: a stable fingerprint of the public key (RFC 7638 thumbprint, base64url).
-        thumb_input = json.dumps(
-            {"crv": "Ed25519", "kty": "OKP", "x": _b64url(self.public_key_bytes)},
-            separators=(",", ":"),
-            sort_keys=True,
-        ).encode("ascii")
-        self.kid = _b64url(hashlib.sha256(thumb_input).digest())
+        self.public_key_bytes = _raw_public(self.public_key)
+        self.kid = _kid(self.public_key_bytes)
+        self._published = [self.public_key_bytes] + ([_raw_public(previous.public_key())] if previous else [])
+
+    @property
+    def private_bytes(self) -> bytes:
+        """The signing key's raw bytes (as the store keeps it)."""
+        return self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                       serialization.NoEncryption())
 
     @classmethod
     def from_data_dir(cls, data_dir: Path | str) -> WebhookSigner:
@@ -153,17 +159,27 @@ class WebhookSigner:
         }
 
     def jwk(self) -> dict[str, str]:
-        return {
-            "kty": "OKP",
-            "crv": "Ed25519",
-            "x": _b64url(self.public_key_bytes),
-            "kid": self.kid,
-            "alg": "EdDSA",
-            "use": "sig",
-        }
+        return _jwk(self.public_key_bytes)
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
-        return {"keys": [self.jwk()]}
+        """The current key, then the previous one (for a while after a rotation)."""
+        return {"keys": [_jwk(raw) for raw in self._published]}
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _kid(public_key_bytes: bytes) -> str:
+    """A stable fingerprint of the public key (RFC 7638 thumbprint, base64url)."""
+    thumb_input = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": _b64url(public_key_bytes)},
+                             separators=(",", ":"), sort_keys=True).encode("ascii")
+    return _b64url(hashlib.sha256(thumb_input).digest())
+
+
+def _jwk(public_key_bytes: bytes) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(public_key_bytes), "kid": _kid(public_key_bytes),
+            "alg": "EdDSA", "use": "sig"}
 
 
 def public_keys_from_jwks(jwks: Mapping[str, Any]) -> list[Ed25519PublicKey]:
