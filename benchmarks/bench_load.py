@@ -149,7 +149,10 @@ class RawConnection:
     async def send(self, request: bytes) -> int:
         """Send one prebuilt request and read its whole response; return the status code."""
         self.writer.write(request)
-        status = int((await self.reader.readline()).split()[1])
+        line = await self.reader.readline()
+        if not line:  # the server closed the keep-alive connection
+            raise ConnectionResetError("connection closed by the server")
+        status = int(line.split()[1])
         length, chunked = 0, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
@@ -194,6 +197,9 @@ async def _load(base: str, method: str, path: str, body: dict | None, clients: i
                             key = str((await hx.request(method, path, json=body)).status_code)
                     except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as exc:
                         key = type(exc).__name__
+                        if conn:  # a connection in an unknown state: the next request gets a fresh one
+                            conn.close()
+                            conn = await RawConnection.open(base)
                     lat.append(time.perf_counter() - t)
                     statuses[key] = statuses.get(key, 0) + 1
                     if interval:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Liveness check of a `kleinserve worker` (which serves no HTTP), for an exec probe / healthcheck.
+"""Liveness check of a `kleinserve worker` (which serves no API), for an exec probe / healthcheck.
 
     kleinserve-worker-alive [STORE_URL]        (default: $KLEINSERVE_STORE)
 

@@ -1,6 +1,7 @@
 """Rotating the shared secrets (`kleinserve secrets rotate`): two processes' services on one real
 SQLite store; one rotates through the CLI, the other takes the new versions on its refresh. Upload
-tokens and webhooks signed before a rotation keep verifying; those two rotations old do not."""
+tokens and webhooks signed before a rotation keep verifying; those two rotations old do not. A new
+webhook key is published before it signs (`--after`); `--drop-previous` retires a leaked one at once."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_rotation_keeps_what_was_signed_before_valid_until_the_next_one(two_proc
     token, _ = a.tokens.issue("put", 600, f="file1")
     old_headers = a.signer.headers("r", "u", BODY)
 
-    rc, shown, said = secrets_cli(capsys, "rotate", "webhook-key", "--data-dir", data_dir)
+    rc, shown, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "0", "--data-dir", data_dir)
     assert rc == 0 and f"rotated webhook-key: kid {old_kid} -> kid " in said
     rc, _, _ = secrets_cli(capsys, "rotate", "upload-secret", "--data-dir", data_dir)
     assert rc == 0
@@ -68,7 +69,7 @@ def test_rotation_keeps_what_was_signed_before_valid_until_the_next_one(two_proc
 
     # a second rotation: what was signed two versions ago is no longer accepted
     secrets_cli(capsys, "rotate", "upload-secret", "--data-dir", data_dir)
-    secrets_cli(capsys, "rotate", "webhook-key", "--data-dir", data_dir)
+    secrets_cli(capsys, "rotate", "webhook-key", "--after", "0", "--data-dir", data_dir)
     a.refresh_secrets()
     with pytest.raises(InvalidToken):
         a.tokens.verify(token, "put")
@@ -82,19 +83,63 @@ def test_a_running_process_takes_a_rotated_key_on_its_own(two_processes, capsys)
     runtime.start()
     try:
         before = b.signer.kid
-        assert secrets_cli(capsys, "rotate", "webhook-key", "--data-dir", str(settings.data_dir))[0] == 0
+        rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "2s", "--data-dir",
+                                  str(settings.data_dir))
+        assert rc == 0 and "signing from" in said
+        # published first, next to the key that still signs ...
         deadline = time.monotonic() + 10
-        while b.signer.kid == before:
-            assert time.monotonic() < deadline, "the running process kept the old key"
+        while len(b.signer.jwks()["keys"]) < 2:
+            assert time.monotonic() < deadline, "the running process did not publish the staged key"
             time.sleep(0.05)
-        assert [k["kid"] for k in b.signer.jwks()["keys"]] == [b.signer.kid, before]
+        staged = b.signer.jwks()["keys"][1]["kid"]
+        assert b.signer.kid == before and staged != before
+        headers = b.signer.headers("r", "u", BODY)
+        assert verify_webhook(headers, BODY, b.signer.jwks())
+        # ... then signing, with the old key still published (and a's own refresh agrees)
+        deadline = time.monotonic() + 15
+        while b.signer.kid == before:
+            assert time.monotonic() < deadline, "the staged key never started signing"
+            time.sleep(0.05)
+        assert [k["kid"] for k in b.signer.jwks()["keys"]] == [staged, before]
+        assert verify_webhook(headers, BODY, b.signer.jwks())
+        a.refresh_secrets()
+        assert a.signer.kid == staged and a.signer.jwks() == b.signer.jwks()
     finally:
         runtime.stop()
 
 
-def test_rotate_names_the_secret(tmp_path, capsys):
+def test_a_leaked_secret_is_retired_at_once_with_drop_previous(two_processes, capsys):
+    settings, a, b = two_processes
+    token, _ = a.tokens.issue("put", 600, f="file1")
+    leaked = a.signer.headers("r", "u", BODY)
+    for which in ("upload-secret", "webhook-key"):
+        rc, _, said = secrets_cli(capsys, "rotate", which, "--after", "0", "--drop-previous", "--data-dir",
+                                  str(settings.data_dir))
+        assert rc == 0 and "no longer accepted" in said
+    b.refresh_secrets()
+    with pytest.raises(InvalidToken):
+        b.tokens.verify(token, "put")
+    assert len(b.signer.jwks()["keys"]) == 1 and not verify_webhook(leaked, BODY, b.signer.jwks())
+
+
+def test_bad_rotations_say_what_to_do(tmp_path, capsys):
     rc, _, said = secrets_cli(capsys, "rotate", "--data-dir", str(tmp_path))
     assert rc == 2 and "rotate needs the secret: webhook-key or upload-secret" in said
     with pytest.raises(SystemExit):
         cli.main(["secrets", "rotate", "api-key", "--data-dir", str(tmp_path)])
     assert "invalid choice: 'api-key'" in capsys.readouterr().err
+    # a store no process has used yet (the wrong --store?): nothing to rotate, nothing created
+    rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--data-dir", str(tmp_path))
+    assert rc == 1 and "no secret 'webhook-ed25519' yet" in said and "--store" in said
+    rc, shown, _ = secrets_cli(capsys, "show", "--data-dir", str(tmp_path))
+    assert rc == 0 and "webhook-key: not created yet" in shown
+    build_services(Settings(data_dir=tmp_path), default_registry()).close()  # a first process creates them
+    rc, _, said = secrets_cli(capsys, "rotate", "upload-secret", "--after", "1h", "--data-dir", str(tmp_path))
+    assert rc == 2 and "upload-secret rotates at once" in said
+    rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "1h", "--drop-previous",
+                              "--data-dir", str(tmp_path))
+    assert rc == 2 and "use it with --after 0" in said
+    rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "soon", "--data-dir", str(tmp_path))
+    assert rc == 2 and "'soon'" in said
+    rc, _, said = secrets_cli(capsys, "show", "--drop-previous", "--data-dir", str(tmp_path))
+    assert rc == 2 and "go with rotate" in said

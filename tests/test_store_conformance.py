@@ -569,15 +569,48 @@ def test_shared_secret_race_from_threads(backend):
 
 
 def test_a_rotated_secret_keeps_one_previous_version(backend):
+    from kleinserve.service.store import SecretVersions
+
     a, b = backend.open(), backend.open()
-    assert a.secret_versions("upload-key") == (None, None)
+    assert a.secret_versions("upload-key") == SecretVersions()
+    with pytest.raises(KeyError):
+        a.rotate_secret("upload-key", b"0" * 32)  # nothing to rotate yet
     first = a.shared_secret("upload-key", lambda: b"1" * 32)
     b.rotate_secret("upload-key", b"2" * 32)
-    assert a.secret_versions("upload-key") == (b"2" * 32, first)
+    assert a.secret_versions("upload-key") == SecretVersions(current=b"2" * 32, previous=first)
     assert a.shared_secret("upload-key", lambda: b"x" * 32) == b"2" * 32  # the current version
     a.rotate_secret("upload-key", b"3" * 32)
-    assert b.secret_versions("upload-key") == (b"3" * 32, b"2" * 32)  # the first one is gone
-    assert b.secret_versions("webhook-key") == (None, None)  # other secrets untouched
+    assert b.secret_versions("upload-key") == SecretVersions(b"3" * 32, b"2" * 32)  # the first one is gone
+    b.rotate_secret("upload-key", b"4" * 32, drop_previous=True)
+    assert a.secret_versions("upload-key") == SecretVersions(current=b"4" * 32)
+    assert b.secret_versions("webhook-key") == SecretVersions()  # other secrets untouched
+
+
+def test_a_staged_secret_becomes_current_once_due_in_one_process_only(backend):
+    from kleinserve.service.store import SecretVersions
+
+    stores = [backend.open() for _ in range(4)]
+    stores[0].shared_secret("hook", lambda: b"A" * 32)
+    t = time.time()
+    stores[1].rotate_secret("hook", b"B" * 32, active_from=t + 100)
+    staged = SecretVersions(current=b"A" * 32, next=b"B" * 32, next_from=pytest.approx(t + 100))
+    assert stores[0].secret_versions("hook") == staged
+    assert not stores[2].promote_due_secret("hook", now=t + 50)  # not due: unchanged
+    assert stores[3].secret_versions("hook") == staged
+    barrier = threading.Barrier(len(stores))
+    promoted: list[bool] = []
+
+    def promote(store):
+        barrier.wait()
+        promoted.append(store.promote_due_secret("hook", now=t + 101))
+
+    threads = [threading.Thread(target=promote, args=(s,)) for s in stores]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert sorted(promoted) == [False, False, False, True]
+    assert stores[1].secret_versions("hook") == SecretVersions(current=b"B" * 32, previous=b"A" * 32)
 
 
 def test_worker_registry_expires(backend):
@@ -728,7 +761,10 @@ def test_sqlite_schema_1_database_keeps_working(tmp_path):
     finally:
         s.close()
     con = sqlite3.connect(path)
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    from kleinserve.service.sqlite_store import SCHEMA_VERSION
+
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    assert "active_from" in [row[1] for row in con.execute("PRAGMA table_info(secrets)")]
     con.close()
 
 

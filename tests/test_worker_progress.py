@@ -66,3 +66,29 @@ def test_a_stalled_progress_write_does_not_stop_the_steps_and_no_log_line_is_los
     # the steps in between were skipped in the store's progress, but every quarter's log line is there, in order
     assert [line["message"] for line in job.logs if line["message"].startswith("step ")] == \
         ["step 2/8", "step 4/8", "step 6/8", "step 8/8"]
+
+
+def test_a_store_that_stays_stalled_delays_the_outcome_by_the_flush_deadline_only(tmp_path, tiny_engine, monkeypatch):
+    from kleinserve.service import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PROGRESS_FLUSH_SECONDS", 0.5)
+    store = StalledProgressStore.in_data_dir(tmp_path)
+    store.entered, store.go = threading.Event(), threading.Event()
+    data = FluxKleinInput(prompt="a lighthouse", image_size={"width": 64, "height": 64}, num_inference_steps=8,
+                          enable_safety_checker=False).model_dump(mode="json")
+    rid = store.submit(Job(request_id=J.new_request_id(), endpoint_id=ENDPOINT_ID, owner="k", input=data)).request_id
+    worker = Worker(store, tiny_engine, registry=default_registry(), settings=Settings(preview_every=0),
+                    idle_poll=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (job := store.get(rid)).status != J.COMPLETED:  # while the progress write is still stuck
+            assert time.monotonic() < deadline, "the outcome waited for a stalled progress write"
+            time.sleep(0.05)
+        assert store.entered.is_set() and not store.go.is_set()
+        assert job.succeeded, job.error
+    finally:
+        store.go.set()  # the stuck write goes on now: the lease refuses it, nothing changes
+        worker.stop()
+    assert store.get(rid).succeeded
+    store.close()

@@ -870,37 +870,60 @@ def add_keys_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_secrets(args: argparse.Namespace) -> int:
     from .service.runtime import SECRETS_REFRESH_SECONDS, describe_secrets, rotate_secrets
-    from .service.settings import Settings
-    from .service.store import open_store
+    from .service.settings import Settings, parse_duration
+    from .service.store import open_store, redact_url
 
     try:
         settings = Settings.from_sources({"data_dir": args.data_dir, "store": args.store})
+        after = parse_duration(args.after) if args.after is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.action == "rotate" and args.which is None:
         raise UsageError("rotate needs the secret: webhook-key or upload-secret")
+    if args.action != "rotate" and (args.after is not None or args.drop_previous):
+        raise UsageError("--after and --drop-previous go with rotate")
+    if after is None:
+        after = DEFAULT_WEBHOOK_KEY_AFTER if args.which == "webhook-key" else 0.0
+    where = redact_url(settings.store_url)
     try:
         store = open_store(settings.store_url)
     except Exception as exc:  # the store cannot be opened: say which and why
-        _eprint(f"kleinserve secrets: cannot open the store {settings.store_url}: {type(exc).__name__}: {exc}")
+        _eprint(f"kleinserve secrets: cannot open the store {where}: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     try:
         if args.action == "rotate":
-            _eprint(f"rotated {rotate_secrets(store, args.which)} in {store.describe()}")
-            _eprint(f"every kleinserve process of this store takes it within {SECRETS_REFRESH_SECONDS:.0f} s. "
-                    + ("Webhooks are then signed with the new key; /.well-known/jwks.json publishes it first "
-                       "and the previous key after it until the next rotation (receivers that cache the JWKS "
-                       "should fetch it again when a signature does not verify)."
-                       if args.which == "webhook-key" else
-                       "Upload URLs are then signed with the new secret; those signed with the previous one "
-                       "keep working until they expire, and none signed before that."))
+            what = rotate_secrets(store, args.which, after=after, drop_previous=args.drop_previous)
+            _eprint(f"rotated {what} in {where}")
+            _eprint(_rotation_notes(args.which, after, args.drop_previous, SECRETS_REFRESH_SECONDS))
         for line in describe_secrets(store):
             sys.stdout.write(line + "\n")
+    except KeyError as exc:  # nothing to rotate: no process has used this store yet (or another store?)
+        _eprint(f"kleinserve secrets: {exc.args[0]}; is {where} the store your servers use (--store / "
+                "KLEINSERVE_STORE)?")
+        return EXIT_FAILED
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except Exception as exc:  # the store failed mid-way: nothing half done (one transaction)
+        _eprint(f"kleinserve secrets: the store {where} failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
     finally:
         store.close()
     return EXIT_OK
+
+
+DEFAULT_WEBHOOK_KEY_AFTER = 900.0  # a new webhook key is published this long before it signs
+
+
+def _rotation_notes(which: str, after: float, drop_previous: bool, refresh: float) -> str:
+    gone = "The replaced version is no longer accepted (--drop-previous)." if drop_previous else \
+        "The replaced version stays valid until the next rotation."
+    if which == "upload-secret":
+        return (f"Every kleinserve process of this store signs upload URLs with it within {refresh:.0f} s. {gone}")
+    if after:
+        return (f"/.well-known/jwks.json publishes it within {refresh:.0f} s; webhooks are signed with it from "
+                f"{after:.0f} s on, so receivers that cache the JWKS (max-age 300 s) have it by then. {gone}")
+    return (f"Webhooks are signed with it within {refresh:.0f} s (at once: receivers holding a cached JWKS may "
+            f"refuse deliveries until they fetch it again). {gone}")
 
 
 def add_secrets_parser(sub) -> argparse.ArgumentParser:
@@ -914,6 +937,11 @@ def add_secrets_parser(sub) -> argparse.ArgumentParser:
                    help="show (default): their fingerprints; rotate WHICH: a new version")
     p.add_argument("which", nargs="?", default=None, choices=("webhook-key", "upload-secret"),
                    help="the secret to rotate")
+    p.add_argument("--after", default=None, metavar="DURATION",
+                   help="webhook-key: publish the new key now and sign with it after this long (default 15m, "
+                        "longer than receivers may cache the JWKS; 0: at once, e.g. for a leaked key)")
+    p.add_argument("--drop-previous", action="store_true",
+                   help="stop accepting (and publishing) the version being replaced: for a leaked secret")
     p.add_argument("--store", default=None, metavar="URL",
                    help="the job store (default: $KLEINSERVE_STORE, or the SQLite store under --data-dir)")
     p.add_argument("--data-dir", default=None, metavar="DIR",

@@ -232,8 +232,8 @@ async def _json_body(request: Request) -> Any:
 async def initiate_upload(
     request: Request,
     body: InitiateUploadBody,
-    _storage_type: None = Depends(_check_storage_type),
     owner: Optional[str] = Depends(require_owner),
+    _storage_type: None = Depends(_check_storage_type),  # after the credentials: a 401 comes first
 ):
     svc = deps.services(request)
     try:
@@ -279,8 +279,8 @@ async def put_signed_upload(request: Request, file_id: str, token: Optional[str]
 async def initiate_multipart_upload(
     request: Request,
     body: InitiateUploadBody,
-    _storage_type: None = Depends(_check_storage_type),
     owner: Optional[str] = Depends(require_owner),
+    _storage_type: None = Depends(_check_storage_type),  # after the credentials: a 401 comes first
 ):
     svc = deps.services(request)
     mp = await _create_multipart(request, svc, body.content_type, body.file_name, owner)
@@ -374,8 +374,8 @@ async def complete_signed_multipart(
 @router.post("/storage/auth/token", responses=error_responses(400, 401, 422))
 async def storage_auth_token(
     request: Request,
-    _storage_type: None = Depends(_check_storage_type),
     owner: Optional[str] = Depends(require_owner),
+    _storage_type: None = Depends(_check_storage_type),  # after the credentials: a 401 comes first
 ):
     svc = deps.services(request)
     token, exp = svc.tokens.issue("cdn", CDN_TOKEN_TTL, o=owner)

@@ -44,7 +44,6 @@ from .store import (
     EV_LOG,
     EV_PROGRESS,
     EV_STATUS,
-    PREVIOUS_SECRET,
     WATCH_TTL_SECONDS,
     CancelOutcome,
     JobEvent,
@@ -52,6 +51,7 @@ from .store import (
     JobStore,
     Lease,
     Preview,
+    SecretVersions,
     redact_url,
 )
 from .store_rows import (
@@ -69,7 +69,7 @@ from .store_rows import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHANNEL = "kleinserve_events"
 IDLE_IN_TX_TIMEOUT_MS = 10_000  # our transactions last milliseconds; a stopped client's are ended
 _LOCK_MIGRATE = 0x6B6C6E01  # pg_advisory_xact_lock keys ("kln" + n)
@@ -160,6 +160,7 @@ MIGRATIONS: dict[int, list[str]] = {
 )""",
         "CREATE TABLE secrets (name text PRIMARY KEY, value bytea NOT NULL)",
     ],
+    1: ["ALTER TABLE secrets ADD COLUMN active_from double precision"],  # a staged secret's time (rotate_secret)
 }
 assert max(MIGRATIONS) + 1 == SCHEMA_VERSION
 
@@ -687,19 +688,25 @@ class PostgresJobStore(JobStore):
                         (name, bytes(create())))
             return bytes(_one(cur.execute("SELECT value FROM secrets WHERE name = %s", (name,)))["value"])
 
-    def rotate_secret(self, name: str, value: bytes) -> None:
-        with self._tx() as tx:
-            tx.cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("kleinserve-secret:" + name,))
-            tx.cur.execute("DELETE FROM secrets WHERE name = %s", (name + PREVIOUS_SECRET,))
-            tx.cur.execute("UPDATE secrets SET name = %s WHERE name = %s", (name + PREVIOUS_SECRET, name))
-            tx.cur.execute("INSERT INTO secrets (name, value) VALUES (%s, %s)", (name, bytes(value)))
+    _SECRET_ROWS = "SELECT name, value, active_from FROM secrets WHERE name IN (%s, %s, %s)"
 
-    def secret_versions(self, name: str) -> tuple[Optional[bytes], Optional[bytes]]:
+    def secret_versions(self, name: str) -> SecretVersions:
         with self._cursor() as cur:
-            rows = {r["name"]: bytes(r["value"]) for r in
-                    cur.execute("SELECT name, value FROM secrets WHERE name IN (%s, %s)",
-                                (name, name + PREVIOUS_SECRET)).fetchall()}
-        return rows.get(name), rows.get(name + PREVIOUS_SECRET)
+            rows = cur.execute(self._SECRET_ROWS, SecretVersions.row_names(name)).fetchall()
+        return SecretVersions.from_rows(name, ((r["name"], r["value"], r["active_from"]) for r in rows))
+
+    def _update_secret(self, name: str, change: Callable[[SecretVersions], SecretVersions]) -> None:
+        names = SecretVersions.row_names(name)
+        with self._tx() as tx:
+            # One writer per secret; `shared_secret`'s first INSERT only ever creates the current row.
+            tx.cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("kleinserve-secret:" + name,))
+            rows = tx.cur.execute(self._SECRET_ROWS + " FOR UPDATE", names).fetchall()
+            before = SecretVersions.from_rows(name, ((r["name"], r["value"], r["active_from"]) for r in rows))
+            after = change(before)
+            if after != before:
+                tx.cur.execute("DELETE FROM secrets WHERE name IN (%s, %s, %s)", names)
+                tx.cur.executemany("INSERT INTO secrets (name, value, active_from) VALUES (%s, %s, %s)",
+                                   after.rows(name))
 
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
                         info: Optional[dict[str, Any]] = None) -> None:

@@ -12,7 +12,7 @@ Roles:
 - "all" (the default `serve`): the API, and workers: in-process worker threads on one device, or
   with `--devices` one supervised `kleinserve worker` process per device (service/supervisor.py).
 - "api": the API only; loads no model; every worker runs elsewhere (`kleinserve worker`).
-- "worker": a worker process: the workers of one device; no HTTP.
+- "worker": a worker process: the workers of one device; no API (its metrics with --metrics-port).
 
 Models (`--model`, `settings.model_specs`): one checkpoint per served klein family. The registry
 declares the served families' endpoints (`default_registry(settings.model_specs)`); a process that runs
@@ -50,7 +50,7 @@ from .lifecycle import Loop
 from .netguard import NetPolicy
 from .settings import Settings
 from .storage import FileStorage, UploadTokens, load_or_create_secret, open_storage
-from .store import JobStore, open_store
+from .store import JobStore, SecretVersions, open_store
 from .webhooks import KEY_FILE_NAME, WebhookDispatcher, WebhookSigner, load_or_create_private_key
 from .worker import Maintenance, Worker
 
@@ -87,6 +87,7 @@ class Services:
     feed: EventFeed  # this process's view of the store's event log
     net_policy: NetPolicy  # the SSRF guard every server-side request goes through (webhooks, inputs)
     process_id: str  # this process, as a watcher / in logs
+    webhook_versions: Optional[SecretVersions] = None  # the webhook keys `signer` holds (refresh_secrets)
 
     def close(self) -> None:
         self.feed.stop()
@@ -94,25 +95,27 @@ class Services:
         self.store.close()
 
     def refresh_secrets(self) -> None:
-        """Takes the shared secrets' current versions from the store (another process may have rotated
-        them): new upload tokens and webhooks are signed with the new ones; the previous ones still
-        verify (upload tokens) and stay published (JWKS)."""
-        upload = _secret_versions(self.store, UPLOAD_SECRET)
-        if upload != self.tokens.secrets:
-            self.tokens.set_secrets(*upload)
+        """Takes the shared secrets' versions from the store (another process may have rotated them), and
+        makes a staged webhook key current once it is due. Upload URLs and webhooks are signed with the
+        current versions; previous upload secrets still verify; the JWKS publishes every webhook key
+        that signs or may sign (current, staged, previous)."""
+        if self.store.promote_due_secret(WEBHOOK_KEY):
+            log.warning("the staged webhook key is current now (this process promoted it)")
+        upload = self.store.secret_versions(UPLOAD_SECRET)
+        if upload.current is not None and (upload.current, upload.previous) != self.tokens.secrets:
+            self.tokens.set_secrets(upload.current, upload.previous)
             log.warning("the upload secret was rotated: new upload URLs are signed with the new one")
-        current, previous = _secret_versions(self.store, WEBHOOK_KEY)
-        if current != self.signer.private_bytes:
-            self.signer.set_keys(_ed25519(current), _ed25519(previous) if previous else None)
-            log.warning("the webhook key was rotated: webhooks are signed with key %s; the JWKS publishes it "
-                        "and the previous one", self.signer.kid)
+        hook = self.store.secret_versions(WEBHOOK_KEY)
+        if hook.current is not None and hook != self.webhook_versions:
+            self._set_webhook_keys(hook)
+            log.warning("webhook keys now: signing with %s; JWKS %s", self.signer.kid,
+                        ", ".join(k["kid"] for k in self.signer.jwks()["keys"]))
 
-
-def _secret_versions(store: JobStore, name: str) -> tuple[bytes, Optional[bytes]]:
-    current, previous = store.secret_versions(name)
-    if current is None:
-        raise RuntimeError(f"the store holds no secret {name!r}")
-    return current, previous
+    def _set_webhook_keys(self, v: SecretVersions) -> None:
+        assert v.current is not None
+        self.signer.set_keys(_ed25519(v.current), previous=_ed25519(v.previous) if v.previous else None,
+                             staged=_ed25519(v.next) if v.next else None)
+        self.webhook_versions = v
 
 
 def _ed25519(raw: bytes) -> Ed25519PrivateKey:
@@ -134,25 +137,41 @@ def _fingerprint(which: str, raw: Optional[bytes]) -> str:
     return "sha256 " + hashlib.sha256(raw).hexdigest()[:16]
 
 
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
 def describe_secrets(store: JobStore) -> list[str]:
-    """One line per shared secret: its current and previous versions' fingerprints."""
+    """One line per shared secret: its versions' fingerprints."""
     lines = []
     for which, name in SECRETS.items():
-        current, previous = store.secret_versions(name)
-        lines.append(f"{which}: current {_fingerprint(which, current)}, previous {_fingerprint(which, previous)}")
+        v = store.secret_versions(name)
+        if v.current is None:
+            lines.append(f"{which}: not created yet (the first kleinserve serve or worker on this store creates it)")
+            continue
+        staged = f", next {_fingerprint(which, v.next)} from {_when(v.next_from or 0.0)}" if v.next else ""
+        lines.append(f"{which}: current {_fingerprint(which, v.current)}{staged}, "
+                     f"previous {_fingerprint(which, v.previous)}")
     return lines
 
 
-def rotate_secrets(store: JobStore, which: str) -> str:
-    """`kleinserve secrets rotate WHICH`: a new version of the shared secret, the current one kept as
-    the previous (still verifying / published) one; every process takes it within
-    SECRETS_REFRESH_SECONDS. Returns what changed, for the operator."""
+def rotate_secrets(store: JobStore, which: str, *, after: float = 0.0, drop_previous: bool = False) -> str:
+    """`kleinserve secrets rotate WHICH`: a new version of a shared secret. `after` > 0 (the webhook key
+    only): it is published at once and signs from then on; otherwise it is current at once. The one it
+    replaces stays valid as the previous version, unless `drop_previous`. Every process takes it within
+    SECRETS_REFRESH_SECONDS. Returns what changed, for the operator. KeyError: not created yet."""
     if which not in SECRETS:
         raise ValueError(f"no secret {which!r}: one of {', '.join(SECRETS)}")
-    before, _ = store.secret_versions(SECRETS[which])
+    if after and which != "webhook-key":
+        raise ValueError(f"{which} rotates at once (what it signed before stays valid): drop --after")
+    if after and drop_previous:
+        raise ValueError("--drop-previous replaces the current version at once: use it with --after 0")
+    name = SECRETS[which]
+    before = store.secret_versions(name).current
     new = _new_secret(which)
-    store.rotate_secret(SECRETS[which], new)
-    return f"{which}: {_fingerprint(which, before)} -> {_fingerprint(which, new)}"
+    store.rotate_secret(name, new, active_from=time.time() + after if after else None, drop_previous=drop_previous)
+    when = f", signing from {_when(time.time() + after)}" if after else ""
+    return f"{which}: {_fingerprint(which, before)} -> {_fingerprint(which, new)}{when}"
 
 
 def _existing_or_new_upload_secret(data_dir: Path) -> Callable[[], bytes]:
@@ -193,16 +212,20 @@ def build_services(settings: Settings, registry: EndpointRegistry, *,
         # The first process of a deployment creates them; then every process reads the same versions.
         store.shared_secret(UPLOAD_SECRET, _existing_or_new_upload_secret(settings.data_dir))
         store.shared_secret(WEBHOOK_KEY, _existing_or_new_webhook_key(settings.data_dir))
-        tokens = UploadTokens(*_secret_versions(store, UPLOAD_SECRET))
-        key, previous = _secret_versions(store, WEBHOOK_KEY)
-        signer = WebhookSigner(_ed25519(key), _ed25519(previous) if previous else None)
+        upload = store.secret_versions(UPLOAD_SECRET)
+        hook = store.secret_versions(WEBHOOK_KEY)
+        assert upload.current is not None and hook.current is not None  # shared_secret made them
+        tokens = UploadTokens(upload.current, upload.previous)
+        signer = WebhookSigner(_ed25519(hook.current))
     except BaseException:
         store.close()
         raise
     process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    return Services(settings=settings, registry=registry, store=store, storage=storage, tokens=tokens,
-                    signer=signer, feed=EventFeed(store, process_id), net_policy=settings.net_policy(),
-                    process_id=process_id)
+    services = Services(settings=settings, registry=registry, store=store, storage=storage, tokens=tokens,
+                        signer=signer, feed=EventFeed(store, process_id), net_policy=settings.net_policy(),
+                        process_id=process_id)
+    services._set_webhook_keys(hook)
+    return services
 
 
 class Runtime:

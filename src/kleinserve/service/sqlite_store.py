@@ -39,7 +39,6 @@ from .store import (
     EV_LOG,
     EV_PROGRESS,
     EV_STATUS,
-    PREVIOUS_SECRET,
     WATCH_TTL_SECONDS,
     CancelOutcome,
     JobEvent,
@@ -47,6 +46,7 @@ from .store import (
     JobStore,
     Lease,
     Preview,
+    SecretVersions,
 )
 from .store_rows import (
     COLUMNS,
@@ -66,7 +66,7 @@ __all__ = ["SQLiteJobStore", "SCHEMA_VERSION", "iso_timestamp"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 POLL_SECONDS = 0.02  # how often wait_events looks for other processes' events
 
 # Schema 1 (kleinserve before the fleet work): created as it was, then migrated.
@@ -158,6 +158,7 @@ MIGRATIONS: dict[int, list[str]] = {
 )""",
         "CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ],
+    2: ["ALTER TABLE secrets ADD COLUMN active_from REAL"],  # a staged secret's time (rotate_secret)
 }
 assert max(MIGRATIONS) + 1 == SCHEMA_VERSION
 
@@ -675,17 +676,19 @@ class SQLiteJobStore(JobStore):
             row = con.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
         return bytes(row[0])
 
-    def rotate_secret(self, name: str, value: bytes) -> None:
-        with self._tx() as con:
-            con.execute("DELETE FROM secrets WHERE name=?", (name + PREVIOUS_SECRET,))
-            con.execute("UPDATE secrets SET name=? WHERE name=?", (name + PREVIOUS_SECRET, name))
-            con.execute("INSERT INTO secrets(name, value) VALUES (?, ?)", (name, bytes(value)))
+    def secret_versions(self, name: str) -> SecretVersions:
+        return SecretVersions.from_rows(name, self._conn().execute(
+            "SELECT name, value, active_from FROM secrets WHERE name IN (?, ?, ?)", SecretVersions.row_names(name)))
 
-    def secret_versions(self, name: str) -> tuple[Optional[bytes], Optional[bytes]]:
-        rows = dict(self._conn().execute("SELECT name, value FROM secrets WHERE name IN (?, ?)",
-                                         (name, name + PREVIOUS_SECRET)).fetchall())
-        current, previous = rows.get(name), rows.get(name + PREVIOUS_SECRET)
-        return (None if current is None else bytes(current)), (None if previous is None else bytes(previous))
+    def _update_secret(self, name: str, change: Callable[[SecretVersions], SecretVersions]) -> None:
+        names = SecretVersions.row_names(name)
+        with self._tx() as con:
+            before = SecretVersions.from_rows(name, con.execute(
+                "SELECT name, value, active_from FROM secrets WHERE name IN (?, ?, ?)", names))
+            after = change(before)
+            if after != before:
+                con.execute("DELETE FROM secrets WHERE name IN (?, ?, ?)", names)
+                con.executemany("INSERT INTO secrets(name, value, active_from) VALUES (?, ?, ?)", after.rows(name))
 
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,
                         info: Optional[dict[str, Any]] = None) -> None:

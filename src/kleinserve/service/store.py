@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,7 +41,34 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 120.0  # --worker-stale-after: a worker silent this long loses its jobs
 WATCH_TTL_SECONDS = 10.0  # a watcher not refreshed this long no longer counts
-PREVIOUS_SECRET = ":previous"  # the name suffix of a rotated secret's previous version (rotate_secret)
+
+
+@dataclass(frozen=True)
+class SecretVersions:
+    """A shared secret's versions (see JobStore.rotate_secret)."""
+
+    current: Optional[bytes] = None
+    previous: Optional[bytes] = None  # the one it replaced: still accepted
+    next: Optional[bytes] = None  # staged: published (JWKS), current from `next_from` (epoch seconds)
+    next_from: Optional[float] = None
+
+    # In the `secrets` table: one row per version, named NAME, NAME:previous and NAME:next.
+    @staticmethod
+    def row_names(name: str) -> tuple[str, str, str]:
+        return name, name + ":previous", name + ":next"
+
+    @classmethod
+    def from_rows(cls, name: str, rows: Iterable[tuple[str, bytes, Optional[float]]]) -> SecretVersions:
+        by_name = {n: (bytes(value), active_from) for n, value, active_from in rows}
+        current, previous, staged = (by_name.get(n) for n in cls.row_names(name))
+        return cls(current=current[0] if current else None, previous=previous[0] if previous else None,
+                   next=staged[0] if staged else None, next_from=staged[1] if staged else None)
+
+    def rows(self, name: str) -> list[tuple[str, bytes, Optional[float]]]:
+        names = self.row_names(name)
+        versions = ((names[0], self.current, None), (names[1], self.previous, None),
+                    (names[2], self.next, self.next_from))
+        return [(n, value, active_from) for n, value, active_from in versions if value is not None]
 
 
 class JobNotFound(KeyError):
@@ -280,13 +308,46 @@ class JobStore(ABC):
         so every replica gets the same bytes."""
 
     @abstractmethod
-    def rotate_secret(self, name: str, value: bytes) -> None:
-        """Makes `value` the secret `name`, and the one it replaces its previous version (in one
-        transaction; the version before that is dropped). See `secret_versions`."""
+    def secret_versions(self, name: str) -> SecretVersions:
+        """The versions of the secret `name` (all None when it was never created)."""
 
     @abstractmethod
-    def secret_versions(self, name: str) -> tuple[Optional[bytes], Optional[bytes]]:
-        """(the secret `name`, its previous version), None where there is none."""
+    def _update_secret(self, name: str, change: Callable[[SecretVersions], SecretVersions]) -> None:
+        """Reads the versions of `name`, and writes `change(versions)` in the same transaction."""
+
+    def rotate_secret(self, name: str, value: bytes, *, active_from: Optional[float] = None,
+                      drop_previous: bool = False) -> None:
+        """A new version of the existing secret `name` (KeyError when there is none), in one transaction.
+        `active_from` None: it becomes current at once, the current one becomes the previous one (or
+        none with `drop_previous`; the one before is dropped either way), a staged one is dropped.
+        `active_from` (epoch seconds): it is staged as `next` until then (replacing a staged one);
+        `promote_due_secret` makes it current."""
+        def change(v: SecretVersions) -> SecretVersions:
+            if v.current is None:
+                raise KeyError(f"no secret {name!r} yet: the first kleinserve process of this store creates it")
+            if active_from is None:
+                return SecretVersions(current=value, previous=None if drop_previous else v.current)
+            return SecretVersions(current=v.current, previous=None if drop_previous else v.previous, next=value,
+                                  next_from=float(active_from))
+        self._update_secret(name, change)
+
+    def promote_due_secret(self, name: str, now: Optional[float] = None) -> bool:
+        """When the staged version of `name` is due: it becomes current and the current one the previous
+        one (one transaction; any process may call it, the first does it). True when it did."""
+        now = time.time() if now is None else now
+        v = self.secret_versions(name)
+        if v.next is None or (v.next_from or 0.0) > now:
+            return False  # the usual case: a read, no write
+        promoted = False
+
+        def change(v: SecretVersions) -> SecretVersions:
+            nonlocal promoted
+            if v.next is None or (v.next_from or 0.0) > now:
+                return v  # another process did it meanwhile
+            promoted = True
+            return SecretVersions(current=v.next, previous=v.current)
+        self._update_secret(name, change)
+        return promoted
 
     @abstractmethod
     def register_worker(self, worker_id: str, endpoint_ids: Iterable[str], *, ttl: float,

@@ -71,9 +71,20 @@ class Supervisor:
         self.python = python
         self.children = [_Child(name=f"{d.replace(':', '')}-{i}", device=d,
                                 threads=threads_for(d, self.devices, settings),
-                                metrics_port=settings.metrics_port + i if settings.metrics_port else 0)
+                                metrics_port=self._metrics_port(i))
                          for i, d in enumerate(self.devices)]
         self._loop = Loop("supervisor", self._pass, interval=0.2)
+
+    def _metrics_port(self, i: int) -> int:
+        """The Nth worker's --metrics-port: --metrics-port + N (0: none; never the server's own --port,
+        which `--devices all` could only be checked against once the devices were counted)."""
+        s = self.settings
+        port = s.metrics_port + i if s.metrics_port else 0
+        if port and (port == s.port or port > 65535):
+            log.error("worker %d: its metrics port %d is not free for it (the server's --port is %d): it serves "
+                      "no metrics; choose a --metrics-port range clear of --port", i, port, s.port)
+            return 0
+        return port
 
     def _env(self, child: _Child) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KLEINSERVE_")}

@@ -120,25 +120,21 @@ def signing_message(request_id: str, user_id: str, timestamp: str | int, body: b
 
 
 class WebhookSigner:
-    """Signs webhooks with the current key. After a rotation (`kleinserve secrets rotate webhook-key`)
-    the JWKS publishes the new key first and the previous one after it, so receivers that verify
-    against every published key accept deliveries signed before and after it."""
+    """Signs webhooks with the current key. Around a rotation (`kleinserve secrets rotate webhook-key`)
+    the JWKS also publishes the staged key (before it signs) and the previous one (after it stopped),
+    so receivers that verify against every published key accept deliveries signed on either side."""
 
-    def __init__(self, private_key: Ed25519PrivateKey, previous: Optional[Ed25519PrivateKey] = None):
-        self.set_keys(private_key, previous)
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self.set_keys(private_key)
 
-    def set_keys(self, private_key: Ed25519PrivateKey, previous: Optional[Ed25519PrivateKey] = None) -> None:
+    def set_keys(self, private_key: Ed25519PrivateKey, *, previous: Optional[Ed25519PrivateKey] = None,
+                 staged: Optional[Ed25519PrivateKey] = None) -> None:
+        """Signs with `private_key`; publishes it, then `staged` (signs from its time on), then `previous`."""
         self._key = private_key
         self.public_key: Ed25519PublicKey = private_key.public_key()
         self.public_key_bytes = _raw_public(self.public_key)
         self.kid = _kid(self.public_key_bytes)
-        self._published = [self.public_key_bytes] + ([_raw_public(previous.public_key())] if previous else [])
-
-    @property
-    def private_bytes(self) -> bytes:
-        """The signing key's raw bytes (as the store keeps it)."""
-        return self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                       serialization.NoEncryption())
+        self._published = [self.public_key_bytes] + [_raw_public(k.public_key()) for k in (staged, previous) if k]
 
     @classmethod
     def from_data_dir(cls, data_dir: Path | str) -> WebhookSigner:
@@ -162,7 +158,7 @@ class WebhookSigner:
         return _jwk(self.public_key_bytes)
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
-        """The current key, then the previous one (for a while after a rotation)."""
+        """The current key, then a staged one and the previous one (around a rotation)."""
         return {"keys": [_jwk(raw) for raw in self._published]}
 
 

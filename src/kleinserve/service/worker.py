@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 PATIENCE = 120.0  # seconds a finished request waits for an unreachable job store or storage before failing
 PROGRESS_LOG_LINES = 4  # "step i/N" log lines per run (at each quarter), not one per step
+PROGRESS_FLUSH_SECONDS = 10.0  # the longest a batch's outcomes wait for its progress to be written
 BATCH_LOOKAHEAD = 32  # queued jobs looked at for ones that can join a batch (the rest keep their place)
 
 
@@ -201,6 +202,7 @@ class Worker:
         self._claims = Loop(f"worker-{name}", self._claim_pass, interval=idle_poll)
         self._monitor = Loop(f"monitor-{name}", self._monitor_pass, interval=monitor_every)
         self._progress = Loop(f"progress-{name}", self._progress_pass, interval=0.5)
+        self._flush_deadline: Optional[float] = None  # of the running batch (see _Run.finish_progress)
         self._next_registration = 0.0
         self.inputs = RequestInputs(settings, storage)  # image_urls and loras -> decoded images, LoRA files
 
@@ -306,6 +308,16 @@ class Worker:
         for run in list(self.running):
             run.write_progress()
 
+    @property
+    def progress_running(self) -> bool:
+        return self._progress.alive
+
+    def progress_deadline(self) -> float:
+        """When the running batch's outcomes stop waiting for its progress (set by the first wait)."""
+        if self._flush_deadline is None:
+            self._flush_deadline = time.monotonic() + PROGRESS_FLUSH_SECONDS
+        return self._flush_deadline
+
     # ------------------------------------------------------------------ batches
     def _batch_key(self, job: Job) -> tuple[Optional[tuple], int]:
         """(the engine's batch key of the job's request or None, its number of images)."""
@@ -344,6 +356,7 @@ class Worker:
     # ------------------------------------------------------------------ running jobs
     def _process(self, runs: list[_Run]) -> None:
         """Runs claimed jobs through one `engine.generate_batch`; each ends in `_finish`."""
+        self._flush_deadline = None
         for run in runs:
             metrics.observe_job_started(run.job.queue_time)
         metrics.observe_batch(len(runs))
@@ -607,10 +620,12 @@ class _Run:
         self._next_heartbeat = time.monotonic() + worker.heartbeat_every
         self._next_poll = 0.0
         # Progress handed from the engine's thread to the worker's progress writer (on_step ->
-        # write_progress): the latest step (with the latest preview) and the log lines due.
-        self._progress_lock = threading.Lock()
-        self._pending: Optional[tuple[int, int, Optional[Image.Image]]] = None
+        # write_progress): the latest step, the latest preview with its own step, the log lines due.
+        self._progress_lock = threading.Lock()  # guards the three below
+        self._pending: Optional[tuple[int, int]] = None
+        self._pending_preview: Optional[tuple[int, int, Image.Image]] = None
         self._pending_logs: list[str] = []
+        self._writing = threading.Lock()  # one write_progress at a time for this run
         self._written = threading.Event()  # nothing pending: every step handed over is in the store
         self._written.set()
 
@@ -695,13 +710,13 @@ class _Run:
     # --------------------------------------------------------------- progress
     def on_step(self, ev: StepEvent) -> None:
         """On the engine's thread: hands the step to the progress writer and returns at once. When the
-        store is slower than the steps, the writer skips to the latest step (a preview rides with it);
-        the "step i/N" log lines at each quarter are all written, in order."""
+        store is slower than the steps, the writer skips to the latest step (and the latest preview,
+        stored with its own step); the "step i/N" log lines at each quarter are all written, in order."""
         step, total = int(ev.step), int(ev.total)
         with self._progress_lock:
-            previous = self._pending
-            preview = ev.preview if ev.preview is not None else (previous[2] if previous else None)
-            self._pending = (step, total, preview)
+            self._pending = (step, total)
+            if ev.preview is not None:
+                self._pending_preview = (step, total, ev.preview)
             if (step * PROGRESS_LOG_LINES) // total != ((step - 1) * PROGRESS_LOG_LINES) // total:
                 # A few lines for the humans reading the logs (fal's clients print them); the typed
                 # progress is what the streams and the playground use.
@@ -710,44 +725,69 @@ class _Run:
         self.worker._progress.wake()
         metrics.observe_step()
 
-    def write_progress(self) -> None:
-        """On the progress writer's thread: stores what on_step handed over (fenced by the lease)."""
-        with self._progress_lock:
-            pending, self._pending = self._pending, None
-            lines, self._pending_logs = self._pending_logs, []
+    def write_progress(self, timeout: float = -1) -> None:
+        """On the progress writer's thread: stores what on_step handed over (fenced by the lease).
+        `timeout`: how long to wait for a write of this run already under way (-1: as long as it takes)."""
+        if not self._writing.acquire(timeout=timeout):
+            return
         try:
-            if pending is not None:
-                step, total, image = pending
-                preview = None
-                if image is not None:
+            with self._progress_lock:
+                latest, self._pending = self._pending, None
+                shown, self._pending_preview = self._pending_preview, None
+                lines, self._pending_logs = self._pending_logs, []
+            store = self.worker.store
+            try:
+                if shown is not None:
                     try:
-                        preview = preview_data_uri(image, max_side=256)
+                        preview: Optional[str] = preview_data_uri(shown[2], max_side=256)
                     except Exception:
                         log.debug("preview encoding failed", exc_info=True)
-                self.worker.store.record_progress(self.lease, step, total, preview)
-            for line in lines:
-                self.worker.store.append_log(self.rid, line, lease=self.lease)
+                        preview = None
+                    store.record_progress(self.lease, shown[0], shown[1], preview)
+                if latest is not None and (shown is None or latest[0] > shown[0]):
+                    store.record_progress(self.lease, latest[0], latest[1])
+            except LeaseLost:
+                raise
+            except Exception:  # progress is best effort: the next step's write brings it up to date
+                log.warning("could not record the progress of %s", self.rid, exc_info=True)
+            for i, line in enumerate(lines):
+                try:
+                    store.append_log(self.rid, line, lease=self.lease)
+                except LeaseLost:
+                    raise
+                except Exception:  # kept, in order, for the next pass
+                    log.warning("could not store a log line of %s; retrying", self.rid, exc_info=True)
+                    with self._progress_lock:
+                        self._pending_logs[:0] = lines[i:]
+                    break
         except LeaseLost as exc:
             if not self.finished:
                 log.warning("%s: stopping it", exc)
                 self.lost = True
-        except Exception:  # progress is best effort; the result is what must not be lost
-            log.warning("could not record the progress of %s", self.rid, exc_info=True)
+            with self._progress_lock:  # fenced: nothing more of this run can be written
+                self._pending, self._pending_preview, self._pending_logs = None, None, []
         finally:
             with self._progress_lock:
-                if self._pending is None and not self._pending_logs:
+                if self._pending is None and self._pending_preview is None and not self._pending_logs:
                     self._written.set()
+            self._writing.release()
 
-    def finish_progress(self, timeout: float = 10.0) -> None:
-        """Before the outcome is committed: waits (up to `timeout`) until the progress handed over is
-        written. Past it the outcome goes first; a later progress write is then refused (fenced)."""
-        if not self.worker._progress.alive:  # a worker driven by hand (not started): write it here
-            self.write_progress()
+    def finish_progress(self) -> None:
+        """Before the outcome is committed: waits until the progress handed over is written, so the
+        job's last steps and log lines come before its result. Not when the run is released or lost
+        (what it wrote no longer matters), and not past the worker's progress deadline: a store that
+        stalls delays each batch by at most PROGRESS_FLUSH_SECONDS in all; a later write is then
+        refused by the lease."""
+        w = self.worker
+        if self.lost or w.abort.is_set() or self._written.is_set():
             return
-        self.worker._progress.wake()
-        if not self._written.wait(timeout):
-            log.warning("the progress of %s is not written after %.0fs (store slow?): recording its outcome",
-                        self.rid, timeout)
+        if not w.progress_running:  # a worker driven by hand (never started): write it here
+            self.write_progress(timeout=PROGRESS_FLUSH_SECONDS)
+            return
+        w._progress.wake()
+        if not self._written.wait(max(0.0, w.progress_deadline() - time.monotonic())):
+            log.warning("the progress of %s is not written yet (the store is slow?): recording its outcome",
+                        self.rid)
 
 
 # ------------------------------------------------------------------------------ maintenance

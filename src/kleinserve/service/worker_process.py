@@ -68,13 +68,12 @@ def run_worker(argv: Optional[Sequence[str]] = None) -> int:
         try:  # the same registry as the API's /metrics
             metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host,
                                                   registry=metrics.REGISTRY)
-        except OSError as exc:
-            print(f"kleinserve worker: --metrics-port {settings.metrics_port}: cannot listen on "
-                  f"{settings.host}:{settings.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
-            services.close()
-            return 2
-        log.info("worker %s: Prometheus metrics on http://%s:%d/metrics", args.name, settings.host,
-                 settings.metrics_port)
+            log.info("worker %s: Prometheus metrics on http://%s:%d/metrics", args.name, settings.host,
+                     settings.metrics_port)
+        except OSError as exc:  # a busy port must not take the device out of service: run without
+            log.error("worker %s: --metrics-port %d: cannot listen on %s:%d (%s): this worker serves no "
+                      "metrics", args.name, settings.metrics_port, settings.host, settings.metrics_port,
+                      exc.strerror or exc)
     runtime = Runtime(services, role="worker", load_engine=True, worker_name=args.name)
     stop = threading.Event()
 
