@@ -15,6 +15,7 @@ from kleinserve.endpoints import default_registry
 from kleinserve.service.runtime import Runtime, build_services
 from kleinserve.service.settings import Settings
 from kleinserve.service.storage import InvalidToken
+from kleinserve.service.store import open_store
 from kleinserve.service.webhooks import verify_webhook
 
 BODY = json.dumps({"status": "OK", "request_id": "r"}).encode()
@@ -128,7 +129,12 @@ def test_bad_rotations_say_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["secrets", "rotate", "api-key", "--data-dir", str(tmp_path)])
     assert "invalid choice: 'api-key'" in capsys.readouterr().err
-    # a store no process has used yet (the wrong --store?): nothing to rotate, nothing created
+    # no store there (the wrong --data-dir?): said, and none created
+    rc, _, said = secrets_cli(capsys, "show", "--data-dir", str(tmp_path))
+    assert rc == 1 and f"no job store at {tmp_path / 'jobs.sqlite3'}" in said and "--store" in said
+    assert not (tmp_path / "jobs.sqlite3").exists()
+    # a store no process has used yet: nothing to rotate
+    open_store(f"sqlite:///{tmp_path / 'jobs.sqlite3'}").close()
     rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--data-dir", str(tmp_path))
     assert rc == 1 and "no secret 'webhook-ed25519' yet" in said and "--store" in said
     rc, shown, _ = secrets_cli(capsys, "show", "--data-dir", str(tmp_path))

@@ -886,7 +886,11 @@ def cmd_secrets(args: argparse.Namespace) -> int:
         after = DEFAULT_WEBHOOK_KEY_AFTER if args.which == "webhook-key" else 0.0
     where = redact_url(settings.store_url)
     try:
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, create=False)
+    except FileNotFoundError as exc:
+        _eprint(f"kleinserve secrets: {exc}: name the store your servers use (--store, KLEINSERVE_STORE or "
+                "--data-dir)")
+        return EXIT_FAILED
     except Exception as exc:  # the store cannot be opened: say which and why
         _eprint(f"kleinserve secrets: cannot open the store {where}: {type(exc).__name__}: {exc}")
         return EXIT_FAILED

@@ -33,6 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from .jobs import Job
@@ -376,9 +377,10 @@ class JobStore(ABC):
         for good when `next_attempt_at` is None."""
 
 
-def open_store(url: str) -> JobStore:
+def open_store(url: str, *, create: bool = True) -> JobStore:
     """The store named by `--store`: `sqlite:///abs/path.sqlite3`, `sqlite:relative/path.sqlite3`
-    or `postgresql://user@host:port/db` (also `postgres://`). Raises ValueError for anything else."""
+    or `postgresql://user@host:port/db` (also `postgres://`). Raises ValueError for anything else, and
+    FileNotFoundError for a SQLite file that does not exist unless `create`."""
     text = str(url).strip()
     scheme, sep, rest = text.partition(":")
     scheme = scheme.lower()
@@ -394,6 +396,8 @@ def open_store(url: str) -> JobStore:
             raise ValueError(f"--store {text!r}: name the database file, e.g. sqlite:///data/jobs.sqlite3")
         from .sqlite_store import SQLiteJobStore
 
+        if not create and not Path(path).is_file():
+            raise FileNotFoundError(f"no job store at {path}")
         return SQLiteJobStore(path)
     if sep and scheme in ("postgresql", "postgres") and rest.startswith("//"):
         from .pg_store import PostgresJobStore
