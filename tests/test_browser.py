@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from browser_helpers import chromium, require_chromium
 from kleinserve.api.app import create_app
 from kleinserve.schema import FluxKleinInput
 from kleinserve.service.settings import Settings
@@ -25,19 +26,13 @@ from service_helpers import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "browser-test-key"
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 README_SHOT = ROOT / "docs" / "img" / "playground.png"
 WAIT_MS = 120_000  # generous: CI machines can be slow; the tiny model itself takes seconds
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (bash .ci/run installs Debian's chromium)", allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +44,8 @@ def server(tiny_engine, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 def test_playground_end_to_end(server, browser):

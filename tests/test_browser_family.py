@@ -6,7 +6,6 @@ services: runs after this branch is merged there; checked in a trial merge.)"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser_helpers import chromium, require_chromium
 from kleinserve.api.app import create_app
 from kleinserve.engine.tiny import save_tiny_lora
 from kleinserve.service.settings import Settings
@@ -21,17 +21,11 @@ from service_helpers import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "browser-family-key"
 WAIT_MS = 120_000
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (bash .ci/run installs Debian's chromium)", allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +49,7 @@ def test_pick_the_edit_lora_endpoint_and_generate(server, tmp_path):
     lora_url = up.json()["access_url"]
 
     expect = sync_api.expect
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))

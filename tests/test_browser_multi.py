@@ -5,27 +5,21 @@ endpoint (its form has no guidance scale) gives an image. Skipped when /usr/bin/
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
 import pytest
 
+from browser_helpers import chromium, require_chromium
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
 from service_helpers import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "browser-multi-key"
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (bash .ci/run installs Debian's chromium)", allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = require_chromium()
 
 
 def test_the_picker_lists_the_served_families_and_runs_the_distilled_one(tmp_path):
@@ -37,8 +31,7 @@ def test_the_picker_lists_the_served_families_and_runs_the_distilled_one(tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.2)
         expect = sync_api.expect
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        with chromium() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))

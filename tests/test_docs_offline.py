@@ -9,15 +9,13 @@ import os
 import httpx
 import pytest
 
+from browser_helpers import ABSENT, CHROMIUM, chromium
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
 from service_helpers import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +38,12 @@ def test_assets_are_served_from_the_package(server):
     assert httpx.get(server.base_url + "/docs/assets/core.py").status_code == 404
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (bash .ci/run installs it)")
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=ABSENT)
 def test_docs_render_offline_in_chromium(server):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("playwright.sync_api")
     spec = httpx.get(server.base_url + "/openapi.json").json()
     paths = list(spec["paths"])
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             blocked: list[str] = []

@@ -12,23 +12,18 @@ import subprocess
 import httpx
 import pytest
 
+from browser_helpers import chromium, require_chromium
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
 from service_helpers import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "layout-test-key"
 WAIT_MS = 120_000
 ENDPOINT = "fal-ai/flux-2/klein/9b/base"
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (bash .ci/run installs Debian's chromium)", allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = require_chromium()
 expect = sync_api.expect
 
 
@@ -41,12 +36,8 @@ def server(tiny_engine, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 def _open(browser, server, width, height):
