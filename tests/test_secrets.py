@@ -9,10 +9,11 @@ import json
 import time
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kleinserve import cli
 from kleinserve.endpoints import default_registry
-from kleinserve.service.runtime import Runtime, build_services
+from kleinserve.service.runtime import WEBHOOK_KEY, Runtime, build_services
 from kleinserve.service.settings import Settings
 from kleinserve.service.storage import InvalidToken
 from kleinserve.service.store import open_store
@@ -84,9 +85,10 @@ def test_a_running_process_takes_a_rotated_key_on_its_own(two_processes, capsys)
     runtime.start()
     try:
         before = b.signer.kid
-        rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "2s", "--data-dir",
-                                  str(settings.data_dir))
-        assert rc == 0 and "signing from" in said
+        # the CLI stages a key 15 minutes ahead (test_the_cli_stages_...); here the store is told 2 s, to
+        # see a running process publish it, then promote it
+        new_key = Ed25519PrivateKey.generate().private_bytes_raw()
+        a.store.rotate_secret(WEBHOOK_KEY, new_key, active_from=time.time() + 2)
         # published first, next to the key that still signs ...
         deadline = time.monotonic() + 10
         while len(b.signer.jwks()["keys"]) < 2:
@@ -113,10 +115,9 @@ def test_a_leaked_secret_is_retired_at_once_with_drop_previous(two_processes, ca
     settings, a, b = two_processes
     token, _ = a.tokens.issue("put", 600, f="file1")
     leaked = a.signer.headers("r", "u", BODY)
-    for which in ("upload-secret", "webhook-key"):
-        rc, _, said = secrets_cli(capsys, "rotate", which, "--after", "0", "--drop-previous", "--data-dir",
-                                  str(settings.data_dir))
-        assert rc == 0 and "no longer accepted" in said
+    for which in ("upload-secret", "webhook-key"):  # --drop-previous: at once, even for the webhook key
+        rc, _, said = secrets_cli(capsys, "rotate", which, "--drop-previous", "--data-dir", str(settings.data_dir))
+        assert rc == 0 and "no longer accepted" in said and "signing from" not in said
     b.refresh_secrets()
     with pytest.raises(InvalidToken):
         b.tokens.verify(token, "put")
@@ -147,5 +148,31 @@ def test_bad_rotations_say_what_to_do(tmp_path, capsys):
     assert rc == 2 and "use it with --after 0" in said
     rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "soon", "--data-dir", str(tmp_path))
     assert rc == 2 and "'soon'" in said
+    rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "1m", "--data-dir", str(tmp_path))
+    assert rc == 2 and "at least 330 s" in said  # receivers could not have the key yet
+    rc, _, said = secrets_cli(capsys, "rotate", "webhook-key", "--after", "90d", "--data-dir", str(tmp_path))
+    assert rc == 2 and "between 0 and 30 days" in said
     rc, _, said = secrets_cli(capsys, "show", "--drop-previous", "--data-dir", str(tmp_path))
     assert rc == 2 and "go with rotate" in said
+
+
+def test_the_cli_stages_a_new_webhook_key_and_never_upgrades_a_store(two_processes, capsys):
+    settings, a, b = two_processes
+    signing = a.signer.kid
+    rc, shown, said = secrets_cli(capsys, "rotate", "webhook-key", "--data-dir", str(settings.data_dir))
+    assert rc == 0 and "signing from" in said and "from 900 s on" in said
+    a.refresh_secrets()  # published now, not signing for 15 minutes
+    staged = a.signer.jwks()["keys"][1]["kid"]
+    assert a.signer.kid == signing and [k["kid"] for k in a.signer.jwks()["keys"]] == [signing, staged]
+    assert f"webhook-key: current kid {signing}, next kid {staged} from " in shown
+    # a store of an older schema (servers not upgraded yet): refused, left as it is
+    import sqlite3
+
+    path = settings.data_dir / "jobs.sqlite3"
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    con.commit()
+    rc, _, said = secrets_cli(capsys, "show", "--data-dir", str(settings.data_dir))
+    assert rc == 1 and "has schema 2, older than this kleinserve's" in said and "upgrade the servers first" in said
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    con.close()

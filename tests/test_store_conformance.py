@@ -569,11 +569,11 @@ def test_shared_secret_race_from_threads(backend):
 
 
 def test_a_rotated_secret_keeps_one_previous_version(backend):
-    from kleinserve.service.store import SecretVersions
+    from kleinserve.service.store import SecretNotCreated, SecretVersions
 
     a, b = backend.open(), backend.open()
     assert a.secret_versions("upload-key") == SecretVersions()
-    with pytest.raises(KeyError):
+    with pytest.raises(SecretNotCreated):
         a.rotate_secret("upload-key", b"0" * 32)  # nothing to rotate yet
     first = a.shared_secret("upload-key", lambda: b"1" * 32)
     b.rotate_secret("upload-key", b"2" * 32)

@@ -869,27 +869,30 @@ def add_keys_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
-    from .service.runtime import SECRETS_REFRESH_SECONDS, describe_secrets, rotate_secrets
+    from .service.runtime import SECRETS_REFRESH_SECONDS, check_rotation, describe_secrets, rotate_secrets
     from .service.settings import Settings, parse_duration
-    from .service.store import open_store, redact_url
+    from .service.store import SecretNotCreated, StoreOutdated, open_store, redact_url
 
-    try:
-        settings = Settings.from_sources({"data_dir": args.data_dir, "store": args.store})
-        after = parse_duration(args.after) if args.after is not None else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if args.action == "rotate" and args.which is None:
-        raise UsageError("rotate needs the secret: webhook-key or upload-secret")
     if args.action != "rotate" and (args.after is not None or args.drop_previous):
         raise UsageError("--after and --drop-previous go with rotate")
-    if after is None:
-        after = DEFAULT_WEBHOOK_KEY_AFTER if args.which == "webhook-key" else 0.0
-    where = redact_url(settings.store_url)
+    if args.action == "rotate" and args.which is None:
+        raise UsageError("rotate needs the secret: webhook-key or upload-secret")
     try:
-        store = open_store(settings.store_url, create=False)
-    except FileNotFoundError as exc:
-        _eprint(f"kleinserve secrets: {exc}: name the store your servers use (--store, KLEINSERVE_STORE or "
-                "--data-dir)")
+        settings = Settings.from_sources({"data_dir": args.data_dir, "store": args.store})
+        if args.after is not None:
+            after = parse_duration(args.after)
+        else:  # a new webhook key is published before it signs, unless it replaces a leaked one
+            after = DEFAULT_WEBHOOK_KEY_AFTER if args.which == "webhook-key" and not args.drop_previous else 0.0
+        if args.action == "rotate":
+            check_rotation(args.which, after, args.drop_previous)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    where = redact_url(settings.store_url)
+    try:  # never create or upgrade a store from here: that is the servers' part
+        store = open_store(settings.store_url, create=False, migrate=False, connect_timeout=10.0)
+    except (FileNotFoundError, StoreOutdated) as exc:
+        _eprint(f"kleinserve secrets: {exc}" + (": name the store your servers use (--store, KLEINSERVE_STORE "
+                                                "or --data-dir)" if isinstance(exc, FileNotFoundError) else ""))
         return EXIT_FAILED
     except Exception as exc:  # the store cannot be opened: say which and why
         _eprint(f"kleinserve secrets: cannot open the store {where}: {type(exc).__name__}: {exc}")
@@ -901,12 +904,9 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             _eprint(_rotation_notes(args.which, after, args.drop_previous, SECRETS_REFRESH_SECONDS))
         for line in describe_secrets(store):
             sys.stdout.write(line + "\n")
-    except KeyError as exc:  # nothing to rotate: no process has used this store yet (or another store?)
-        _eprint(f"kleinserve secrets: {exc.args[0]}; is {where} the store your servers use (--store / "
-                "KLEINSERVE_STORE)?")
+    except SecretNotCreated as exc:  # no process has used this store yet (or is it another store?)
+        _eprint(f"kleinserve secrets: {exc}; is {where} the store your servers use (--store / KLEINSERVE_STORE)?")
         return EXIT_FAILED
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     except Exception as exc:  # the store failed mid-way: nothing half done (one transaction)
         _eprint(f"kleinserve secrets: the store {where} failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
@@ -925,7 +925,7 @@ def _rotation_notes(which: str, after: float, drop_previous: bool, refresh: floa
         return (f"Every kleinserve process of this store signs upload URLs with it within {refresh:.0f} s. {gone}")
     if after:
         return (f"/.well-known/jwks.json publishes it within {refresh:.0f} s; webhooks are signed with it from "
-                f"{after:.0f} s on, so receivers that cache the JWKS (max-age 300 s) have it by then. {gone}")
+                f"{after:.0f} s on, so receivers that cache the JWKS (up to its max-age) have it by then. {gone}")
     return (f"Webhooks are signed with it within {refresh:.0f} s (at once: receivers holding a cached JWKS may "
             f"refuse deliveries until they fetch it again). {gone}")
 
@@ -942,10 +942,11 @@ def add_secrets_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("which", nargs="?", default=None, choices=("webhook-key", "upload-secret"),
                    help="the secret to rotate")
     p.add_argument("--after", default=None, metavar="DURATION",
-                   help="webhook-key: publish the new key now and sign with it after this long (default 15m, "
-                        "longer than receivers may cache the JWKS; 0: at once, e.g. for a leaked key)")
+                   help="webhook-key: publish the new key now and sign with it after this long (default 15m; "
+                        "at least 5m30s, the JWKS max-age plus a refresh; 0: at once)")
     p.add_argument("--drop-previous", action="store_true",
-                   help="stop accepting (and publishing) the version being replaced: for a leaked secret")
+                   help="replace at once and stop accepting (and publishing) the replaced version: for a "
+                        "leaked secret")
     p.add_argument("--store", default=None, metavar="URL",
                    help="the job store (default: $KLEINSERVE_STORE, or the SQLite store under --data-dir)")
     p.add_argument("--data-dir", default=None, metavar="DIR",

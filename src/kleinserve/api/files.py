@@ -54,6 +54,7 @@ from kleinserve.service.storage import (
     normalize_content_type,
     sanitize_file_name,
 )
+from kleinserve.service.webhooks import JWKS_MAX_AGE
 
 from . import deps
 from .deps import API_KEY_SCHEME, error_responses, public_base, require_owner
@@ -555,5 +556,5 @@ router.add_api_route(
 @router.get("/.well-known/jwks.json")
 async def jwks(request: Request):
     return JSONResponse(
-        deps.services(request).signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
+        deps.services(request).signer.jwks(), headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"}
     )

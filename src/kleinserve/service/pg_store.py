@@ -52,6 +52,7 @@ from .store import (
     Lease,
     Preview,
     SecretVersions,
+    StoreOutdated,
     redact_url,
 )
 from .store_rows import (
@@ -218,9 +219,11 @@ def describe_conninfo(url: str) -> str:
 
 
 class PostgresJobStore(JobStore):
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 30.0):
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 30.0,
+                 migrate: bool = True):
         super().__init__()
         self._url = url
+        self._may_migrate = migrate
         self._closed = False
         try:
             conninfo_to_dict(url)
@@ -286,6 +289,9 @@ class PostgresJobStore(JobStore):
                 raise RuntimeError(
                     f"{self.describe()} holds a kleinserve schema newer than this code knows (schema {version}; "
                     f"this kleinserve knows up to {SCHEMA_VERSION}): upgrade kleinserve, or use another database")
+            if version < SCHEMA_VERSION and not self._may_migrate:
+                raise StoreOutdated(f"{self.describe()} has schema {version}, older than this kleinserve's "
+                                    f"({SCHEMA_VERSION}): upgrade the servers first (they migrate it as they start)")
             start = version
             while version < SCHEMA_VERSION:
                 for sql in MIGRATIONS[version]:
@@ -700,7 +706,7 @@ class PostgresJobStore(JobStore):
         with self._tx() as tx:
             # One writer per secret; `shared_secret`'s first INSERT only ever creates the current row.
             tx.cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("kleinserve-secret:" + name,))
-            rows = tx.cur.execute(self._SECRET_ROWS + " FOR UPDATE", names).fetchall()
+            rows = tx.cur.execute(self._SECRET_ROWS, names).fetchall()
             before = SecretVersions.from_rows(name, ((r["name"], r["value"], r["active_from"]) for r in rows))
             after = change(before)
             if after != before:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import secrets as pysecrets
 import socket
@@ -51,7 +52,7 @@ from .netguard import NetPolicy
 from .settings import Settings
 from .storage import FileStorage, UploadTokens, load_or_create_secret, open_storage
 from .store import JobStore, SecretVersions, open_store
-from .webhooks import KEY_FILE_NAME, WebhookDispatcher, WebhookSigner, load_or_create_private_key
+from .webhooks import JWKS_MAX_AGE, KEY_FILE_NAME, WebhookDispatcher, WebhookSigner, load_or_create_private_key
 from .worker import Maintenance, Worker
 
 if TYPE_CHECKING:
@@ -107,15 +108,22 @@ class Services:
             log.warning("the upload secret was rotated: new upload URLs are signed with the new one")
         hook = self.store.secret_versions(WEBHOOK_KEY)
         if hook.current is not None and hook != self.webhook_versions:
-            self._set_webhook_keys(hook)
+            self.signer.set_keys(*_webhook_keys(hook))
+            self.webhook_versions = hook
             log.warning("webhook keys now: signing with %s; JWKS %s", self.signer.kid,
                         ", ".join(k["kid"] for k in self.signer.jwks()["keys"]))
 
-    def _set_webhook_keys(self, v: SecretVersions) -> None:
-        assert v.current is not None
-        self.signer.set_keys(_ed25519(v.current), previous=_ed25519(v.previous) if v.previous else None,
-                             staged=_ed25519(v.next) if v.next else None)
-        self.webhook_versions = v
+
+def _webhook_keys(v: SecretVersions) -> tuple[Ed25519PrivateKey, Optional[Ed25519PrivateKey],
+                                               Optional[Ed25519PrivateKey]]:
+    """(signing, previous, staged) keys of the webhook key's versions."""
+    assert v.current is not None
+    return (_ed25519(v.current), _ed25519(v.previous) if v.previous else None,
+            _ed25519(v.next) if v.next else None)
+
+
+def _webhook_signer(v: SecretVersions) -> WebhookSigner:
+    return WebhookSigner(*_webhook_keys(v))
 
 
 def _ed25519(raw: bytes) -> Ed25519PrivateKey:
@@ -155,22 +163,41 @@ def describe_secrets(store: JobStore) -> list[str]:
     return lines
 
 
-def rotate_secrets(store: JobStore, which: str, *, after: float = 0.0, drop_previous: bool = False) -> str:
-    """`kleinserve secrets rotate WHICH`: a new version of a shared secret. `after` > 0 (the webhook key
-    only): it is published at once and signs from then on; otherwise it is current at once. The one it
-    replaces stays valid as the previous version, unless `drop_previous`. Every process takes it within
-    SECRETS_REFRESH_SECONDS. Returns what changed, for the operator. KeyError: not created yet."""
+# A staged webhook key signs only once every process publishes it (a refresh) and receivers' cached
+# JWKS hold it (its max-age); at most 30 days ahead.
+MIN_KEY_LEAD = SECRETS_REFRESH_SECONDS + JWKS_MAX_AGE
+MAX_KEY_LEAD = 30 * 86400.0
+
+
+def check_rotation(which: str, after: float, drop_previous: bool) -> None:
+    """ValueError (what to change) for a rotation `rotate_secrets` would refuse."""
     if which not in SECRETS:
         raise ValueError(f"no secret {which!r}: one of {', '.join(SECRETS)}")
+    if not (math.isfinite(after) and 0 <= after <= MAX_KEY_LEAD):
+        raise ValueError(f"--after must be between 0 and {MAX_KEY_LEAD / 86400:.0f} days")
     if after and which != "webhook-key":
         raise ValueError(f"{which} rotates at once (what it signed before stays valid): drop --after")
     if after and drop_previous:
         raise ValueError("--drop-previous replaces the current version at once: use it with --after 0")
+    if 0 < after < MIN_KEY_LEAD:
+        raise ValueError(f"--after must be 0 (at once) or at least {MIN_KEY_LEAD:.0f} s: every process publishes "
+                         f"a new key within {SECRETS_REFRESH_SECONDS:.0f} s and receivers may cache the JWKS for "
+                         f"{JWKS_MAX_AGE} s")
+
+
+def rotate_secrets(store: JobStore, which: str, *, after: float = 0.0, drop_previous: bool = False) -> str:
+    """`kleinserve secrets rotate WHICH`: a new version of a shared secret. `after` > 0 (the webhook key
+    only, see check_rotation): it is published at once and signs from then on; otherwise it is current
+    at once. The one it replaces stays valid as the previous version, unless `drop_previous`. Every
+    process takes it within SECRETS_REFRESH_SECONDS. Returns what changed, for the operator.
+    Raises SecretNotCreated when no process of this store has made it yet."""
+    check_rotation(which, after, drop_previous)
     name = SECRETS[which]
     before = store.secret_versions(name).current
     new = _new_secret(which)
-    store.rotate_secret(name, new, active_from=time.time() + after if after else None, drop_previous=drop_previous)
-    when = f", signing from {_when(time.time() + after)}" if after else ""
+    active_from = time.time() + after if after else None
+    store.rotate_secret(name, new, active_from=active_from, drop_previous=drop_previous)
+    when = f", signing from {_when(active_from)}" if active_from is not None else ""
     return f"{which}: {_fingerprint(which, before)} -> {_fingerprint(which, new)}{when}"
 
 
@@ -216,16 +243,14 @@ def build_services(settings: Settings, registry: EndpointRegistry, *,
         hook = store.secret_versions(WEBHOOK_KEY)
         assert upload.current is not None and hook.current is not None  # shared_secret made them
         tokens = UploadTokens(upload.current, upload.previous)
-        signer = WebhookSigner(_ed25519(hook.current))
+        signer = _webhook_signer(hook)
     except BaseException:
         store.close()
         raise
     process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    services = Services(settings=settings, registry=registry, store=store, storage=storage, tokens=tokens,
-                        signer=signer, feed=EventFeed(store, process_id), net_policy=settings.net_policy(),
-                        process_id=process_id)
-    services._set_webhook_keys(hook)
-    return services
+    return Services(settings=settings, registry=registry, store=store, storage=storage, tokens=tokens,
+                    signer=signer, feed=EventFeed(store, process_id), net_policy=settings.net_policy(),
+                    process_id=process_id, webhook_versions=hook)
 
 
 class Runtime:

@@ -47,6 +47,7 @@ from .store import (
     Lease,
     Preview,
     SecretVersions,
+    StoreOutdated,
 )
 from .store_rows import (
     COLUMNS,
@@ -202,12 +203,13 @@ class _PendingSubmit:
 
 
 class SQLiteJobStore(JobStore):
-    def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0):
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0, migrate: bool = True):
         super().__init__()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _create_private(self.path)
         self._busy_timeout_s = busy_timeout_s
+        self._may_migrate = migrate
         self._local = threading.local()
         self._all_conns: list[tuple[threading.Thread, sqlite3.Connection]] = []  # (owner thread, its conn)
         self._conns_lock = threading.Lock()
@@ -247,6 +249,9 @@ class SQLiteJobStore(JobStore):
                 raise RuntimeError(
                     f"{self.path} was written by a newer kleinserve (schema {version}; this one knows "
                     f"up to {SCHEMA_VERSION}): upgrade kleinserve, or point --store at another database")
+            if version < SCHEMA_VERSION and not self._may_migrate:
+                raise StoreOutdated(f"{self.path} has schema {version}, older than this kleinserve's "
+                                    f"({SCHEMA_VERSION}): upgrade the servers first (they migrate it as they start)")
             while version < SCHEMA_VERSION:
                 for sql in MIGRATIONS[version]:
                     con.execute(sql)
@@ -676,15 +681,15 @@ class SQLiteJobStore(JobStore):
             row = con.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
         return bytes(row[0])
 
+    _SECRET_ROWS = "SELECT name, value, active_from FROM secrets WHERE name IN (?, ?, ?)"
+
     def secret_versions(self, name: str) -> SecretVersions:
-        return SecretVersions.from_rows(name, self._conn().execute(
-            "SELECT name, value, active_from FROM secrets WHERE name IN (?, ?, ?)", SecretVersions.row_names(name)))
+        return SecretVersions.from_rows(name, self._conn().execute(self._SECRET_ROWS, SecretVersions.row_names(name)))
 
     def _update_secret(self, name: str, change: Callable[[SecretVersions], SecretVersions]) -> None:
         names = SecretVersions.row_names(name)
         with self._tx() as con:
-            before = SecretVersions.from_rows(name, con.execute(
-                "SELECT name, value, active_from FROM secrets WHERE name IN (?, ?, ?)", names))
+            before = SecretVersions.from_rows(name, con.execute(self._SECRET_ROWS, names))
             after = change(before)
             if after != before:
                 con.execute("DELETE FROM secrets WHERE name IN (?, ?, ?)", names)

@@ -44,6 +44,14 @@ DEFAULT_LEASE_SECONDS = 120.0  # --worker-stale-after: a worker silent this long
 WATCH_TTL_SECONDS = 10.0  # a watcher not refreshed this long no longer counts
 
 
+class StoreOutdated(RuntimeError):
+    """The store's schema is older than this code's, and it was opened without migrating it."""
+
+
+class SecretNotCreated(LookupError):
+    """A shared secret no process of this store has created yet (rotate_secret)."""
+
+
 @dataclass(frozen=True)
 class SecretVersions:
     """A shared secret's versions (see JobStore.rotate_secret)."""
@@ -52,6 +60,10 @@ class SecretVersions:
     previous: Optional[bytes] = None  # the one it replaced: still accepted
     next: Optional[bytes] = None  # staged: published (JWKS), current from `next_from` (epoch seconds)
     next_from: Optional[float] = None
+
+    def due(self, now: float) -> bool:
+        """Whether the staged version should be current at `now`."""
+        return self.next is not None and (self.next_from or 0.0) <= now
 
     # In the `secrets` table: one row per version, named NAME, NAME:previous and NAME:next.
     @staticmethod
@@ -318,14 +330,15 @@ class JobStore(ABC):
 
     def rotate_secret(self, name: str, value: bytes, *, active_from: Optional[float] = None,
                       drop_previous: bool = False) -> None:
-        """A new version of the existing secret `name` (KeyError when there is none), in one transaction.
+        """A new version of the existing secret `name` (SecretNotCreated when there is none), in one transaction.
         `active_from` None: it becomes current at once, the current one becomes the previous one (or
         none with `drop_previous`; the one before is dropped either way), a staged one is dropped.
         `active_from` (epoch seconds): it is staged as `next` until then (replacing a staged one);
         `promote_due_secret` makes it current."""
         def change(v: SecretVersions) -> SecretVersions:
             if v.current is None:
-                raise KeyError(f"no secret {name!r} yet: the first kleinserve process of this store creates it")
+                raise SecretNotCreated(f"no secret {name!r} yet: the first kleinserve process of this store "
+                                       "creates it")
             if active_from is None:
                 return SecretVersions(current=value, previous=None if drop_previous else v.current)
             return SecretVersions(current=v.current, previous=None if drop_previous else v.previous, next=value,
@@ -336,14 +349,13 @@ class JobStore(ABC):
         """When the staged version of `name` is due: it becomes current and the current one the previous
         one (one transaction; any process may call it, the first does it). True when it did."""
         now = time.time() if now is None else now
-        v = self.secret_versions(name)
-        if v.next is None or (v.next_from or 0.0) > now:
+        if not self.secret_versions(name).due(now):
             return False  # the usual case: a read, no write
         promoted = False
 
         def change(v: SecretVersions) -> SecretVersions:
             nonlocal promoted
-            if v.next is None or (v.next_from or 0.0) > now:
+            if not v.due(now):
                 return v  # another process did it meanwhile
             promoted = True
             return SecretVersions(current=v.next, previous=v.current)
@@ -377,10 +389,11 @@ class JobStore(ABC):
         for good when `next_attempt_at` is None."""
 
 
-def open_store(url: str, *, create: bool = True) -> JobStore:
+def open_store(url: str, *, create: bool = True, migrate: bool = True, connect_timeout: float = 30.0) -> JobStore:
     """The store named by `--store`: `sqlite:///abs/path.sqlite3`, `sqlite:relative/path.sqlite3`
-    or `postgresql://user@host:port/db` (also `postgres://`). Raises ValueError for anything else, and
-    FileNotFoundError for a SQLite file that does not exist unless `create`."""
+    or `postgresql://user@host:port/db` (also `postgres://`). Raises ValueError for anything else;
+    FileNotFoundError for a SQLite file that does not exist unless `create`; StoreOutdated for an
+    older schema unless `migrate` (a tool must not upgrade a store its servers cannot read then)."""
     text = str(url).strip()
     scheme, sep, rest = text.partition(":")
     scheme = scheme.lower()
@@ -398,11 +411,11 @@ def open_store(url: str, *, create: bool = True) -> JobStore:
 
         if not create and not Path(path).is_file():
             raise FileNotFoundError(f"no job store at {path}")
-        return SQLiteJobStore(path)
+        return SQLiteJobStore(path, migrate=migrate)
     if sep and scheme in ("postgresql", "postgres") and rest.startswith("//"):
         from .pg_store import PostgresJobStore
 
-        return PostgresJobStore(text)
+        return PostgresJobStore(text, migrate=migrate, connect_timeout=connect_timeout)
     raise ValueError(f"--store {redact_url(text)!r}: not a store URL; use sqlite:///absolute/path/jobs.sqlite3, "
                      "sqlite:relative/path/jobs.sqlite3 or postgresql://user@host:port/database")
 

@@ -57,6 +57,7 @@ HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"
 HEADER_SIGNATURE = "X-Fal-Webhook-Signature"
 MAX_TIMESTAMP_SKEW = 300
 KEY_FILE_NAME = "webhook-ed25519.pem"
+JWKS_MAX_AGE = 300  # seconds a receiver may cache /.well-known/jwks.json (its Cache-Control)
 
 # Default retry schedule: attempt n (1-based) failed -> wait base * 2**(n-1), capped. With base 14 s
 # and 10 attempts the nine waits add up to 14 * 511 s = 1 h 59 min: "10 tries within 2 h".
@@ -124,10 +125,11 @@ class WebhookSigner:
     the JWKS also publishes the staged key (before it signs) and the previous one (after it stopped),
     so receivers that verify against every published key accept deliveries signed on either side."""
 
-    def __init__(self, private_key: Ed25519PrivateKey):
-        self.set_keys(private_key)
+    def __init__(self, private_key: Ed25519PrivateKey, previous: Optional[Ed25519PrivateKey] = None,
+                 staged: Optional[Ed25519PrivateKey] = None):
+        self.set_keys(private_key, previous, staged)
 
-    def set_keys(self, private_key: Ed25519PrivateKey, *, previous: Optional[Ed25519PrivateKey] = None,
+    def set_keys(self, private_key: Ed25519PrivateKey, previous: Optional[Ed25519PrivateKey] = None,
                  staged: Optional[Ed25519PrivateKey] = None) -> None:
         """Signs with `private_key`; publishes it, then `staged` (signs from its time on), then `previous`."""
         self._key = private_key
