@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -181,7 +182,8 @@ async def _load(base: str, method: str, path: str, body: dict | None, clients: i
     statuses: dict[str, int] = {}
     todo = iter(range(total))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, headers=H, timeout=60, limits=limits) as hx:
+    pooled = httpx.AsyncClient(base_url=base, headers=H, timeout=60, limits=limits) if client == "httpx" else None
+    async with pooled if pooled is not None else contextlib.nullcontext() as hx:
         async def one(k: int) -> None:
             conn = await RawConnection.open(base) if client == "raw" else None
             request = conn.build(method, path, body) if conn else b""

@@ -12,6 +12,15 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for a page-test module (tests/browser_helpers.py; the module skips without it)."""
+    from browser_helpers import chromium
+
+    with chromium() as b:
+        yield b
+
+
 @pytest.fixture(scope="session")
 def tiny_engine():
     """An Engine on the tiny random model, CPU, float32 (shared: don't mutate it)."""

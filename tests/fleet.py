@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import httpx
 
-from service_helpers import free_port, wait_for_http
+from service_helpers import free_port, stop_process, wait_for_http
 
 EP = "fal-ai/flux-2/klein/9b/base"
 KEY = "fleet-key"
@@ -76,14 +76,8 @@ class Proc:
         if self.proc is None:
             return None
         if self.alive():
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process would not act on the SIGTERM
+        return stop_process(self.proc, timeout)
 
     def log_text(self) -> str:
         try:

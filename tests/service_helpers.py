@@ -47,6 +47,18 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- TLS
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> Optional[int]:
+    """SIGTERM and wait (a graceful shutdown); SIGKILL after `timeout`. Its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 def make_self_signed_cert(directory: Path | str, host: str = "127.0.0.1") -> tuple[Path, Path]:
     """A self-signed certificate (and key) for localhost, 127.0.0.1, ::1 and `host` under `directory`,
     made by the product's own `serve --tls-self-signed` code; returns (cert.pem, key.pem). Trust the
@@ -201,13 +213,7 @@ class SubprocessServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait (a graceful shutdown); SIGKILL after `timeout`."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, timeout)
 
     def __enter__(self) -> SubprocessServer:
         return self

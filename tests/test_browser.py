@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_helpers import chromium, require_chromium
+from browser_helpers import require_chromium
 from kleinserve.api.app import create_app
 from kleinserve.schema import FluxKleinInput
 from kleinserve.service.settings import Settings
@@ -40,12 +40,6 @@ def server(tiny_engine, tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("browser") / "data", api_keys=[KEY], preview_every=1)
     with serve_app(create_app(settings, engine=tiny_engine)) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def test_playground_end_to_end(server, browser):

@@ -12,7 +12,7 @@ import subprocess
 import httpx
 import pytest
 
-from browser_helpers import chromium, require_chromium
+from browser_helpers import require_chromium
 from kleinserve.api.app import create_app
 from kleinserve.service.settings import Settings
 from service_helpers import serve_app
@@ -32,12 +32,6 @@ def server(tiny_engine, tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("layout") / "data", api_keys=[KEY], preview_every=2)
     with serve_app(create_app(settings, engine=tiny_engine)) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def _open(browser, server, width, height):
