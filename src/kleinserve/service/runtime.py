@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import metrics
@@ -122,18 +121,13 @@ def _webhook_keys(v: SecretVersions) -> tuple[Ed25519PrivateKey, Optional[Ed2551
             _ed25519(v.next) if v.next else None)
 
 
-def _webhook_signer(v: SecretVersions) -> WebhookSigner:
-    return WebhookSigner(*_webhook_keys(v))
-
-
 def _ed25519(raw: bytes) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(raw)
 
 
 def _new_secret(which: str) -> bytes:
     if which == "webhook-key":
-        return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                                          serialization.NoEncryption())
+        return Ed25519PrivateKey.generate().private_bytes_raw()
     return pysecrets.token_bytes(32)
 
 
@@ -217,8 +211,7 @@ def _existing_or_new_webhook_key(data_dir: Path) -> Callable[[], bytes]:
 
     def create() -> bytes:
         key = load_or_create_private_key(path) if path.exists() else Ed25519PrivateKey.generate()
-        return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
+        return key.private_bytes_raw()
     return create
 
 
@@ -243,7 +236,7 @@ def build_services(settings: Settings, registry: EndpointRegistry, *,
         hook = store.secret_versions(WEBHOOK_KEY)
         assert upload.current is not None and hook.current is not None  # shared_secret made them
         tokens = UploadTokens(upload.current, upload.previous)
-        signer = _webhook_signer(hook)
+        signer = WebhookSigner(*_webhook_keys(hook))
     except BaseException:
         store.close()
         raise
